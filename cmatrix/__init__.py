@@ -1,0 +1,18 @@
+"""cmatrix: dense matrix work and LLM layers across the computers you already own.
+
+    import cmatrix as cm
+    cl = cm.init()                       # rank 0 returns the Cluster; other ranks serve
+    W = cl.shard(w, weights=[.5, .3, .2])
+    y = cl.matmul(x, W)
+"""
+
+__version__ = "0.1.0"
+
+from .errors import ClusterClosedError, CMatrixError, InputError, RankError, RankFailure  # noqa: E402
+from .cluster import Cluster, init  # noqa: E402
+from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix  # noqa: E402
+
+__all__ = [
+    "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",
+    "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError",
+]

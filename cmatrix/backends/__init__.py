@@ -1,0 +1,43 @@
+"""Backends by name, each in its own module, imported only when chosen."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import CMatrixError, InputError
+from .base import Backend
+
+# name -> (module, class); modules are imported lazily so a missing optional
+# dependency only matters to the ranks that choose that backend.
+_MODULES = {
+    "numpy": ("ops_numpy", "NumpyBackend"),
+}
+ALIASES = {"cpu": "numpy", "blas": "numpy"}
+
+
+def available() -> list[str]:
+    return sorted(_MODULES)
+
+
+def canonical(name: str, arg: str = "backends") -> str:
+    """The registered name for ``name`` (aliases resolved) or a clear InputError."""
+    key = str(name).lower()
+    key = ALIASES.get(key, key)
+    if key not in _MODULES:
+        raise InputError(f"{arg}: unknown backend {name!r}; available: {', '.join(available())}")
+    return key
+
+
+def create(name: str, device_index: int = 0, threads: int = 1, accel: bool = True) -> Backend:
+    module_name, class_name = _MODULES[canonical(name)]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ImportError as exc:
+        raise CMatrixError(
+            f"backend {name!r} needs a package that is not installed here ({exc.name}); "
+            f"install it with: pip install 'cmatrix[{canonical(name)}]'"
+        ) from exc
+    return getattr(module, class_name)(device_index=device_index, threads=threads, accel=accel)
+
+
+__all__ = ["Backend", "ALIASES", "available", "canonical", "create"]

@@ -1,0 +1,87 @@
+"""The ``cmatrix`` command.
+
+    mpirun -n 4 python -m cmatrix run jobs/matmul.py     # rank 0 runs the job, others serve
+    cmatrix launch -n 4 jobs/matmul.py                   # the same, mpiexec chosen for you
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import subprocess
+import sys
+import traceback
+
+
+def _run(job: str, job_args: list[str]) -> int:
+    from . import cluster
+    from .runtime import serve
+
+    if not os.path.isfile(job):
+        print(f"cmatrix run: job file not found: {job}", file=sys.stderr)
+        return 2
+    rt = cluster.connect()
+    if not rt.comm.is_driver:
+        return serve(rt)
+    sys.argv = [job, *job_args]
+    status = 0
+    try:
+        runpy.run_path(job, run_name="__main__")
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    if cluster._cluster is not None:
+        cluster._cluster.shutdown(status)
+    else:  # the job never called init(): workers are still waiting for a first command
+        rt.comm.send_header({"op": "shutdown", "status": status})
+    return status
+
+
+def _launch(n: int, hostfile: str | None, job: str, job_args: list[str]) -> int:
+    from . import launch
+
+    argv = [sys.executable, "-m", "cmatrix", "run", job, *job_args]
+    return subprocess.call(launch.command(n, argv, hostfile), env=launch.environment())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cmatrix", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job script under mpirun (rank 0 drives)")
+    run.add_argument("job")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    lau = sub.add_parser("launch", help="start mpiexec from this environment and run a job")
+    lau.add_argument("-n", "--ranks", type=int, default=None,
+                     help="number of ranks (default: lines in the hostfile, else 2)")
+    lau.add_argument("--hostfile", default=None, help="one line per device slot")
+    lau.add_argument("job")
+    lau.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    if ns.command == "run":
+        return _run(ns.job, ns.args)
+    n = ns.ranks
+    if n is None:
+        n = _hostfile_slots(ns.hostfile) if ns.hostfile else 2
+    return _launch(n, ns.hostfile, ns.job, ns.args)
+
+
+def _hostfile_slots(path: str) -> int:
+    """Count device slots: one per line, or ``host:k`` / ``host slots=k``."""
+    slots = 0
+    with open(path) as f:
+        for raw in f:
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "slots=" in line:
+                slots += int(line.split("slots=", 1)[1].split()[0])
+            elif ":" in line:
+                slots += int(line.rsplit(":", 1)[1])
+            else:
+                slots += 1
+    return slots

@@ -1,0 +1,227 @@
+"""MPI transport: the only module that imports mpi4py.
+
+Array data moves with buffer calls (Bcast, Scatterv, Gatherv, Reduce, and
+point-to-point Send/Recv with subarray datatypes where a rank's block is not
+contiguous in the full matrix); pickle is used only for small command headers
+and per-rank reports. A one-rank world never calls MPI for data.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from typing import Any
+
+import mpi4py
+
+# Only the main thread of a rank ever calls MPI; asking for less than
+# THREAD_MULTIPLE avoids the library's internal locking on every call.
+mpi4py.rc.thread_level = "funneled"
+from mpi4py import MPI  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .plan import Plan  # noqa: E402
+
+HEADER_BYTES = 2048
+_TAG_BLOCKS = 11
+_TAG_HEADER_TAIL = 12
+
+# A waiting worker spins this long after each command (so back-to-back calls,
+# as in LLM decoding, see no added latency), then sleeps with back-off so an
+# idle cluster does not burn every core it runs on.
+_IDLE_SPIN_S = float(os.environ.get("CMATRIX_IDLE_SPIN_MS", "20")) / 1e3
+_IDLE_SLEEP_MAX_S = 0.002
+
+
+def _mpi_type(dtype: np.dtype) -> MPI.Datatype:
+    """MPI type that moves elements of ``dtype`` bit for bit."""
+    by_size = {1: MPI.BYTE, 2: MPI.UINT16_T, 4: MPI.FLOAT, 8: MPI.DOUBLE}
+    if dtype == np.float32:
+        return MPI.FLOAT
+    if dtype == np.float64:
+        return MPI.DOUBLE
+    return by_size[dtype.itemsize]
+
+
+def library_version() -> str:
+    return MPI.Get_library_version().splitlines()[0].strip()
+
+
+class Comm:
+    """cmatrix's own duplicate of COMM_WORLD plus its same-host split."""
+
+    def __init__(self) -> None:
+        self.world = MPI.COMM_WORLD.Dup()
+        self.rank = self.world.Get_rank()
+        self.size = self.world.Get_size()
+        self.local = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self.local.Get_rank()
+        self.local_size = self.local.Get_size()
+        self.host = MPI.Get_processor_name()
+        self._header = np.zeros(HEADER_BYTES, dtype=np.uint8)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    # ---- command headers (pickled, small) ---------------------------------
+
+    def send_header(self, header: dict) -> None:
+        """Driver: announce the next command to every worker."""
+        if self.size == 1:
+            return
+        payload = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+        inline = min(len(payload), HEADER_BYTES - 8)
+        self._header[:8] = np.frombuffer(np.int64(len(payload)).tobytes(), dtype=np.uint8)
+        self._header[8 : 8 + inline] = np.frombuffer(payload[:inline], dtype=np.uint8)
+        self.world.Ibcast(self._header, root=0).Wait()
+        if len(payload) > inline:
+            self.world.Bcast(bytearray(payload[inline:]), root=0)
+
+    def recv_header(self) -> dict:
+        """Worker: wait for the next command, spinning briefly, then sleeping."""
+        request = self.world.Ibcast(self._header, root=0)
+        spin_until = time.perf_counter() + _IDLE_SPIN_S
+        nap = 50e-6
+        while not request.Test():
+            if time.perf_counter() < spin_until:
+                os.sched_yield()
+            else:
+                time.sleep(nap)
+                nap = min(nap * 2, _IDLE_SLEEP_MAX_S)
+        length = int(self._header[:8].view(np.int64)[0])
+        inline = min(length, HEADER_BYTES - 8)
+        payload = bytearray(self._header[8 : 8 + inline].tobytes())
+        if length > inline:
+            tail = bytearray(length - inline)
+            self.world.Bcast(tail, root=0)
+            payload += tail
+        return pickle.loads(payload)
+
+    # ---- agreement and small reports --------------------------------------
+
+    def any_failed(self, failed: bool) -> bool:
+        """Collective: True on every rank if any rank passed ``failed=True``."""
+        if self.size == 1:
+            return failed
+        flag = np.array([1 if failed else 0], dtype=np.int32)
+        self.world.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        return bool(flag[0])
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Small per-rank reports to the driver (None on workers)."""
+        if self.size == 1:
+            return [obj]
+        return self.world.gather(obj, root=0)
+
+    def abort(self, code: int = 1) -> None:
+        """End the whole job now: used only when ranks can no longer agree."""
+        MPI.COMM_WORLD.Abort(code)
+
+    # ---- array data ---------------------------------------------------------
+
+    def bcast(self, array: np.ndarray) -> None:
+        """Broadcast the driver's ``array`` into the same-shaped arrays of the workers."""
+        if self.size > 1:
+            self.world.Bcast([array, _mpi_type(array.dtype)], root=0)
+
+    def scatter_blocks(self, full: np.ndarray | None, block: np.ndarray, plan: Plan) -> None:
+        """Driver's 2-D ``full`` -> each rank's ``block`` along ``plan.axis``."""
+        if self.size == 1:
+            block[...] = full
+            return
+        mpitype = _mpi_type(block.dtype)
+        if self._contiguous_blocks(block.shape if full is None else full.shape, plan):
+            unit = self._unit(full.shape if full is not None else None, block, plan)
+            counts = [c * unit for c in plan.counts]
+            displs = [d * unit for d in plan.displs]
+            send = [full, counts, displs, mpitype] if self.is_driver else None
+            self.world.Scatterv(send, [block, mpitype], root=0)
+            return
+        if not self.is_driver:
+            if block.size:
+                self.world.Recv([block, mpitype], source=0, tag=_TAG_BLOCKS)
+            return
+        requests, types = [], []
+        for rank in range(1, self.size):
+            if plan.counts[rank]:
+                sub = self._subarray(full.shape, plan, rank, mpitype)
+                types.append(sub)
+                requests.append(self.world.Isend([full, 1, sub], dest=rank, tag=_TAG_BLOCKS))
+        block[...] = full[:, plan.block(0)]
+        MPI.Request.Waitall(requests)
+        for sub in types:
+            sub.Free()
+
+    def gather_blocks(self, block: np.ndarray, full: np.ndarray | None, plan: Plan) -> None:
+        """Each rank's ``block`` -> the driver's 2-D ``full``, in plan order."""
+        if self.size == 1:
+            full[...] = block
+            return
+        mpitype = _mpi_type(block.dtype)
+        shape = full.shape if self.is_driver else None
+        if self._contiguous_blocks(shape if shape is not None else block.shape, plan):
+            unit = self._unit(shape, block, plan)
+            counts = [c * unit for c in plan.counts]
+            displs = [d * unit for d in plan.displs]
+            recv = [full, counts, displs, mpitype] if self.is_driver else None
+            self.world.Gatherv([block, mpitype], recv, root=0)
+            return
+        if not self.is_driver:
+            if block.size:
+                self.world.Send([block, mpitype], dest=0, tag=_TAG_BLOCKS)
+            return
+        requests, types = [], []
+        for rank in range(1, self.size):
+            if plan.counts[rank]:
+                sub = self._subarray(full.shape, plan, rank, mpitype)
+                types.append(sub)
+                requests.append(self.world.Irecv([full, 1, sub], source=rank, tag=_TAG_BLOCKS))
+        full[:, plan.block(0)] = block
+        MPI.Request.Waitall(requests)
+        for sub in types:
+            sub.Free()
+
+    def reduce_sum(self, partial: np.ndarray, total: np.ndarray | None) -> None:
+        """Sum every rank's float32 ``partial`` into the driver's ``total``."""
+        if self.size == 1:
+            total[...] = partial
+            return
+        mpitype = _mpi_type(partial.dtype)
+        self.world.Reduce([partial, mpitype], [total, mpitype] if self.is_driver else None,
+                          op=MPI.SUM, root=0)
+
+    def reduce_scatter_rows(self, partial: np.ndarray, block: np.ndarray, plan: Plan) -> None:
+        """Sum every rank's ``partial`` and leave row block ``plan.block(rank)`` on each rank."""
+        if self.size == 1:
+            block[...] = partial
+            return
+        mpitype = _mpi_type(partial.dtype)
+        row = partial.shape[1]
+        self.world.Reduce_scatter([partial, mpitype], [block, mpitype],
+                                  recvcounts=[c * row for c in plan.counts], op=MPI.SUM)
+
+    # ---- helpers --------------------------------------------------------------
+
+    @staticmethod
+    def _contiguous_blocks(shape: tuple[int, ...], plan: Plan) -> bool:
+        """Row blocks, or column blocks of a single row, are contiguous in C order."""
+        return plan.axis == 0 or shape[0] == 1
+
+    @staticmethod
+    def _unit(full_shape: tuple[int, ...] | None, block: np.ndarray, plan: Plan) -> int:
+        """Elements per counted row (axis 0) or column of a single row (axis 1)."""
+        if plan.axis == 1:
+            return 1
+        return block.shape[1] if full_shape is None else full_shape[1]
+
+    @staticmethod
+    def _subarray(shape: tuple[int, int], plan: Plan, rank: int,
+                  mpitype: MPI.Datatype) -> MPI.Datatype:
+        sub = [shape[0], shape[1]]
+        start = [0, 0]
+        sub[plan.axis] = plan.counts[rank]
+        start[plan.axis] = plan.displs[rank]
+        return mpitype.Create_subarray(list(shape), sub, start, order=MPI.ORDER_C).Commit()

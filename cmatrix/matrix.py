@@ -1,0 +1,72 @@
+"""Handles to matrices that live on the ranks (the driver holds only metadata)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .plan import Plan
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+
+class Matrix:
+    """A matrix resident on the cluster. Free it with :meth:`free` when done;
+    a handle that is garbage-collected is freed with the next command."""
+
+    def __init__(self, cluster: Cluster, ident: int, shape: tuple[int, int], dtype: str,
+                 name: str | None, kind: str) -> None:
+        self._cluster = cluster
+        self.id = ident
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.name = name
+        #: "numpy" or "torch": what gathered results come back as
+        self.kind = kind
+        self.freed = False
+
+    def free(self) -> None:
+        """Release this matrix's memory on every rank."""
+        if not self.freed:
+            self.freed = True
+            self._cluster._free_now([self.id])
+
+    def __del__(self) -> None:
+        if not getattr(self, "freed", True):
+            self._cluster._free_later(self.id)
+
+
+class ShardedMatrix(Matrix):
+    """A matrix split along ``axis`` with ``counts[r]`` rows/columns on rank r."""
+
+    def __init__(self, cluster: Cluster, ident: int, shape: tuple[int, int], dtype: str,
+                 plan: Plan, name: str | None = None, kind: str = "numpy") -> None:
+        super().__init__(cluster, ident, shape, dtype, name, kind)
+        self.plan = plan
+
+    @property
+    def axis(self) -> int:
+        return self.plan.axis
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return self.plan.counts
+
+    def gather(self) -> Any:
+        """The full matrix on the driver (numpy or torch, as it came in)."""
+        return self._cluster.gather(self)
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        state = " freed" if self.freed else ""
+        return (f"<ShardedMatrix{label} {self.shape[0]}x{self.shape[1]} {self.dtype} "
+                f"axis={self.axis} counts={list(self.counts)}{state}>")
+
+
+class ReplicatedMatrix(Matrix):
+    """A matrix held whole by every rank (e.g. activations reused across calls)."""
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        state = " freed" if self.freed else ""
+        return f"<ReplicatedMatrix{label} {self.shape[0]}x{self.shape[1]} {self.dtype}{state}>"

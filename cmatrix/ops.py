@@ -1,0 +1,158 @@
+"""Command handlers run on every rank. The driver validated the header before
+sending it; ``payload`` is the driver's own data (None on workers)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import numpy as np
+
+from . import __version__, backends
+from .dtypes import STORAGE, from_float32
+from .errors import CMatrixError
+from .plan import Plan
+from .runtime import Runtime, command, default_threads
+
+
+def _empty(shape, dtype: str) -> np.ndarray:
+    return np.empty(tuple(shape), dtype=STORAGE[dtype])
+
+
+@command("configure")
+def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
+    comm = rt.comm
+    with rt.step("setup"):
+        name = h["backends"][comm.rank]
+        rt.backend_name = name
+        if h["version"] != __version__:
+            raise CMatrixError(f"cmatrix version differs: driver has {h['version']}, "
+                               f"this rank has {__version__}")
+        threads = h["threads"] or default_threads(comm.local_size)
+        backend = backends.create(name, device_index=comm.local_rank, threads=threads,
+                                  accel=h["accel"][comm.rank])
+        for ident in list(rt.blocks):
+            rt.free(ident)
+        rt.backend = backend
+    rt.sync()
+    from .comm import library_version
+
+    info = {
+        "rank": comm.rank, "host": comm.host, "local_rank": comm.local_rank,
+        "local_size": comm.local_size, "backend": name, "threads": threads,
+        "versions": {"cmatrix": __version__, "numpy": np.__version__,
+                     "python": platform.python_version(), "mpi": library_version()},
+        **rt.backend.describe(),
+    }
+    return comm.gather_objects(info)
+
+
+@command("shard")
+def shard(rt: Runtime, h: dict, full: np.ndarray | None) -> None:
+    plan = Plan(h["axis"], tuple(h["counts"]))
+    with rt.step("prepare"):
+        block = _empty(plan.block_shape(h["shape"], rt.comm.rank), h["dtype"])
+    rt.sync()
+    rt.comm.scatter_blocks(full, block, plan)
+    with rt.step("upload"):
+        rt.store(h["id"], rt.backend.upload(block, h["dtype"]))
+    rt.sync()
+
+
+@command("replicate")
+def replicate(rt: Runtime, h: dict, full: np.ndarray | None) -> None:
+    with rt.step("prepare"):
+        # The driver keeps its own copy: the caller may change its array later.
+        buf = full.copy() if rt.comm.is_driver else _empty(h["shape"], h["dtype"])
+    rt.sync()
+    rt.comm.bcast(buf)
+    with rt.step("upload"):
+        rt.store(h["id"], rt.backend.upload(buf, h["dtype"]))
+    rt.sync()
+
+
+@command("matmul")
+def matmul(rt: Runtime, h: dict, a_full: np.ndarray | None) -> np.ndarray | None:
+    """op(a) @ op(b) with b sharded.
+
+    mode "output": b is split along op(b)'s columns; every rank needs all of
+    op(a) and computes its columns of the result, gathered in column order.
+    mode "contraction": b is split along the inner dimension; rank r gets the
+    matching slice of op(a) and the float32 partial products are summed.
+    """
+    comm, rank = rt.comm, rt.comm.rank
+    plan = Plan(h["b_axis"], tuple(h["counts"]))
+    a_plan = Plan(h["a_axis"], plan.counts) if h["a_src"] == "scatter" else None
+    with rt.step("prepare"):
+        b_block = rt.block(h["b"])
+        a_buf = None
+        if h["a_src"] == "bcast":
+            a_buf = a_full if comm.is_driver else _empty(h["a_shape"], h["a_dtype"])
+        elif h["a_src"] == "scatter":
+            a_buf = _empty(a_plan.block_shape(h["a_shape"], rank), h["a_dtype"])
+    rt.sync()
+    if h["a_src"] == "bcast":
+        comm.bcast(a_buf)
+    elif h["a_src"] == "scatter":
+        comm.scatter_blocks(a_full, a_buf, a_plan)
+    output_mode = h["mode"] == "output"
+    keep = h["keep_id"] is not None
+    with rt.step("compute"):
+        a_res = rt.block(h["a_id"]) if h["a_src"] == "resident" else rt.backend.upload(a_buf, h["a_dtype"])
+        y = rt.backend.matmul(a_res, b_block, h["transpose_a"], h["transpose_b"])
+        if output_mode and keep:
+            rt.store(h["keep_id"], y)
+        else:
+            part = rt.backend.download(y, h["out_dtype"] if output_mode else "float32")
+    rt.sync()
+    if output_mode:
+        if keep:
+            return None
+        full = _empty(h["out_shape"], h["out_dtype"]) if comm.is_driver else None
+        comm.gather_blocks(part, full, Plan(1, plan.counts))
+        return full
+    if keep:
+        rows = Plan(0, tuple(h["row_counts"]))
+        block = np.empty(rows.block_shape(h["out_shape"], rank), dtype=np.float32)
+        comm.reduce_scatter_rows(part, block, rows)
+        with rt.step("store"):
+            rt.store(h["keep_id"], rt.backend.upload(from_float32(block, h["out_dtype"]), h["out_dtype"]))
+        rt.sync()
+        return None
+    total = np.empty(h["out_shape"], dtype=np.float32) if comm.is_driver else None
+    comm.reduce_sum(part, total)
+    return from_float32(total, h["out_dtype"]) if comm.is_driver else None
+
+
+@command("elementwise")
+def elementwise(rt: Runtime, h: dict, _: Any) -> np.ndarray | None:
+    keep = h["keep_id"] is not None
+    with rt.step("compute"):
+        fn = rt.backend.add if h["kind"] == "add" else rt.backend.sub
+        y = fn(rt.block(h["a"]), rt.block(h["b"]))
+        if keep:
+            rt.store(h["keep_id"], y)
+        else:
+            part = rt.backend.download(y, h["out_dtype"])
+    rt.sync()
+    if keep:
+        return None
+    full = _empty(h["shape"], h["out_dtype"]) if rt.comm.is_driver else None
+    rt.comm.gather_blocks(part, full, Plan(h["axis"], tuple(h["counts"])))
+    return full
+
+
+@command("gather")
+def gather(rt: Runtime, h: dict, _: Any) -> np.ndarray | None:
+    with rt.step("download"):
+        part = rt.backend.download(rt.block(h["id"]), h["dtype"])
+    rt.sync()
+    full = _empty(h["shape"], h["dtype"]) if rt.comm.is_driver else None
+    rt.comm.gather_blocks(part, full, Plan(h["axis"], tuple(h["counts"])))
+    return full
+
+
+@command("free")
+def free(rt: Runtime, h: dict, _: Any) -> None:
+    for ident in h["ids"]:
+        rt.free(ident)

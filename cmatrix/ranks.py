@@ -1,0 +1,52 @@
+"""The rank table: who computes what, where."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    host: str
+    local_rank: int
+    local_size: int
+    backend: str
+    device: str
+    weight: float
+    threads: int
+    fallback: str | None = None
+    versions: dict = field(default_factory=dict, compare=False)
+
+
+class RankTable:
+    """Printable, indexable list of :class:`RankInfo`, one per rank."""
+
+    COLUMNS = ("rank", "host", "local", "backend", "device", "weight", "threads")
+
+    def __init__(self, rows: list[RankInfo]) -> None:
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> RankInfo:
+        return self.rows[i]
+
+    def __iter__(self) -> Iterator[RankInfo]:
+        return iter(self.rows)
+
+    def _cells(self, r: RankInfo) -> tuple[str, ...]:
+        device = r.device + (f" (fallback: {r.fallback})" if r.fallback else "")
+        return (str(r.rank), r.host, f"{r.local_rank}/{r.local_size}", r.backend, device,
+                f"{r.weight:.3f}", str(r.threads))
+
+    def __str__(self) -> str:
+        table = [self.COLUMNS] + [self._cells(r) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(self.COLUMNS))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    __repr__ = __str__

@@ -1,0 +1,130 @@
+"""Per-rank state and the protocol that keeps every rank in step.
+
+Every command runs the same handler on every rank (driver and worker halves
+side by side). Work that can fail runs inside ``rt.step(...)``; ``rt.sync()``
+follows each such step before the next collective, so a failure on any rank
+makes every rank leave the command at the same point: the driver raises
+:class:`RankError` naming the ranks, workers go back to waiting. No rank is
+left inside a collective its peers abandoned.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import faults
+from .errors import CMatrixError, RankError, RankFailure
+
+#: command name -> handler(rt, header, payload); payload is driver-only data
+COMMANDS: dict[str, Callable[[Runtime, dict, Any], Any]] = {}
+
+
+def command(name: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+class Abandoned(Exception):  # noqa: N818 - control flow, never seen by users
+    """Worker side: some rank failed, every rank dropped the command."""
+
+
+class Runtime:
+    """One rank's communicator, backend and resident blocks."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.backend: Any = None
+        self.backend_name = "none"
+        self.blocks: dict[int, Any] = {}
+        self.op = ""
+        self._failure: RankFailure | None = None
+
+    @contextmanager
+    def step(self, phase: str) -> Iterator[None]:
+        """Run a step that may fail; the failure is reported at the next sync."""
+        try:
+            faults.check(self.op, phase, self.comm.rank)
+            yield
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = RankFailure(
+                    rank=self.comm.rank, host=self.comm.host, backend=self.backend_name,
+                    op=self.op, phase=phase, error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                )
+
+    def sync(self) -> None:
+        """Collective: continue only if every rank's steps so far succeeded."""
+        if not self.comm.any_failed(self._failure is not None):
+            return
+        reports = self.comm.gather_objects(self._failure)
+        self._failure = None
+        if self.comm.is_driver:
+            raise RankError([r for r in reports if r is not None])
+        raise Abandoned
+
+    def block(self, ident: int) -> Any:
+        try:
+            return self.blocks[ident]
+        except KeyError:
+            raise CMatrixError(f"matrix #{ident} is not resident on this rank") from None
+
+    def store(self, ident: int, x: Any) -> None:
+        self.blocks[ident] = x
+
+    def free(self, ident: int) -> None:
+        x = self.blocks.pop(ident, None)
+        if x is not None and self.backend is not None:
+            try:
+                self.backend.free(x)
+            except Exception as exc:  # freeing is best effort; never stalls the cluster
+                print(f"cmatrix rank {self.comm.rank}: free #{ident} failed: {exc}", file=sys.stderr)
+
+    def execute(self, header: dict, payload: Any = None) -> Any:
+        self.op = header["op"]
+        for ident in header.get("free", ()):
+            self.free(ident)
+        return COMMANDS[self.op](self, header, payload)
+
+
+def serve(rt: Runtime) -> int:
+    """Worker loop: run the driver's commands until it shuts down; return its status."""
+    while True:
+        header = rt.comm.recv_header()
+        if header["op"] == "shutdown":
+            return int(header.get("status", 0))
+        try:
+            rt.execute(header)
+        except Abandoned:
+            continue
+        except BaseException:
+            # Outside a step: this rank can no longer follow the protocol.
+            print(f"cmatrix rank {rt.comm.rank} ({rt.comm.host}): fatal error in "
+                  f"{rt.op!r}, aborting the job", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            rt.comm.abort(1)
+
+
+def default_threads(local_size: int) -> int:
+    """BLAS/backend threads per rank: CMATRIX_THREADS, else a fair share of the host.
+
+    A rank the launcher bound to a subset of cores uses those; an unbound rank
+    gets its share of all cores among the ranks on its host.
+    """
+    env = os.environ.get("CMATRIX_THREADS")
+    if env:
+        return max(1, int(env))
+    total = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if allowed < total:
+        return max(1, allowed)
+    return max(1, total // max(1, local_size))
