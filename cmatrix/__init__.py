@@ -8,8 +8,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import ClusterClosedError, CMatrixError, InputError, RankError, RankFailure  # noqa: E402
 from .cluster import Cluster, init  # noqa: E402
+from .errors import ClusterClosedError, CMatrixError, InputError, RankError, RankFailure  # noqa: E402
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix  # noqa: E402
 
 __all__ = [

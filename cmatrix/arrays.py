@@ -60,10 +60,7 @@ def _from_torch(t: Any, arg: str) -> HostArray:
     name = names.get(t.dtype)
     if name is None:
         dtypes.check(str(t.dtype).replace("torch.", ""), arg)
-    if name == "bfloat16":
-        data = t.view(torch.int16).numpy().view(np.uint16)
-    else:
-        data = t.numpy()
+    data = t.view(torch.int16).numpy().view(np.uint16) if name == "bfloat16" else t.numpy()
     return HostArray(data, name, "torch")
 
 

@@ -14,13 +14,12 @@ import time
 from typing import Any
 
 import mpi4py
+import numpy as np
 
 # Only the main thread of a rank ever calls MPI; asking for less than
 # THREAD_MULTIPLE avoids the library's internal locking on every call.
 mpi4py.rc.thread_level = "funneled"
 from mpi4py import MPI  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 from .plan import Plan  # noqa: E402
 

@@ -28,7 +28,7 @@ def mpiexec() -> str:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def implementation(launcher: str | None = None) -> str:
     """"mpich", "openmpi" or "unknown", from the launcher's --version."""
     try:

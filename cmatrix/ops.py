@@ -98,7 +98,8 @@ def matmul(rt: Runtime, h: dict, a_full: np.ndarray | None) -> np.ndarray | None
     output_mode = h["mode"] == "output"
     keep = h["keep_id"] is not None
     with rt.step("compute"):
-        a_res = rt.block(h["a_id"]) if h["a_src"] == "resident" else rt.backend.upload(a_buf, h["a_dtype"])
+        resident = h["a_src"] == "resident"
+        a_res = rt.block(h["a_id"]) if resident else rt.backend.upload(a_buf, h["a_dtype"])
         y = rt.backend.matmul(a_res, b_block, h["transpose_a"], h["transpose_b"])
         if output_mode and keep:
             rt.store(h["keep_id"], y)
@@ -116,7 +117,8 @@ def matmul(rt: Runtime, h: dict, a_full: np.ndarray | None) -> np.ndarray | None
         block = np.empty(rows.block_shape(h["out_shape"], rank), dtype=np.float32)
         comm.reduce_scatter_rows(part, block, rows)
         with rt.step("store"):
-            rt.store(h["keep_id"], rt.backend.upload(from_float32(block, h["out_dtype"]), h["out_dtype"]))
+            narrowed = from_float32(block, h["out_dtype"])
+            rt.store(h["keep_id"], rt.backend.upload(narrowed, h["out_dtype"]))
         rt.sync()
         return None
     total = np.empty(h["out_shape"], dtype=np.float32) if comm.is_driver else None

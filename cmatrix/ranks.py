@@ -45,7 +45,7 @@ class RankTable:
     def __str__(self) -> str:
         table = [self.COLUMNS] + [self._cells(r) for r in self.rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(self.COLUMNS))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
