@@ -289,6 +289,10 @@ class Cluster:
 
     # ---- plumbing ------------------------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        """Commands sent and bytes of array data moved between ranks so far."""
+        return {"commands": self._comm.commands, "bytes_moved": self._comm.bytes_moved}
+
     def shutdown(self, status: int = 0) -> None:
         """Tell every worker to exit with ``status``; the cluster is unusable afterwards."""
         if self._closed:

@@ -60,6 +60,9 @@ class Comm:
         self.local_size = self.local.Get_size()
         self.host = MPI.Get_processor_name()
         self._header = np.zeros(HEADER_BYTES, dtype=np.uint8)
+        #: driver's count of commands sent and of array bytes that crossed ranks
+        self.commands = 0
+        self.bytes_moved = 0
 
     @property
     def is_driver(self) -> bool:
@@ -69,6 +72,7 @@ class Comm:
 
     def send_header(self, header: dict) -> None:
         """Driver: announce the next command to every worker."""
+        self.commands += 1
         if self.size == 1:
             return
         payload = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
@@ -124,6 +128,7 @@ class Comm:
     def bcast(self, array: np.ndarray) -> None:
         """Broadcast the driver's ``array`` into the same-shaped arrays of the workers."""
         if self.size > 1:
+            self._count(array.nbytes * (self.size - 1))
             self.world.Bcast([array, _mpi_type(array.dtype)], root=0)
 
     def scatter_blocks(self, full: np.ndarray | None, block: np.ndarray, plan: Plan) -> None:
@@ -131,6 +136,7 @@ class Comm:
         if self.size == 1:
             block[...] = full
             return
+        self._count_blocks(full, plan)
         mpitype = _mpi_type(block.dtype)
         if self._contiguous_blocks(block.shape if full is None else full.shape, plan):
             unit = self._unit(full.shape if full is not None else None, block, plan)
@@ -159,6 +165,7 @@ class Comm:
         if self.size == 1:
             full[...] = block
             return
+        self._count_blocks(full, plan)
         mpitype = _mpi_type(block.dtype)
         shape = full.shape if self.is_driver else None
         if self._contiguous_blocks(shape if shape is not None else block.shape, plan):
@@ -188,6 +195,7 @@ class Comm:
         if self.size == 1:
             total[...] = partial
             return
+        self._count(partial.nbytes * (self.size - 1))
         mpitype = _mpi_type(partial.dtype)
         self.world.Reduce([partial, mpitype], [total, mpitype] if self.is_driver else None,
                           op=MPI.SUM, root=0)
@@ -197,12 +205,22 @@ class Comm:
         if self.size == 1:
             block[...] = partial
             return
+        self._count(partial.nbytes * (self.size - 1))
         mpitype = _mpi_type(partial.dtype)
         row = partial.shape[1]
         self.world.Reduce_scatter([partial, mpitype], [block, mpitype],
                                   recvcounts=[c * row for c in plan.counts], op=MPI.SUM)
 
     # ---- helpers --------------------------------------------------------------
+
+    def _count(self, nbytes: int) -> None:
+        if self.is_driver:
+            self.bytes_moved += int(nbytes)
+
+    def _count_blocks(self, full: np.ndarray | None, plan: Plan) -> None:
+        if full is not None:
+            other = full.shape[1 - plan.axis]
+            self._count((sum(plan.counts) - plan.counts[0]) * other * full.itemsize)
 
     @staticmethod
     def _contiguous_blocks(shape: tuple[int, ...], plan: Plan) -> bool:

@@ -1,9 +1,9 @@
 """Fault injection, so the failure paths can be tested on a real cluster.
 
 ``CMATRIX_FAULT="op:phase:rank[:action]"`` (comma-separated for several)
-makes that rank fail at that step: ``raise`` (default) raises an exception,
-``exit`` ends the process at once as a crash would. Unset, this costs one
-dictionary lookup per step.
+makes that rank fail at the end of that step, once: ``raise`` (default)
+raises an exception, ``exit`` ends the process at once as a crash would.
+Unset, this costs one truth test per step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _FAULTS = _parse(os.environ.get("CMATRIX_FAULT", ""))
 
 
 def check(op: str, phase: str, rank: int) -> None:
-    action = _FAULTS.get((op, phase, rank)) if _FAULTS else None
+    action = _FAULTS.pop((op, phase, rank), None) if _FAULTS else None
     if action == "exit":
         os._exit(17)
     if action is not None:

@@ -60,8 +60,8 @@ def split_counts(total: int, weights: Sequence[float], align: int = 1) -> np.nda
     counts = np.floor(ideal).astype(np.int64)
     short = units - int(counts.sum())
     if short:
-        # Largest fractional part first; ties go to the lower rank (stable sort).
-        order = np.argsort(-(ideal - counts), kind="stable")
+        # Largest fractional part first; ties (up to float noise) go to the lower rank.
+        order = np.argsort(-np.round(ideal - counts, 9), kind="stable")
         order = order[w[order] > 0]
         counts[order[:short]] += 1
     counts *= align

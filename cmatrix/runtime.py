@@ -51,8 +51,8 @@ class Runtime:
     def step(self, phase: str) -> Iterator[None]:
         """Run a step that may fail; the failure is reported at the next sync."""
         try:
-            faults.check(self.op, phase, self.comm.rank)
             yield
+            faults.check(self.op, phase, self.comm.rank)
         except Exception as exc:
             if self._failure is None:
                 self._failure = RankFailure(

@@ -1,0 +1,132 @@
+"""Every matmul/add/sub path against a float64 numpy reference.
+
+Run: mpiexec -n N python -m cmatrix run tests/jobs/correctness.py '[w0, w1, ...]'
+Exits non-zero listing every mismatch.
+"""
+
+import itertools
+import json
+import sys
+
+import numpy as np
+
+import cmatrix as cm
+from cmatrix.dtypes import bf16_to_float32, float32_to_bf16
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+weights = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
+cl = cm.init(weights=weights)
+print(cl.ranks)
+rng = np.random.default_rng(cl.size)
+# Relative to |op(a)| @ |op(b)|: float32 accumulation plus rounding of the output.
+RTOL = {"float32": 2e-6, "float16": 1.5e-3, "bfloat16": 1e-2}
+failures: list[str] = []
+checks = 0
+
+
+def make(shape, dtype):
+    """(user array, its exact float64 values)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    if dtype == "float16":
+        x = x.astype(np.float16)
+        return x, x.astype(np.float64)
+    if dtype == "bfloat16":
+        bits = float32_to_bf16(x)
+        exact = bf16_to_float32(bits).astype(np.float64)
+        return torch.from_numpy(exact.astype(np.float32)).to(torch.bfloat16), exact
+    return x, x.astype(np.float64)
+
+
+def as_f64(y):
+    if torch is not None and isinstance(y, torch.Tensor):
+        return y.float().numpy().astype(np.float64)
+    return np.asarray(y, dtype=np.float64)
+
+
+def check(label, got, ref, scale, dtype, kind):
+    global checks
+    checks += 1
+    is_torch = torch is not None and isinstance(got, torch.Tensor)
+    if is_torch != (kind == "torch"):
+        failures.append(f"{label}: expected a {kind} result, got {type(got).__name__}")
+        return
+    got = as_f64(got)
+    if got.shape != ref.shape:
+        failures.append(f"{label}: shape {got.shape} != {ref.shape}")
+        return
+    bad = np.abs(got - ref) > RTOL[dtype] * scale + 1e-30
+    if bad.any():
+        worst = np.max(np.abs(got - ref) / (scale + 1e-30))
+        failures.append(f"{label}: {int(bad.sum())} of {bad.size} off, worst rel {worst:.2e}")
+
+
+dtype_list = ["float32", "float16"] + (["bfloat16"] if torch is not None else [])
+shapes = [(1, 1, 1), (1, 37, 1), (1, 64, 29), (7, 1, 13), (13, 17, 1), (31, 29, 37), (3, 64, 96)]
+
+for dtype, (m, k, n) in itertools.product(dtype_list, shapes):
+    kind = "torch" if dtype == "bfloat16" else "numpy"
+    for ta, tb, axis in itertools.product((False, True), (False, True), (0, 1)):
+        a, a64 = make((k, m) if ta else (m, k), dtype)
+        b, b64 = make((n, k) if tb else (k, n), dtype)
+        op_a, op_b = (a64.T if ta else a64), (b64.T if tb else b64)
+        ref, scale = op_a @ op_b, np.abs(op_a) @ np.abs(op_b)
+        B = cl.shard(b, weights=weights, axis=axis)
+        label = f"{dtype} {m}x{k}x{n} ta={ta} tb={tb} axis={axis}"
+        check(label, cl.matmul(a, B, transpose_a=ta, transpose_b=tb), ref, scale, dtype, kind)
+        if dtype == "float32" or (m, k, n) == (31, 29, 37):
+            kept = cl.matmul(a, B, transpose_a=ta, transpose_b=tb, out="keep")
+            check(label + " keep", kept.gather(), ref, scale, dtype, kind)
+            kept.free()
+        B.free()
+
+# b as a plain array (sharded on the fly), and a batched activation.
+a, a64 = make((2, 5, 19), "float32")
+b, b64 = make((19, 23), "float32")
+check("on-the-fly b, 3-D a", cl.matmul(a, b), a64 @ b64, np.abs(a64) @ np.abs(b64), "float32", "numpy")
+
+# Resident activations: a replicated (output split) or sharded like b's rows (inner split).
+x, x64 = make((4, 40), "float32")
+w, w64 = make((40, 24), "float32")
+ref, scale = x64 @ w64, np.abs(x64) @ np.abs(w64)
+X = cl.replicate(x)
+W_cols = cl.shard(w, axis=1)
+before = cl.stats()["bytes_moved"]
+check("replicated a", cl.matmul(X, W_cols), ref, scale, "float32", "numpy")
+moved = cl.stats()["bytes_moved"] - before
+result_share = ref.shape[0] * (w.shape[1] - W_cols.counts[0]) * 4  # float32 columns off rank 0
+if moved != result_share:
+    failures.append(f"replicated a: moved {moved} bytes, expected only the result ({result_share})")
+W_rows = cl.shard(w, axis=0)
+H = cl.shard(x, axis=1, weights=list(np.array(W_rows.counts) / 40))
+check("sharded a, inner split", cl.matmul(H, W_rows), ref, scale, "float32", "numpy")
+# Chained: column-parallel then row-parallel with the intermediate left distributed.
+v, v64 = make((24, 40), "float32")
+V_rows = cl.shard(v, axis=0, weights=list(np.array(W_cols.counts) / 24))
+mid = cl.matmul(X, W_cols, out="keep")
+chain = x64 @ w64 @ v64
+check("chained keep", cl.matmul(mid, V_rows), chain, np.abs(x64) @ np.abs(w64) @ np.abs(v64),
+      "float32", "numpy")
+
+# Shard-wise add and sub: sharded alike, one array, two arrays, kept results.
+for dtype in dtype_list:
+    kind = "torch" if dtype == "bfloat16" else "numpy"
+    p, p64 = make((11, 7), dtype)
+    q, q64 = make((11, 7), dtype)
+    scale = np.abs(p64) + np.abs(q64)
+    for axis in (0, 1):
+        P, Q = cl.shard(p, axis=axis), cl.shard(q, axis=axis)
+        check(f"add {dtype} axis={axis}", cl.add(P, Q), p64 + q64, scale, dtype, kind)
+        check(f"sub {dtype} axis={axis}", cl.sub(P, Q), p64 - q64, scale, dtype, kind)
+        check(f"sub array-b {dtype} axis={axis}", cl.sub(P, q), p64 - q64, scale, dtype, kind)
+        kept = cl.add(p, Q, out="keep")
+        check(f"add keep {dtype} axis={axis}", kept.gather(), p64 + q64, scale, dtype, kind)
+    check(f"sub arrays {dtype}", cl.sub(p, q), p64 - q64, scale, dtype, kind)
+
+for f in failures:
+    print("MISMATCH", f)
+print(f"{checks} checks, {len(failures)} mismatches on {cl.size} ranks")
+sys.exit(1 if failures else 0)

@@ -1,0 +1,103 @@
+"""The engine on real mpiexec jobs with 1-4 ranks (oversubscribed, one thread each)."""
+
+import json
+import socket
+import sys
+
+import pytest
+
+from conftest import JOBS, ROOT, job_env, mpirun, run_cmd
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n, weights", [
+    (1, None),
+    (2, [0.7, 0.3]),
+    (3, [0.0, 0.25, 0.75]),
+    (4, [0.5, 0.3, 0.2, 0.0]),
+    (4, None),
+])
+def test_results_match_numpy(n, weights):
+    args = [json.dumps(weights)] if weights else []
+    r = mpirun(n, JOBS / "correctness.py", *args, timeout=240)
+    assert r.returncode == 0, r
+    assert f"0 mismatches on {n} ranks" in r.stdout, r
+
+
+def test_hostfile_lines_are_device_slots():
+    r = mpirun(4, JOBS / "ranks_table.py", "[0.4, 0.3, 0.2, 0.1]",
+               hostfile=str(ROOT / "hostfiles" / "localhost4"))
+    assert r.returncode == 0, r
+    rows = [json.loads(line[5:]) for line in r.stdout.splitlines() if line.startswith("RANK ")]
+    assert [row["rank"] for row in rows] == [0, 1, 2, 3]
+    assert [row["local_rank"] for row in rows] == [0, 1, 2, 3]
+    assert {row["local_size"] for row in rows} == {4}
+    assert len({row["host"] for row in rows}) == 1
+    assert [row["weight"] for row in rows] == [0.4, 0.3, 0.2, 0.1]
+    assert {row["threads"] for row in rows} == {1}
+
+
+def test_plain_script_init_serves_on_workers_and_exits_cleanly():
+    r = mpirun(3, JOBS / "plain_init.py", plain=True)
+    assert r.returncode == 0, r
+    assert r.stdout.count("DRIVER-ONLY size=3") == 1, r
+    assert "PLAIN-OK" in r.stdout, r
+
+
+def test_script_without_mpirun_is_a_one_rank_cluster():
+    r = run_cmd([sys.executable, str(JOBS / "plain_init.py")], env=job_env(), timeout=60)
+    assert r.returncode == 0, r
+    assert "DRIVER-ONLY size=1" in r.stdout and "PLAIN-OK" in r.stdout, r
+
+
+@pytest.mark.parametrize("op, phase, rank", [
+    ("matmul", "compute", 2),
+    ("matmul", "prepare", 3),
+    ("shard", "upload", 1),
+])
+def test_worker_failure_reaches_the_driver_and_cluster_recovers(op, phase, rank):
+    r = mpirun(4, JOBS / "fault_caught.py", op, phase, str(rank),
+               env={"CMATRIX_FAULT": f"{op}:{phase}:{rank}"}, timeout=90)
+    assert r.returncode == 0, r
+    assert f"CAUGHT rank {rank} on host {socket.gethostname()}" in r.stdout, r
+    assert "RECOVERED" in r.stdout, r
+
+
+def test_uncaught_worker_failure_ends_the_job_nonzero():
+    r = mpirun(4, JOBS / "fault_uncaught.py", env={"CMATRIX_FAULT": "matmul:compute:2"}, timeout=90)
+    assert r.returncode != 0, r
+    assert "rank 2 on host" in r.stderr and "injected fault" in r.stderr, r
+    assert "UNREACHABLE" not in r.stdout
+
+
+def test_driver_failure_in_the_compute_step_is_reported_too():
+    r = mpirun(2, JOBS / "fault_uncaught.py", env={"CMATRIX_FAULT": "matmul:compute:0"}, timeout=90)
+    assert r.returncode != 0, r
+    assert "rank 0 on host" in r.stderr, r
+
+
+def test_crashed_rank_ends_the_job_instead_of_hanging():
+    r = mpirun(3, JOBS / "fault_uncaught.py", env={"CMATRIX_FAULT": "matmul:compute:1:exit"},
+               timeout=90)
+    assert r.returncode != 0, r
+    assert "UNREACHABLE" not in r.stdout
+
+
+def test_unhandled_driver_error_ends_the_job_nonzero():
+    r = mpirun(3, JOBS / "driver_raises.py", timeout=90)
+    assert r.returncode != 0, r
+    assert "the job itself is broken" in r.stderr, r
+
+
+def test_bad_input_is_refused_before_data_moves_on_many_ranks():
+    r = mpirun(3, JOBS / "validation.py", timeout=90)
+    assert r.returncode == 0, r
+    assert "VALIDATION-OK" in r.stdout, r
+
+
+def test_failing_backend_setup_is_reported_by_init():
+    script = JOBS / "ranks_table.py"
+    r = mpirun(2, script, env={"CMATRIX_FAULT": "configure:setup:1"}, timeout=60)
+    assert r.returncode != 0, r
+    assert "rank 1 on host" in r.stderr and "configure/setup" in r.stderr, r
