@@ -5,7 +5,6 @@ import socket
 import sys
 
 import pytest
-
 from conftest import JOBS, ROOT, job_env, mpirun, run_cmd
 
 pytestmark = pytest.mark.mpi

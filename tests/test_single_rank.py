@@ -3,9 +3,9 @@ and result types. Multi-rank behaviour is in test_engine_mpi.py."""
 
 import numpy as np
 import pytest
+from conftest import has_torch
 
 import cmatrix as cm
-from conftest import has_torch
 
 rng = np.random.default_rng(7)
 
