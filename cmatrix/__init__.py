@@ -8,9 +8,10 @@
 
 __version__ = "0.1.0"
 
-from .cluster import Cluster, init  # noqa: E402
+from .cluster import Cluster  # noqa: E402
 from .errors import ClusterClosedError, CMatrixError, InputError, RankError, RankFailure  # noqa: E402
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix  # noqa: E402
+from .session import init  # noqa: E402
 
 __all__ = [
     "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",

@@ -44,8 +44,11 @@ def from_user(x: Any, arg: str) -> HostArray:
         return _from_torch(x, arg)
     if isinstance(x, np.ndarray):
         name = _NUMPY_NAMES.get(x.dtype)
+        if name is None and str(x.dtype) == "bfloat16":  # ml_dtypes' numpy bfloat16
+            return HostArray(x.view(np.uint16), "bfloat16", "numpy")
         if name is None:
             dtypes.check(str(x.dtype), arg)
+            raise InputError(f"{arg}: unsupported dtype {x.dtype}")
         return HostArray(x, name, "numpy")
     raise InputError(f"{arg}: expected a numpy array, torch tensor or file path, got {type(x).__name__}")
 
@@ -54,6 +57,8 @@ def _from_torch(t: Any, arg: str) -> HostArray:
     import torch
 
     t = t.detach()
+    if t.layout != torch.strided:
+        raise InputError(f"{arg}: sparse tensors are not supported; pass t.to_dense()")
     if t.device.type != "cpu":
         t = t.cpu()
     names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -73,8 +78,11 @@ def to_user(data: np.ndarray, dtype: str, kind: str) -> Any:
             return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(data)
     if dtype == "bfloat16":
-        # numpy has no bfloat16: hand back float32 values rather than raw bits.
-        return dtypes.bf16_to_float32(data)
+        try:
+            import ml_dtypes
+        except ImportError:  # numpy has no bfloat16: float32 values rather than raw bits
+            return dtypes.bf16_to_float32(data)
+        return data.view(ml_dtypes.bfloat16)
     return data
 
 

@@ -15,15 +15,17 @@ import traceback
 
 
 def _run(job: str, job_args: list[str]) -> int:
-    from . import cluster
+    from . import session
     from .runtime import serve
 
+    rt = session.connect()
+    if not rt.comm.is_driver:  # workers never read the job: it need only exist on the driver
+        return serve(rt)
+    cl = session.driver_cluster()
     if not os.path.isfile(job):
         print(f"cmatrix run: job file not found: {job}", file=sys.stderr)
+        cl.shutdown(2)
         return 2
-    rt = cluster.connect()
-    if not rt.comm.is_driver:
-        return serve(rt)
     sys.argv = [job, *job_args]
     status = 0
     try:
@@ -34,10 +36,7 @@ def _run(job: str, job_args: list[str]) -> int:
         traceback.print_exc()
         status = 1
     sys.stdout.flush()
-    if cluster._cluster is not None:
-        cluster._cluster.shutdown(status)
-    else:  # the job never called init(): workers are still waiting for a first command
-        rt.comm.send_header({"op": "shutdown", "status": status})
+    cl.shutdown(status)
     return status
 
 

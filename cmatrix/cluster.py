@@ -1,4 +1,4 @@
-"""The driver's view of the cluster, and ``init()`` which starts every rank.
+"""The driver's view of the cluster.
 
 Rank 0 (the driver) runs the user's program; every :class:`Cluster` method
 validates its arguments first, so bad input is refused before any data moves,
@@ -7,7 +7,6 @@ then announces one command that all ranks run together (see :mod:`.ops`).
 
 from __future__ import annotations
 
-import atexit
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,11 +17,11 @@ import numpy as np
 from . import __version__, backends, ops  # noqa: F401 - ops registers the commands
 from .arrays import HostArray, check_matrix, from_user, to_user
 from .dtypes import promote
-from .errors import ClusterClosedError, InputError, RankError
+from .errors import ClusterClosedError, CMatrixError, InputError, RankError
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix
 from .plan import Plan, equal_weights, validate_weights
 from .ranks import RankInfo, RankTable
-from .runtime import Runtime, serve
+from .runtime import Runtime
 
 
 class Cluster:
@@ -34,6 +33,7 @@ class Cluster:
         self._next_id = 1
         self._pending_free: list[int] = []
         self._closed = False
+        self._busy = False
         self.exit_status = 0
         self.weights = equal_weights(self.size)
         self.ranks = RankTable([])
@@ -43,6 +43,10 @@ class Cluster:
     def size(self) -> int:
         """Number of ranks (device slots), driver included."""
         return self._comm.size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # ---- set-up ----------------------------------------------------------------
 
@@ -57,8 +61,10 @@ class Cluster:
         w = equal_weights(self.size) if weights is None else validate_weights(weights, self.size)
         config = (tuple(names), threads, tuple(accel_list))
         if self._config is not None and config != self._config:
-            raise InputError("init(): the cluster is already running with backends "
-                             f"{list(self._config[0])}; start a new job to change backends")
+            names0, threads0, accel0 = self._config
+            raise InputError(f"init(): the cluster already runs with backends={list(names0)}, "
+                             f"threads={threads0}, accel={list(accel0)}; start a new job to "
+                             "change them")
         self.weights = w
         if self._config is None:
             header = {"op": "configure", "version": __version__, "backends": names,
@@ -76,6 +82,8 @@ class Cluster:
         ])
 
     def _per_rank(self, value: Any, arg: str) -> list:
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
         if isinstance(value, (str, bool)) or not isinstance(value, Sequence):
             return [value] * self.size
         if len(value) != self.size:
@@ -101,8 +109,9 @@ class Cluster:
             raise InputError("w: already on the cluster; shard() takes an array, tensor or path")
         host = from_user(w, "w")
         check_matrix(host, "w")
-        if axis not in (0, 1):
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (0, 1):
             raise InputError(f"axis: must be 0 (split rows) or 1 (split columns), got {axis!r}")
+        axis = int(axis)
         shares = self.weights if weights is None else validate_weights(weights, self.size)
         plan = Plan.from_weights(host.shape[axis], shares, axis)
         return self._shard_host(host, plan, name)
@@ -160,13 +169,8 @@ class Cluster:
         header = {"op": "matmul", "mode": mode, "b_axis": b_plan.axis, "counts": b_plan.counts,
                   "transpose_b": transpose_b, "a_id": None, "a_axis": None}
         a_payload, lead, kind_a, dtype_a, transpose_a = self._place_a(
-            a, b_plan, mode, transpose_a, header)
-        m, k_a = header["a_shape"][::-1] if transpose_a else header["a_shape"]
-        if k_a != k_b:
-            raise InputError(
-                f"matmul: inner dimensions differ: op(a) is {m}x{k_a} "
-                f"(transpose_a={transpose_a}) but op(b) is {k_b}x{n} "
-                f"(transpose_b={transpose_b})")
+            a, b_plan, mode, transpose_a, header, (k_b, n))
+        m = header["a_shape"][1] if transpose_a else header["a_shape"][0]
         out_dtype = promote(dtype_a, b_dtype)
         kind = "torch" if "torch" in (kind_a, b_kind) else "numpy"
         header.update(transpose_a=transpose_a, out_shape=(m, n), out_dtype=out_dtype,
@@ -185,19 +189,16 @@ class Cluster:
             return ShardedMatrix(self, header["keep_id"], (m, n), out_dtype, plan, None, kind)
         return to_user(result.reshape(*lead, n), out_dtype, kind)
 
-    def _place_a(self, a: Any, b_plan: Plan, mode: str, transpose_a: bool,
-                 header: dict) -> tuple:
-        """Decide how op(a) reaches the ranks; fill the header's a_* fields."""
-        a_axis = 0 if transpose_a else 1  # a's stored axis that op(a) contracts over
-        if isinstance(a, ShardedMatrix):
+    def _place_a(self, a: Any, b_plan: Plan, mode: str, transpose_a: bool, header: dict,
+                 op_b_shape: tuple[int, int]) -> tuple:
+        """Validate op(a) against op(b), decide how it reaches the ranks, fill the a_* fields."""
+        if isinstance(a, Matrix):
             self._check_live(a, "a")
-            if mode == "contraction" and a.axis == a_axis and a.counts == b_plan.counts:
-                header.update(a_src="resident", a_id=a.id, a_shape=a.shape)
-                return None, (a.shape[1] if transpose_a else a.shape[0],), a.kind, a.dtype, transpose_a
-            a = _Gathered(self.gather(a), a.kind)
-        if isinstance(a, ReplicatedMatrix):
-            self._check_live(a, "a")
-            if mode == "output":
+            self._check_inner(a.shape, transpose_a, op_b_shape, header["transpose_b"])
+            a_axis = 0 if transpose_a else 1  # a's stored axis that op(a) contracts over
+            if (mode == "contraction" and isinstance(a, ShardedMatrix) and a.axis == a_axis
+                    and a.counts == b_plan.counts) or (
+                    mode == "output" and isinstance(a, ReplicatedMatrix)):
                 header.update(a_src="resident", a_id=a.id, a_shape=a.shape)
                 return None, (a.shape[1] if transpose_a else a.shape[0],), a.kind, a.dtype, transpose_a
             a = _Gathered(self.gather(a), a.kind)
@@ -208,6 +209,8 @@ class Cluster:
         if data.ndim == 0 or 0 in data.shape:
             raise InputError(f"a: expected a non-empty matrix or vector, got shape {host.shape}")
         if data.ndim == 1:
+            if transpose_a:
+                raise InputError(f"a: transpose_a needs a 2-D a, got a vector of shape {host.shape}")
             lead: tuple = ()
             data = data.reshape(1, -1)
         elif data.ndim > 2:
@@ -220,10 +223,21 @@ class Cluster:
             if not data.flags.c_contiguous and data.T.flags.c_contiguous:
                 data, transpose_a = data.T, not transpose_a  # a transposed view: flip the flag
         data = np.ascontiguousarray(data)
+        self._check_inner(data.shape, transpose_a, op_b_shape, header["transpose_b"])
         src = "bcast" if mode == "output" else "scatter"
         header.update(a_src=src, a_shape=data.shape, a_dtype=host.dtype,
                       a_axis=(0 if transpose_a else 1) if src == "scatter" else None)
         return data, lead, host.kind, host.dtype, transpose_a
+
+    @staticmethod
+    def _check_inner(a_shape: tuple[int, int], transpose_a: bool, op_b_shape: tuple[int, int],
+                     transpose_b: bool) -> None:
+        m, k_a = a_shape[::-1] if transpose_a else a_shape
+        k_b, n = op_b_shape
+        if k_a != k_b:
+            raise InputError(
+                f"matmul: inner dimensions differ: op(a) is {m}x{k_a} (transpose_a={transpose_a}) "
+                f"but op(b) is {k_b}x{n} (transpose_b={transpose_b})")
 
     def add(self, a: Any, b: Any, out: str | None = None) -> Any:
         """``a + b`` shard-wise (operands sharded alike; arrays are sharded on the fly)."""
@@ -276,8 +290,8 @@ class Cluster:
     def gather(self, m: Matrix) -> Any:
         """The whole matrix ``m`` on the driver, as numpy or torch like its source."""
         self._check_live(m, "m")
-        if isinstance(m, ReplicatedMatrix):
-            data = self._rt.backend.download(self._rt.block(m.id), m.dtype)
+        if isinstance(m, ReplicatedMatrix):  # the driver holds a copy: no command needed
+            data = self._rt.backend.download(self._rt.block(m.id), m.dtype).copy()
         else:
             data = self._run({"op": "gather", "id": m.id, "shape": m.shape, "dtype": m.dtype,
                               "axis": m.axis, "counts": m.counts})
@@ -285,6 +299,7 @@ class Cluster:
 
     def free(self, m: Matrix) -> None:
         """Release ``m`` on every rank."""
+        self._check_live(m, "m")
         m.free()
 
     # ---- plumbing ------------------------------------------------------------------
@@ -297,6 +312,8 @@ class Cluster:
         """Tell every worker to exit with ``status``; the cluster is unusable afterwards."""
         if self._closed:
             return
+        if self._busy:
+            raise CMatrixError("cannot shut down while a cluster operation is running")
         self._closed = True
         self._comm.send_header({"op": "shutdown", "status": int(status)})
 
@@ -313,14 +330,19 @@ class Cluster:
         raise InputError(f"out: expected None (result to the driver) or 'keep' (stay "
                          f"distributed), got {out!r}")
 
-    @staticmethod
-    def _check_live(m: Matrix, arg: str) -> None:
+    def _check_live(self, m: Matrix, arg: str) -> None:
+        if not isinstance(m, Matrix) or m._cluster is not self:
+            raise InputError(f"{arg}: expected a matrix handle from this cluster, got {type(m).__name__}")
         if m.freed:
             raise InputError(f"{arg}: {m!r} was freed")
 
     def _free_now(self, ids: list[int]) -> None:
-        if not self._closed:
-            self._run({"op": "free", "ids": ids})
+        if self._closed:
+            return
+        if self._busy:  # a finalizer ran in the middle of a command: free with the next one
+            self._pending_free.extend(ids)
+            return
+        self._run({"op": "free", "ids": ids})
 
     def _free_later(self, ident: int) -> None:
         # Called from __del__: only note it; the next command carries it.
@@ -329,13 +351,24 @@ class Cluster:
     def _run(self, header: dict, payload: Any = None) -> Any:
         if self._closed:
             raise ClusterClosedError("the cluster was shut down")
+        if self._busy:
+            raise CMatrixError(f"cannot start {header['op']!r} while another cluster operation "
+                               "is running (from a finalizer or a second thread)")
         pending, self._pending_free = self._pending_free, []
         if pending:
             header["free"] = pending
-        self._comm.send_header(header)
         try:
+            message = self._comm.encode_header(header)
+        except Exception as exc:
+            self._pending_free.extend(pending)
+            raise CMatrixError(f"cannot encode the {header['op']!r} command: {exc}") from exc
+        self._busy = True
+        try:
+            self._comm.send_encoded(message)
             return self._rt.execute(header, payload)
         except RankError:
+            # Ranks that got past their store step hold a block no handle will free.
+            self._pending_free.extend(i for i in (header.get("id"), header.get("keep_id")) if i)
             raise
         except BaseException:
             # The driver failed outside a step: workers may be inside a collective
@@ -345,6 +378,8 @@ class Cluster:
             traceback.print_exc()
             sys.stderr.flush()
             self._comm.abort(1)
+        finally:
+            self._busy = False
 
 
 class _Gathered:
@@ -352,58 +387,3 @@ class _Gathered:
 
     def __init__(self, value: Any, kind: str) -> None:
         self.value, self.kind = value, kind
-
-
-_runtime: Runtime | None = None
-_cluster: Cluster | None = None
-
-
-def connect() -> Runtime:
-    """Start MPI on this rank (once) and return its runtime."""
-    global _runtime
-    if _runtime is None:
-        from .comm import Comm
-
-        _runtime = Runtime(Comm())
-    return _runtime
-
-
-def init(weights: Sequence[float] | None = None, backends: str | Sequence[str] | None = None,
-         threads: int | None = None, accel: bool | Sequence[bool] | None = None) -> Cluster:
-    """Join the cluster. On the driver (rank 0) return the :class:`Cluster`;
-    on every other rank serve the driver's commands, then exit the process.
-
-    ``weights``: per-rank shares summing to 1 (default equal). ``backends``: a
-    backend name for all ranks or one per rank (default "numpy"). ``threads``:
-    CPU threads per rank (default: CMATRIX_THREADS, else a fair share of the
-    host's cores). ``accel``: False for a backend's plain CPU path.
-    """
-    global _cluster
-    rt = connect()
-    if not rt.comm.is_driver:
-        sys.exit(serve(rt))
-    if _cluster is None:
-        cluster = Cluster(rt)
-        cluster.configure(weights, backends, threads, accel)
-        _cluster = cluster
-        atexit.register(_at_exit)
-        _chain_excepthook()
-    else:
-        _cluster.configure(weights, backends, threads, accel)
-    return _cluster
-
-
-def _at_exit() -> None:
-    if _cluster is not None:
-        _cluster.shutdown(_cluster.exit_status)
-
-
-def _chain_excepthook() -> None:
-    previous = sys.excepthook
-
-    def hook(*exc_info):  # an uncaught error on the driver ends the job non-zero
-        if _cluster is not None:
-            _cluster.exit_status = 1
-        previous(*exc_info)
-
-    sys.excepthook = hook

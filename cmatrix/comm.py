@@ -72,10 +72,17 @@ class Comm:
 
     def send_header(self, header: dict) -> None:
         """Driver: announce the next command to every worker."""
+        self.send_encoded(self.encode_header(header))
+
+    @staticmethod
+    def encode_header(header: dict) -> bytes:
+        """Serialise a header without sending it (so a bad header fails before any MPI call)."""
+        return pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def send_encoded(self, payload: bytes) -> None:
         self.commands += 1
         if self.size == 1:
             return
-        payload = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
         inline = min(len(payload), HEADER_BYTES - 8)
         self._header[:8] = np.frombuffer(np.int64(len(payload)).tobytes(), dtype=np.uint8)
         self._header[8 : 8 + inline] = np.frombuffer(payload[:inline], dtype=np.uint8)
@@ -122,6 +129,7 @@ class Comm:
     def abort(self, code: int = 1) -> None:
         """End the whole job now: used only when ranks can no longer agree."""
         MPI.COMM_WORLD.Abort(code)
+        os._exit(code)  # Abort may return before the launcher kills us; never run on
 
     # ---- array data ---------------------------------------------------------
 

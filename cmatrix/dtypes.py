@@ -65,5 +65,6 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "float16":
-        return np.ascontiguousarray(x, dtype=np.float16)
+        with np.errstate(over="ignore"):  # overflow rounds to inf, as IEEE (and torch) do
+            return np.ascontiguousarray(x, dtype=np.float16)
     return float32_to_bf16(x)

@@ -25,6 +25,10 @@ class Matrix:
         self.kind = kind
         self.freed = False
 
+    def gather(self) -> Any:
+        """The whole matrix on the driver (numpy or torch, as it came in)."""
+        return self._cluster.gather(self)
+
     def free(self) -> None:
         """Release this matrix's memory on every rank."""
         if not self.freed:
@@ -34,6 +38,13 @@ class Matrix:
     def __del__(self) -> None:
         if not getattr(self, "freed", True):
             self._cluster._free_later(self.id)
+
+    def __copy__(self) -> Matrix:
+        # Two handles to one resident block would free it twice.
+        raise TypeError("cluster matrix handles cannot be copied; share the handle instead")
+
+    def __deepcopy__(self, memo: dict) -> Matrix:
+        return self.__copy__()
 
 
 class ShardedMatrix(Matrix):
@@ -51,10 +62,6 @@ class ShardedMatrix(Matrix):
     @property
     def counts(self) -> tuple[int, ...]:
         return self.plan.counts
-
-    def gather(self) -> Any:
-        """The full matrix on the driver (numpy or torch, as it came in)."""
-        return self._cluster.gather(self)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""

@@ -97,33 +97,44 @@ def matmul(rt: Runtime, h: dict, a_full: np.ndarray | None) -> np.ndarray | None
         comm.scatter_blocks(a_full, a_buf, a_plan)
     output_mode = h["mode"] == "output"
     keep = h["keep_id"] is not None
+    rows = Plan(0, tuple(h["row_counts"])) if keep and not output_mode else None
+    full = None
     with rt.step("compute"):
         resident = h["a_src"] == "resident"
         a_res = rt.block(h["a_id"]) if resident else rt.backend.upload(a_buf, h["a_dtype"])
         y = rt.backend.matmul(a_res, b_block, h["transpose_a"], h["transpose_b"])
         if output_mode and keep:
-            rt.store(h["keep_id"], y)
+            _keep(rt, h["keep_id"], y, h["out_dtype"])
+        elif output_mode:
+            part = rt.backend.download(y, h["out_dtype"])
+            full = _empty(h["out_shape"], h["out_dtype"]) if comm.is_driver else None
         else:
-            part = rt.backend.download(y, h["out_dtype"] if output_mode else "float32")
+            part = rt.backend.download(y, "float32")
+            if keep:
+                full = np.empty(rows.block_shape(h["out_shape"], rank), dtype=np.float32)
+            elif comm.is_driver:
+                full = np.empty(h["out_shape"], dtype=np.float32)
     rt.sync()
     if output_mode:
-        if keep:
-            return None
-        full = _empty(h["out_shape"], h["out_dtype"]) if comm.is_driver else None
-        comm.gather_blocks(part, full, Plan(1, plan.counts))
+        if not keep:
+            comm.gather_blocks(part, full, Plan(1, plan.counts))
         return full
     if keep:
-        rows = Plan(0, tuple(h["row_counts"]))
-        block = np.empty(rows.block_shape(h["out_shape"], rank), dtype=np.float32)
-        comm.reduce_scatter_rows(part, block, rows)
+        comm.reduce_scatter_rows(part, full, rows)
         with rt.step("store"):
-            narrowed = from_float32(block, h["out_dtype"])
+            narrowed = from_float32(full, h["out_dtype"])
             rt.store(h["keep_id"], rt.backend.upload(narrowed, h["out_dtype"]))
         rt.sync()
         return None
-    total = np.empty(h["out_shape"], dtype=np.float32) if comm.is_driver else None
-    comm.reduce_sum(part, total)
-    return from_float32(total, h["out_dtype"]) if comm.is_driver else None
+    comm.reduce_sum(part, full)
+    return from_float32(full, h["out_dtype"]) if comm.is_driver else None
+
+
+def _keep(rt: Runtime, ident: int, y: Any, dtype: str) -> None:
+    """Keep a result resident, rounded to its declared dtype like a gathered one."""
+    if dtype != "float32":
+        y = rt.backend.upload(rt.backend.download(y, dtype), dtype)
+    rt.store(ident, y)
 
 
 @command("elementwise")
@@ -133,13 +144,13 @@ def elementwise(rt: Runtime, h: dict, _: Any) -> np.ndarray | None:
         fn = rt.backend.add if h["kind"] == "add" else rt.backend.sub
         y = fn(rt.block(h["a"]), rt.block(h["b"]))
         if keep:
-            rt.store(h["keep_id"], y)
+            _keep(rt, h["keep_id"], y, h["out_dtype"])
         else:
             part = rt.backend.download(y, h["out_dtype"])
+            full = _empty(h["shape"], h["out_dtype"]) if rt.comm.is_driver else None
     rt.sync()
     if keep:
         return None
-    full = _empty(h["shape"], h["out_dtype"]) if rt.comm.is_driver else None
     rt.comm.gather_blocks(part, full, Plan(h["axis"], tuple(h["counts"])))
     return full
 
@@ -148,8 +159,8 @@ def elementwise(rt: Runtime, h: dict, _: Any) -> np.ndarray | None:
 def gather(rt: Runtime, h: dict, _: Any) -> np.ndarray | None:
     with rt.step("download"):
         part = rt.backend.download(rt.block(h["id"]), h["dtype"])
+        full = _empty(h["shape"], h["dtype"]) if rt.comm.is_driver else None
     rt.sync()
-    full = _empty(h["shape"], h["dtype"]) if rt.comm.is_driver else None
     rt.comm.gather_blocks(part, full, Plan(h["axis"], tuple(h["counts"])))
     return full
 

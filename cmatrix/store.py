@@ -21,5 +21,5 @@ def load_array(path: str | os.PathLike, arg: str = "path") -> np.ndarray:
         raise InputError(f"{arg}: cannot load {p.suffix!r} files; supported: {', '.join(LOADABLE)}")
     try:
         return np.load(p, allow_pickle=False)
-    except ValueError as exc:
-        raise InputError(f"{arg}: {p} is not a plain .npy array: {exc}") from exc
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(f"{arg}: cannot read {p} as a plain .npy array: {exc}") from exc

@@ -100,3 +100,32 @@ def test_failing_backend_setup_is_reported_by_init():
     r = mpirun(2, script, env={"CMATRIX_FAULT": "configure:setup:1"}, timeout=60)
     assert r.returncode != 0, r
     assert "rank 1 on host" in r.stderr and "configure/setup" in r.stderr, r
+
+
+@pytest.mark.parametrize("uncaught", [False, True])
+def test_refused_init_in_a_plain_script_ends_the_job(uncaught):
+    args = ["raise"] if uncaught else []
+    r = mpirun(3, JOBS / "init_fails.py", *args, plain=True, timeout=60)
+    assert "REFUSED weights: needs one share per rank (3 ranks)" in r.stdout, r
+    assert (r.returncode != 0) == uncaught, r
+
+
+def test_job_file_needs_to_exist_only_on_the_driver(tmp_path):
+    from cmatrix import launch
+
+    driver_dir, worker_dir = tmp_path / "driver", tmp_path / "worker"
+    driver_dir.mkdir()
+    worker_dir.mkdir()
+    (driver_dir / "job.py").write_text((JOBS / "plain_init.py").read_text())
+    argv = [sys.executable, "-m", "cmatrix", "run", "job.py"]
+    cmd = launch.command(1, ["-wdir", str(driver_dir), *argv])
+    cmd += [":", "-n", "2", "-wdir", str(worker_dir), *argv]
+    r = run_cmd(cmd, env=job_env(), timeout=60)
+    assert r.returncode == 0, r
+    assert "PLAIN-OK" in r.stdout, r
+
+
+def test_missing_job_file_is_reported_without_hanging():
+    r = mpirun(2, "no/such/job.py", timeout=60)
+    assert r.returncode == 2, r
+    assert "job file not found" in r.stderr, r

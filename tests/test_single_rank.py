@@ -119,3 +119,76 @@ def test_freed_handles_are_refused(cl):
     W = cl.shard(f32(3, 3))
     W.free()
     refused(cl, lambda: cl.matmul(f32(2, 3), W), "was freed")
+
+
+def test_sharded_a_with_wrong_inner_size_is_refused_before_gathering(cl):
+    A = cl.shard(f32(4, 6), axis=0)
+    B = cl.shard(f32(5, 7))
+    refused(cl, lambda: cl.matmul(A, B), "inner dimensions")
+    refused(cl, lambda: cl.matmul(f32(3), B, transpose_a=True), "transpose_a needs a 2-D a")
+
+
+def test_wrong_argument_types_raise_cmatrix_errors(cl, tmp_path):
+    refused(cl, lambda: cl.gather(f32(2, 2)), "expected a matrix handle")
+    refused(cl, lambda: cl.free("l0.up"), "expected a matrix handle")
+    refused(cl, lambda: cl.shard(f32(2, 2), axis=1.0), "axis")
+    refused(cl, lambda: cl.shard(f32(2, 2), axis=True), "axis")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    refused(cl, lambda: cl.shard(tmp_path / "empty.npy"), "cannot read")
+    assert cm.init(accel=np.array([True])) is cl
+
+
+def test_gathered_replicated_matrix_is_a_copy(cl):
+    x = np.ones((2, 3), np.float32)
+    R = cl.replicate(x)
+    x[:] = 5  # the caller's array is not the resident one either
+    g = R.gather()
+    g *= 0
+    W = cl.shard(np.ones((3, 4), np.float32))
+    np.testing.assert_array_equal(cl.matmul(R, W), np.full((2, 4), 3, np.float32))
+
+
+def test_kept_half_results_are_rounded_like_gathered_ones(cl):
+    p = np.full((2, 2), 40000, np.float16)
+    P = cl.shard(p)
+    K = cl.add(P, P, out="keep")  # 80000 overflows float16
+    assert np.isinf(K.gather()).all()
+    assert np.isinf(cl.sub(K, P)).all(), "the resident block was not rounded to float16"
+
+
+def test_nested_operations_are_refused_and_frees_deferred(cl, monkeypatch):
+    W, V = cl.shard(f32(3, 3)), cl.shard(f32(3, 3))
+    original = cl._rt.backend.matmul
+
+    def finalizer_like(*args):  # what a __del__ running mid-command could do
+        V.free()
+        W.gather()
+        return original(*args)
+
+    monkeypatch.setattr(cl._rt.backend, "matmul", finalizer_like)
+    with pytest.raises(cm.RankError, match="another cluster operation is running"):
+        cl.matmul(f32(2, 3), W)
+    monkeypatch.undo()
+    assert V.freed and V.id in cl._rt.blocks  # deferred, not run inside the command
+    cl.matmul(f32(2, 3), W)
+    assert V.id not in cl._rt.blocks
+
+
+def test_blocks_of_a_failed_command_are_freed(cl, monkeypatch):
+    from cmatrix import faults
+
+    monkeypatch.setitem(faults._FAULTS, ("shard", "upload", 0), "raise")
+    before = set(cl._rt.blocks)
+    with pytest.raises(cm.RankError, match="injected fault in shard/upload on rank 0"):
+        cl.shard(f32(3, 3))
+    orphan = set(cl._rt.blocks) - before
+    assert len(orphan) == 1
+    cl.matmul(f32(1, 3), cl.shard(f32(3, 3)))
+    assert not orphan & set(cl._rt.blocks)
+
+
+def test_handles_cannot_be_copied(cl):
+    import copy
+
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.copy(cl.shard(f32(2, 2)))
