@@ -146,27 +146,14 @@ class Comm:
             return
         self._count_blocks(full, plan)
         mpitype = _mpi_type(block.dtype)
-        if self._contiguous_blocks(block.shape if full is None else full.shape, plan):
-            unit = self._unit(full.shape if full is not None else None, block, plan)
-            counts = [c * unit for c in plan.counts]
-            displs = [d * unit for d in plan.displs]
-            send = [full, counts, displs, mpitype] if self.is_driver else None
-            self.world.Scatterv(send, [block, mpitype], root=0)
-            return
-        if not self.is_driver:
+        if self._contiguous_blocks(block.shape, plan):
+            self.world.Scatterv(self._vector_spec(full, plan, mpitype), [block, mpitype], root=0)
+        elif not self.is_driver:
             if block.size:
                 self.world.Recv([block, mpitype], source=0, tag=_TAG_BLOCKS)
-            return
-        requests, types = [], []
-        for rank in range(1, self.size):
-            if plan.counts[rank]:
-                sub = self._subarray(full.shape, plan, rank, mpitype)
-                types.append(sub)
-                requests.append(self.world.Isend([full, 1, sub], dest=rank, tag=_TAG_BLOCKS))
-        block[...] = full[:, plan.block(0)]
-        MPI.Request.Waitall(requests)
-        for sub in types:
-            sub.Free()
+        else:
+            block[...] = full[:, plan.block(0)]
+            self._subarray_transfers(full, plan, mpitype, self.world.Isend)
 
     def gather_blocks(self, block: np.ndarray, full: np.ndarray | None, plan: Plan) -> None:
         """Each rank's ``block`` -> the driver's 2-D ``full``, in plan order."""
@@ -175,28 +162,14 @@ class Comm:
             return
         self._count_blocks(full, plan)
         mpitype = _mpi_type(block.dtype)
-        shape = full.shape if self.is_driver else None
-        if self._contiguous_blocks(shape if shape is not None else block.shape, plan):
-            unit = self._unit(shape, block, plan)
-            counts = [c * unit for c in plan.counts]
-            displs = [d * unit for d in plan.displs]
-            recv = [full, counts, displs, mpitype] if self.is_driver else None
-            self.world.Gatherv([block, mpitype], recv, root=0)
-            return
-        if not self.is_driver:
+        if self._contiguous_blocks(block.shape, plan):
+            self.world.Gatherv([block, mpitype], self._vector_spec(full, plan, mpitype), root=0)
+        elif not self.is_driver:
             if block.size:
                 self.world.Send([block, mpitype], dest=0, tag=_TAG_BLOCKS)
-            return
-        requests, types = [], []
-        for rank in range(1, self.size):
-            if plan.counts[rank]:
-                sub = self._subarray(full.shape, plan, rank, mpitype)
-                types.append(sub)
-                requests.append(self.world.Irecv([full, 1, sub], source=rank, tag=_TAG_BLOCKS))
-        full[:, plan.block(0)] = block
-        MPI.Request.Waitall(requests)
-        for sub in types:
-            sub.Free()
+        else:
+            full[:, plan.block(0)] = block
+            self._subarray_transfers(full, plan, mpitype, self.world.Irecv)
 
     def reduce_sum(self, partial: np.ndarray, total: np.ndarray | None) -> None:
         """Sum every rank's float32 ``partial`` into the driver's ``total``."""
@@ -231,16 +204,28 @@ class Comm:
             self._count((sum(plan.counts) - plan.counts[0]) * other * full.itemsize)
 
     @staticmethod
-    def _contiguous_blocks(shape: tuple[int, ...], plan: Plan) -> bool:
+    def _contiguous_blocks(block_shape: tuple[int, ...], plan: Plan) -> bool:
         """Row blocks, or column blocks of a single row, are contiguous in C order."""
-        return plan.axis == 0 or shape[0] == 1
+        return plan.axis == 0 or block_shape[0] == 1
 
-    @staticmethod
-    def _unit(full_shape: tuple[int, ...] | None, block: np.ndarray, plan: Plan) -> int:
-        """Elements per counted row (axis 0) or column of a single row (axis 1)."""
-        if plan.axis == 1:
-            return 1
-        return block.shape[1] if full_shape is None else full_shape[1]
+    def _vector_spec(self, full: np.ndarray | None, plan: Plan, mpitype: MPI.Datatype) -> list | None:
+        """Scatterv/Gatherv counts and displacements on the driver (None on workers)."""
+        if not self.is_driver:
+            return None
+        unit = 1 if plan.axis == 1 else full.shape[1]  # elements per counted row or column
+        return [full, [c * unit for c in plan.counts], [d * unit for d in plan.displs], mpitype]
+
+    def _subarray_transfers(self, full: np.ndarray, plan: Plan, mpitype: MPI.Datatype,
+                            post: Any) -> None:
+        """Driver: one Isend/Irecv per rank, each with a subarray type placing the block in ``full``."""
+        requests, types = [], []
+        for rank in range(1, self.size):
+            if plan.counts[rank]:
+                types.append(self._subarray(full.shape, plan, rank, mpitype))
+                requests.append(post([full, 1, types[-1]], rank, _TAG_BLOCKS))
+        MPI.Request.Waitall(requests)
+        for sub in types:
+            sub.Free()
 
     @staticmethod
     def _subarray(shape: tuple[int, int], plan: Plan, rank: int,
