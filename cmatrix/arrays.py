@@ -44,11 +44,10 @@ def from_user(x: Any, arg: str) -> HostArray:
         return _from_torch(x, arg)
     if isinstance(x, np.ndarray):
         name = _NUMPY_NAMES.get(x.dtype)
-        if name is None and str(x.dtype) == "bfloat16":  # ml_dtypes' numpy bfloat16
-            return HostArray(x.view(np.uint16), "bfloat16", "numpy")
         if name is None:
-            dtypes.check(str(x.dtype), arg)
-            raise InputError(f"{arg}: unsupported dtype {x.dtype}")
+            raise InputError(f"{arg}: unsupported dtype {str(x.dtype)!r}; numpy arrays must be "
+                             "float32 or float16 (bfloat16 comes as a torch tensor); convert "
+                             "first, e.g. x.astype(np.float32)")
         return HostArray(x, name, "numpy")
     raise InputError(f"{arg}: expected a numpy array, torch tensor or file path, got {type(x).__name__}")
 
@@ -77,12 +76,8 @@ def to_user(data: np.ndarray, dtype: str, kind: str) -> Any:
         if dtype == "bfloat16":
             return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(data)
-    if dtype == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:  # numpy has no bfloat16: float32 values rather than raw bits
-            return dtypes.bf16_to_float32(data)
-        return data.view(ml_dtypes.bfloat16)
+    if dtype == "bfloat16":  # numpy has no bfloat16: float32 values rather than raw bits
+        return dtypes.bf16_to_float32(data)
     return data
 
 

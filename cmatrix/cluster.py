@@ -201,21 +201,17 @@ class Cluster:
                     mode == "output" and isinstance(a, ReplicatedMatrix)):
                 header.update(a_src="resident", a_id=a.id, a_shape=a.shape)
                 return None, (a.shape[1] if transpose_a else a.shape[0],), a.kind, a.dtype, transpose_a
-            a = _Gathered(self.gather(a), a.kind)
-        host = from_user(a.value, "a") if isinstance(a, _Gathered) else from_user(a, "a")
-        if isinstance(a, _Gathered):
-            host.kind = a.kind
+            a = self.gather(a)  # comes back as numpy or torch, like its source
+        host = from_user(a, "a")
         data = host.data
         if data.ndim == 0 or 0 in data.shape:
             raise InputError(f"a: expected a non-empty matrix or vector, got shape {host.shape}")
+        if data.ndim != 2 and transpose_a:
+            raise InputError(f"a: transpose_a needs a 2-D a, got shape {host.shape}")
         if data.ndim == 1:
-            if transpose_a:
-                raise InputError(f"a: transpose_a needs a 2-D a, got a vector of shape {host.shape}")
             lead: tuple = ()
             data = data.reshape(1, -1)
         elif data.ndim > 2:
-            if transpose_a:
-                raise InputError(f"a: transpose_a needs a 2-D a, got shape {host.shape}")
             lead = data.shape[:-1]
             data = data.reshape(-1, data.shape[-1])
         else:
@@ -354,14 +350,10 @@ class Cluster:
         if self._busy:
             raise CMatrixError(f"cannot start {header['op']!r} while another cluster operation "
                                "is running (from a finalizer or a second thread)")
-        pending, self._pending_free = self._pending_free, []
-        if pending:
-            header["free"] = pending
-        try:
-            message = self._comm.encode_header(header)
-        except Exception as exc:
-            self._pending_free.extend(pending)
-            raise CMatrixError(f"cannot encode the {header['op']!r} command: {exc}") from exc
+        if self._pending_free:
+            header["free"] = list(self._pending_free)
+        message = self._comm.encode_header(header)  # fails, if at all, before any MPI call
+        self._pending_free.clear()
         self._busy = True
         try:
             self._comm.send_encoded(message)
@@ -380,10 +372,3 @@ class Cluster:
             self._comm.abort(1)
         finally:
             self._busy = False
-
-
-class _Gathered:
-    """An operand that had to be collected on the driver before use."""
-
-    def __init__(self, value: Any, kind: str) -> None:
-        self.value, self.kind = value, kind

@@ -129,3 +129,10 @@ def test_missing_job_file_is_reported_without_hanging():
     r = mpirun(2, "no/such/job.py", timeout=60)
     assert r.returncode == 2, r
     assert "job file not found" in r.stderr, r
+
+
+def test_nothing_runs_after_shutdown():
+    r = mpirun(2, JOBS / "after_shutdown.py", timeout=60)
+    assert r.returncode == 0, r
+    assert "CLOSED matmul the cluster was shut down" in r.stdout, r
+    assert "CLOSED init init(): this job's cluster was already shut down" in r.stdout, r

@@ -168,10 +168,20 @@ def test_nested_operations_are_refused_and_frees_deferred(cl, monkeypatch):
     monkeypatch.setattr(cl._rt.backend, "matmul", finalizer_like)
     with pytest.raises(cm.RankError, match="another cluster operation is running"):
         cl.matmul(f32(2, 3), W)
+
     monkeypatch.undo()
     assert V.freed and V.id in cl._rt.blocks  # deferred, not run inside the command
     cl.matmul(f32(2, 3), W)
     assert V.id not in cl._rt.blocks
+
+    def shutdown_inside(*args):
+        cl.shutdown()
+        return original(*args)
+
+    monkeypatch.setattr(cl._rt.backend, "matmul", shutdown_inside)
+    with pytest.raises(cm.RankError, match="cannot shut down while a cluster operation is running"):
+        cl.matmul(f32(2, 3), W)
+    assert not cl.closed
 
 
 def test_blocks_of_a_failed_command_are_freed(cl, monkeypatch):
@@ -192,3 +202,10 @@ def test_handles_cannot_be_copied(cl):
 
     with pytest.raises(TypeError, match="cannot be copied"):
         copy.copy(cl.shard(f32(2, 2)))
+
+
+@pytest.mark.skipif(not has_torch(), reason="torch not installed")
+def test_sparse_tensors_are_refused(cl):
+    import torch
+
+    refused(cl, lambda: cl.shard(torch.eye(3).to_sparse()), "sparse tensors are not supported")
