@@ -11,8 +11,12 @@ from .base import Backend
 # dependency only matters to the ranks that choose that backend.
 _MODULES = {
     "numpy": ("ops_numpy", "NumpyBackend"),
+    "torch": ("ops_torch", "TorchBackend"),
+    "opencl": ("ops_opencl", "OpenCLBackend"),
+    "ggml": ("ops_ggml", "GGMLBackend"),
 }
-ALIASES = {"cpu": "numpy", "blas": "numpy"}
+# "llama" is the seed's name for its GGML (llama.cpp) backend.
+ALIASES = {"cpu": "numpy", "blas": "numpy", "llama": "ggml", "pytorch": "torch", "cl": "opencl"}
 
 
 def available() -> list[str]:

@@ -3,37 +3,63 @@
 A backend owns the device memory of one rank: it uploads blocks (which then
 stay resident), computes on resident blocks, and downloads results as numpy
 storage of a logical dtype (see :mod:`cmatrix.dtypes`).
+
+Quantised weights (``q8_0``/``q4_0``, see :mod:`cmatrix.quant`) are rounded
+on upload. A backend with quantised kernels (ggml) stores the blocks; every
+other backend stores their dequantised float32 values, so all ranks compute
+with the same numbers whatever their backend.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
+from .. import quant as q
+from ..dtypes import SUPPORTED, to_float32
+
+OPS = ("matmul", "add", "sub")
+
 
 class Backend(ABC):
     """One rank's compute device.
 
-    ``device_index`` is the rank's local rank on its host: ranks on one host
-    take accelerators 0, 1, ... in order. ``threads`` bounds the CPU threads
-    the backend may use; ``accel=False`` asks for its plain CPU path.
+    ``device_index`` is this rank's position among the ranks on its host that
+    chose the same backend with ``accel`` on: they take accelerators 0, 1, ...
+    in local-rank order. ``threads`` bounds the CPU threads the backend may
+    use; ``accel=False`` asks for its plain CPU path.
     """
 
     name: str = "?"
+    #: dense dtypes this backend computes with (all of cmatrix's by default)
+    dtypes: tuple[str, ...] = SUPPORTED
 
     def __init__(self, device_index: int = 0, threads: int = 1, accel: bool = True) -> None:
         self.device_index = device_index
         self.threads = threads
         self.accel = accel
         self.device = "cpu"
-        #: why this rank is not on an accelerator, when it asked for one
+        #: why this rank is not on an accelerator although it asked for one
         self.fallback: str | None = None
 
+    def upload(self, data: np.ndarray, dtype: str, quant: str | None = None,
+               quant_axis: int = 0) -> Any:
+        """Make ``data`` (storage of logical ``dtype``) resident; return its handle.
+
+        With ``quant``, the values are quantised in blocks of 32 along
+        ``quant_axis`` (the axis a matmul will contract over).
+        """
+        if quant is None:
+            return self.upload_dense(data, dtype)
+        values = q.roundtrip(to_float32(data, dtype), quant, quant_axis)
+        return self.upload_dense(values, "float32")
+
     @abstractmethod
-    def upload(self, data: np.ndarray, dtype: str) -> Any:
-        """Make ``data`` (storage of logical ``dtype``) resident; return its handle."""
+    def upload_dense(self, data: np.ndarray, dtype: str) -> Any:
+        """Make unquantised ``data`` of logical ``dtype`` resident; return its handle."""
 
     @abstractmethod
     def download(self, x: Any, dtype: str) -> np.ndarray:
@@ -41,7 +67,10 @@ class Backend(ABC):
 
     @abstractmethod
     def matmul(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
-        """op(a) @ op(b) on resident operands; the result stays resident."""
+        """op(a) @ op(b) on resident operands; the result stays resident.
+
+        Operands may differ in dtype; a quantised operand is always ``b``.
+        """
 
     @abstractmethod
     def add(self, a: Any, b: Any) -> Any:
@@ -55,9 +84,25 @@ class Backend(ABC):
         """Release the device memory of ``x``."""
 
     def supports(self, op: str, dtype: str, shape: tuple[int, ...]) -> bool:
-        """Whether this backend can run ``op`` on operands of ``dtype``/``shape``."""
-        return op in ("matmul", "add", "sub") and dtype in ("float32", "float16", "bfloat16")
+        """Whether this backend can run ``op`` on an operand of ``dtype`` and ``shape``.
+
+        ``dtype`` is a dense dtype or a quantisation (``q8_0``/``q4_0``); for a
+        quantisation ``shape[-1]`` is the length of a row of blocks.
+        """
+        if op not in OPS:
+            return False
+        if dtype in q.KINDS:
+            return op == "matmul" and len(shape) >= 1 and shape[-1] % q.BLOCK == 0
+        return dtype in self.dtypes
+
+    def memory(self) -> int | None:
+        """Bytes of memory on this rank's device (host RAM for CPU paths)."""
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
 
     def describe(self) -> dict[str, Any]:
         """Device facts for the rank table."""
-        return {"device": self.device, "fallback": self.fallback}
+        return {"device": self.device, "fallback": self.fallback, "memory": self.memory(),
+                "dtypes": list(self.dtypes)}

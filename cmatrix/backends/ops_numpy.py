@@ -22,7 +22,7 @@ class NumpyBackend(Backend):
         self._limits = threadpool_limits(limits=threads, user_api="blas")
         self.device = "cpu (BLAS)" if accel else "cpu"
 
-    def upload(self, data: np.ndarray, dtype: str) -> np.ndarray:
+    def upload_dense(self, data: np.ndarray, dtype: str) -> np.ndarray:
         return np.ascontiguousarray(to_float32(data, dtype))
 
     def download(self, x: np.ndarray, dtype: str) -> np.ndarray:
