@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from ..errors import CMatrixError, InputError
 from .base import Backend
@@ -44,4 +45,22 @@ def create(name: str, device_index: int = 0, threads: int = 1, accel: bool = Tru
     return getattr(module, class_name)(device_index=device_index, threads=threads, accel=accel)
 
 
-__all__ = ["Backend", "ALIASES", "available", "canonical", "create"]
+def probe(name: str, device_index: int = 0, threads: int = 1) -> dict[str, Any]:
+    """What ``name`` would give this rank: device, memory and fallback, or why it cannot load."""
+    try:
+        backend = create(name, device_index=device_index, threads=threads, accel=True)
+    except Exception as exc:  # a probe reports, it never fails
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        return {"ok": True, **backend.describe()}
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+
+
+def probe_all(device_index: int = 0, threads: int = 1) -> dict[str, dict[str, Any]]:
+    return {name: probe(name, device_index, threads) for name in available()}
+
+
+__all__ = ["Backend", "ALIASES", "available", "canonical", "create", "probe", "probe_all"]

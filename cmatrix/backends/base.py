@@ -36,6 +36,8 @@ class Backend(ABC):
     name: str = "?"
     #: dense dtypes this backend computes with (all of cmatrix's by default)
     dtypes: tuple[str, ...] = SUPPORTED
+    #: quantisations stored as blocks (others hold the dequantised float32 values)
+    quantised: tuple[str, ...] = ()
 
     def __init__(self, device_index: int = 0, threads: int = 1, accel: bool = True) -> None:
         self.device_index = device_index

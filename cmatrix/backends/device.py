@@ -1,0 +1,103 @@
+"""What a rank's runtime talks to: its backend, plus the shape of every resident block.
+
+Knowing shapes here keeps two chores out of every backend: empty blocks (a
+rank with a zero share holds a 0-wide block, which OpenCL cannot even
+allocate) never reach the backend, and a failing backend call is reported
+with the operation, shapes and dtypes that caused it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import STORAGE
+from ..errors import CMatrixError, InputError
+from .base import Backend
+
+
+@dataclass
+class Block:
+    """A resident block: the backend's handle (None when empty) and its shape."""
+
+    handle: Any
+    shape: tuple[int, ...]
+    dtype: str
+    quant: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.handle is None
+
+
+class Device:
+    """A backend behind shape bookkeeping; every handle it returns is a :class:`Block`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:  # name, device, fallback, describe, supports, ...
+        return getattr(self.backend, name)
+
+    @contextmanager
+    def _explained(self, what: str):
+        try:
+            yield
+        except (CMatrixError, MemoryError):
+            raise
+        except Exception as exc:
+            raise CMatrixError(f"{self.backend.name} ({self.backend.device}) failed in {what}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+    def upload(self, data: np.ndarray, dtype: str, quant: str | None = None,
+               quant_axis: int = 0) -> Block:
+        if data.size == 0:
+            return Block(None, data.shape, dtype, quant)
+        with self._explained(f"upload of {quant or dtype} {data.shape}"):
+            handle = self.backend.upload(data, dtype, quant, quant_axis)
+        return Block(handle, data.shape, "float32" if quant else dtype, quant)
+
+    def download(self, x: Block, dtype: str) -> np.ndarray:
+        if x.empty:
+            return np.zeros(x.shape, dtype=STORAGE[dtype])
+        with self._explained(f"download of {x.dtype} {x.shape} as {dtype}"):
+            return self.backend.download(x.handle, dtype)
+
+    def matmul(self, a: Block, b: Block, transpose_a: bool = False, transpose_b: bool = False) -> Block:
+        m, k = a.shape[::-1] if transpose_a else a.shape
+        k_b, n = b.shape[::-1] if transpose_b else b.shape
+        if k != k_b:
+            raise InputError(f"matmul: inner dimensions differ on this rank: {a.shape} "
+                             f"(transpose_a={transpose_a}) and {b.shape} (transpose_b={transpose_b})")
+        if m * n == 0:
+            return Block(None, (m, n), "float32")
+        if a.empty or b.empty:  # nothing to contract over: the product is zero
+            return self.upload(np.zeros((m, n), dtype=np.float32), "float32")
+        what = f"matmul of {a.dtype} {a.shape} and {b.quant or b.dtype} {b.shape} " \
+               f"(transpose_a={transpose_a}, transpose_b={transpose_b})"
+        with self._explained(what):
+            y = self.backend.matmul(a.handle, b.handle, transpose_a, transpose_b)
+        return Block(y, (m, n), "float32" if a.dtype != b.dtype else a.dtype)
+
+    def _elementwise(self, kind: str, a: Block, b: Block) -> Block:
+        if a.shape != b.shape:
+            raise InputError(f"{kind}: block shapes differ on this rank: {a.shape} and {b.shape}")
+        dtype = a.dtype if a.dtype == b.dtype else "float32"
+        if a.empty:
+            return Block(None, a.shape, dtype)
+        with self._explained(f"{kind} of {a.dtype} and {b.dtype} {a.shape}"):
+            fn = self.backend.add if kind == "add" else self.backend.sub
+            return Block(fn(a.handle, b.handle), a.shape, dtype)
+
+    def add(self, a: Block, b: Block) -> Block:
+        return self._elementwise("add", a, b)
+
+    def sub(self, a: Block, b: Block) -> Block:
+        return self._elementwise("sub", a, b)
+
+    def free(self, x: Block) -> None:
+        if not x.empty:
+            self.backend.free(x.handle)
