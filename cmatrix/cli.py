@@ -2,6 +2,7 @@
 
     mpirun -n 4 python -m cmatrix run jobs/matmul.py     # rank 0 runs the job, others serve
     cmatrix launch -n 4 jobs/matmul.py                   # the same, mpiexec chosen for you
+    mpirun -n 4 python -m cmatrix doctor                 # each rank's device, memory, fallbacks
 """
 
 from __future__ import annotations
@@ -60,9 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     lau.add_argument("--hostfile", default=None, help="one line per device slot")
     lau.add_argument("job")
     lau.add_argument("args", nargs=argparse.REMAINDER)
+    doc = sub.add_parser("doctor", help="show each rank's host, device, memory and fallbacks "
+                         "(alone, or under mpirun for every rank)")
+    doc.add_argument("--backends", default=None,
+                     help="backend for all ranks, or a comma-separated list with one per rank")
+    doc.add_argument("--accel", default=None, help="true/false, for all ranks or one per rank")
     ns = parser.parse_args(argv)
     if ns.command == "run":
         return _run(ns.job, ns.args)
+    if ns.command == "doctor":
+        from . import doctor
+
+        return doctor.main(ns.backends, ns.accel)
     n = ns.ranks
     if n is None:
         n = _hostfile_slots(ns.hostfile) if ns.hostfile else 2

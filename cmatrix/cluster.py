@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, backends, ops  # noqa: F401 - ops registers the commands
+from . import quant as q
 from .arrays import HostArray, check_matrix, from_user, to_user
 from .dtypes import promote
 from .errors import ClusterClosedError, CMatrixError, InputError, RankError
@@ -77,7 +78,8 @@ class Cluster:
             RankInfo(rank=i["rank"], host=i["host"], local_rank=i["local_rank"],
                      local_size=i["local_size"], backend=i["backend"], device=i["device"],
                      weight=float(self.weights[i["rank"]]), threads=i["threads"],
-                     fallback=i.get("fallback"), versions=i["versions"])
+                     fallback=i.get("fallback"), memory=i.get("memory"),
+                     dtypes=tuple(i.get("dtypes", ())), versions=i["versions"])
             for i in self._infos
         ])
 
@@ -102,35 +104,59 @@ class Cluster:
     # ---- data placement ----------------------------------------------------------
 
     def shard(self, w: Any, name: str | None = None, weights: Sequence[float] | None = None,
-              axis: int = 1) -> ShardedMatrix:
+              axis: int = 1, quant: str | None = None, quant_axis: int = 0) -> ShardedMatrix:
         """Split ``w`` along ``axis`` (1: columns, 0: rows) in proportion to
-        ``weights`` (default: the cluster's) and keep each block resident on its rank."""
+        ``weights`` (default: the cluster's) and keep each block resident on its rank.
+
+        ``quant`` ("q8_0" or "q4_0") rounds the weight to 32-value blocks along
+        ``quant_axis``, the axis a matmul with it contracts: 0 for ``x @ w``,
+        1 for ``x @ w.T`` (``transpose_b=True``, the layout of torch's Linear).
+        ggml ranks store the blocks; other backends hold their float32 values.
+        """
         if isinstance(w, Matrix):
             raise InputError("w: already on the cluster; shard() takes an array, tensor or path")
         host = from_user(w, "w")
         check_matrix(host, "w")
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (0, 1):
-            raise InputError(f"axis: must be 0 (split rows) or 1 (split columns), got {axis!r}")
-        axis = int(axis)
+        axis = _axis(axis, "axis")
+        align = 1
+        if quant is not None:
+            q.check_kind(quant)
+            quant_axis = _axis(quant_axis, "quant_axis")
+            q.check_row_length(host.shape[quant_axis], quant, f"w.shape[{quant_axis}] (quant_axis)")
+            align = q.BLOCK if quant_axis == axis else 1  # every rank holds whole blocks
         shares = self.weights if weights is None else validate_weights(weights, self.size)
-        plan = Plan.from_weights(host.shape[axis], shares, axis)
-        return self._shard_host(host, plan, name)
+        plan = Plan.from_weights(host.shape[axis], shares, axis, align)
+        return self._shard_host(host, plan, name, quant, quant_axis)
 
     def replicate(self, x: Any, name: str | None = None) -> ReplicatedMatrix:
         """Send ``x`` whole to every rank and keep it resident (for reuse across calls)."""
         host = from_user(x, "x")
         check_matrix(host, "x")
+        self._check_dtype(host.dtype)
         ident = self._new_id()
         self._run({"op": "replicate", "id": ident, "shape": host.shape, "dtype": host.dtype},
                   np.ascontiguousarray(host.data))
         return ReplicatedMatrix(self, ident, host.shape, host.dtype, name, host.kind)
 
-    def _shard_host(self, host: HostArray, plan: Plan, name: str | None = None) -> ShardedMatrix:
+    def _shard_host(self, host: HostArray, plan: Plan, name: str | None = None,
+                    quant: str | None = None, quant_axis: int = 0) -> ShardedMatrix:
+        if quant is None:
+            self._check_dtype(host.dtype, plan.counts)
         ident = self._new_id()
         header = {"op": "shard", "id": ident, "shape": host.shape, "dtype": host.dtype,
-                  "axis": plan.axis, "counts": plan.counts}
+                  "axis": plan.axis, "counts": plan.counts, "quant": quant, "quant_axis": quant_axis}
         self._run(header, np.ascontiguousarray(host.data))
-        return ShardedMatrix(self, ident, host.shape, host.dtype, plan, name, host.kind)
+        # A quantised matrix holds float32 values (block scale times code).
+        dtype = "float32" if quant else host.dtype
+        return ShardedMatrix(self, ident, host.shape, dtype, plan, name, host.kind, quant, quant_axis)
+
+    def _check_dtype(self, dtype: str, counts: Sequence[int] | None = None) -> None:
+        """Refuse, before data moves, a dtype that a rank holding data cannot compute in."""
+        for r in self.ranks:
+            if dtype not in r.dtypes and (counts is None or counts[r.rank] > 0):
+                raise InputError(f"rank {r.rank} ({r.host}, {r.backend} on {r.device}) cannot compute "
+                                 f"in {dtype} (it has {', '.join(r.dtypes)}); convert the data, give "
+                                 "that rank a zero share, or choose another backend for it")
 
     # ---- operations ---------------------------------------------------------------
 
@@ -154,6 +180,9 @@ class Cluster:
         if isinstance(b, ShardedMatrix):
             self._check_live(b, "b")
             b_shape, b_plan, b_dtype, b_kind = b.shape, b.plan, b.dtype, b.kind
+            if b.quant and transpose_b != (b.quant_axis == 1):
+                raise InputError(f"b: {b.quant} blocks run along axis {b.quant_axis}, so the matmul must "
+                                 f"contract that axis: pass transpose_b={b.quant_axis == 1}")
         elif isinstance(b, Matrix):
             raise InputError("b: must be sharded (cl.shard(b)); a replicated b leaves "
                              "nothing to split")
@@ -194,6 +223,8 @@ class Cluster:
         """Validate op(a) against op(b), decide how it reaches the ranks, fill the a_* fields."""
         if isinstance(a, Matrix):
             self._check_live(a, "a")
+            if getattr(a, "quant", None):
+                raise InputError("a: a quantised matrix can only be the weight b of a matmul")
             self._check_inner(a.shape, transpose_a, op_b_shape, header["transpose_b"])
             a_axis = 0 if transpose_a else 1  # a's stored axis that op(a) contracts over
             if (mode == "contraction" and isinstance(a, ShardedMatrix) and a.axis == a_axis
@@ -219,6 +250,7 @@ class Cluster:
             if not data.flags.c_contiguous and data.T.flags.c_contiguous:
                 data, transpose_a = data.T, not transpose_a  # a transposed view: flip the flag
         data = np.ascontiguousarray(data)
+        self._check_dtype(host.dtype)
         self._check_inner(data.shape, transpose_a, op_b_shape, header["transpose_b"])
         src = "bcast" if mode == "output" else "scatter"
         header.update(a_src=src, a_shape=data.shape, a_dtype=host.dtype,
@@ -252,6 +284,9 @@ class Cluster:
                     raise InputError(f"{arg}: {kind} works shard-wise; pass a sharded matrix or an array")
                 if isinstance(x, ShardedMatrix):
                     self._check_live(x, arg)
+                    if x.quant:
+                        raise InputError(f"{arg}: {kind} of a quantised matrix; quantised weights are "
+                                         "for matmul only")
             ref = a if isinstance(a, ShardedMatrix) else b if isinstance(b, ShardedMatrix) else None
             hosts = {arg: from_user(x, arg) for arg, x in (("a", a), ("b", b))
                      if not isinstance(x, Matrix)}
@@ -299,6 +334,10 @@ class Cluster:
         m.free()
 
     # ---- plumbing ------------------------------------------------------------------
+
+    def probe(self) -> list[dict]:
+        """Every rank tries every backend: device, memory and fallback, or why it cannot load."""
+        return self._run({"op": "probe", "threads": self._config[1] if self._config else None})
 
     def stats(self) -> dict[str, int]:
         """Commands sent and bytes of array data moved between ranks so far."""
@@ -372,3 +411,9 @@ class Cluster:
             self._comm.abort(1)
         finally:
             self._busy = False
+
+
+def _axis(value: Any, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in (0, 1):
+        raise InputError(f"{arg}: must be 0 (rows) or 1 (columns), got {value!r}")
+    return int(value)

@@ -58,6 +58,8 @@ class Comm:
         self.local = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.local.Get_rank()
         self.local_size = self.local.Get_size()
+        #: world ranks on this host, in local-rank order
+        self.local_peers = tuple(self.local.allgather(self.rank))
         self.host = MPI.Get_processor_name()
         self._header = np.zeros(HEADER_BYTES, dtype=np.uint8)
         #: driver's count of commands sent and of array bytes that crossed ranks

@@ -51,9 +51,13 @@ class ShardedMatrix(Matrix):
     """A matrix split along ``axis`` with ``counts[r]`` rows/columns on rank r."""
 
     def __init__(self, cluster: Cluster, ident: int, shape: tuple[int, int], dtype: str,
-                 plan: Plan, name: str | None = None, kind: str = "numpy") -> None:
+                 plan: Plan, name: str | None = None, kind: str = "numpy", quant: str | None = None,
+                 quant_axis: int = 0) -> None:
         super().__init__(cluster, ident, shape, dtype, name, kind)
         self.plan = plan
+        #: "q8_0"/"q4_0" when the blocks are quantised along ``quant_axis``
+        self.quant = quant
+        self.quant_axis = quant_axis
 
     @property
     def axis(self) -> int:
@@ -66,7 +70,8 @@ class ShardedMatrix(Matrix):
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
         state = " freed" if self.freed else ""
-        return (f"<ShardedMatrix{label} {self.shape[0]}x{self.shape[1]} {self.dtype} "
+        dtype = f"{self.quant} (axis {self.quant_axis})" if self.quant else self.dtype
+        return (f"<ShardedMatrix{label} {self.shape[0]}x{self.shape[1]} {dtype} "
                 f"axis={self.axis} counts={list(self.counts)}{state}>")
 
 

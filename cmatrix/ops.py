@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, backends
+from .backends.device import Device
 from .dtypes import STORAGE, from_float32
 from .errors import CMatrixError
 from .plan import Plan
@@ -29,11 +30,12 @@ def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
             raise CMatrixError(f"cmatrix version differs: driver has {h['version']}, "
                                f"this rank has {__version__}")
         threads = h["threads"] or default_threads(comm.local_size)
-        backend = backends.create(name, device_index=comm.local_rank, threads=threads,
-                                  accel=h["accel"][comm.rank])
+        accel = h["accel"][comm.rank]
+        backend = backends.create(name, device_index=_device_index(comm, h) if accel else 0,
+                                  threads=threads, accel=accel)
         for ident in list(rt.blocks):
             rt.free(ident)
-        rt.backend = backend
+        rt.backend = Device(backend)
     rt.sync()
     from .comm import library_version
 
@@ -47,15 +49,38 @@ def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
     return comm.gather_objects(info)
 
 
+def _device_index(comm, h: dict) -> int:
+    """Ranks of one host that chose the same backend with accel take its devices 0, 1, ..."""
+    before = comm.local_peers[: comm.local_rank]
+    return sum(1 for r in before if h["backends"][r] == h["backends"][comm.rank] and h["accel"][r])
+
+
+@command("probe")
+def probe(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
+    """Every rank tries every backend (for ``cmatrix doctor``)."""
+    with rt.step("probe"):
+        threads = h["threads"] or default_threads(rt.comm.local_size)
+        report = {"rank": rt.comm.rank, "host": rt.comm.host,
+                  "backends": backends.probe_all(rt.comm.local_rank, threads)}
+    rt.sync()
+    return rt.comm.gather_objects(report)
+
+
 @command("shard")
 def shard(rt: Runtime, h: dict, full: np.ndarray | None) -> None:
     plan = Plan(h["axis"], tuple(h["counts"]))
+    quant, quant_axis = h.get("quant"), h.get("quant_axis", 0)
     with rt.step("prepare"):
-        block = _empty(plan.block_shape(h["shape"], rt.comm.rank), h["dtype"])
+        shape = plan.block_shape(h["shape"], rt.comm.rank)
+        rows = shape if quant_axis == 1 else shape[::-1]  # quantised rows run along quant_axis
+        if not rt.backend.supports("matmul", quant or h["dtype"], rows):
+            raise CMatrixError(f"{rt.backend.name} on {rt.backend.device} cannot hold a "
+                               f"{quant or h['dtype']} block of shape {shape}")
+        block = _empty(shape, h["dtype"])
     rt.sync()
     rt.comm.scatter_blocks(full, block, plan)
     with rt.step("upload"):
-        rt.store(h["id"], rt.backend.upload(block, h["dtype"]))
+        rt.store(h["id"], rt.backend.upload(block, h["dtype"], quant, quant_axis))
     rt.sync()
 
 
