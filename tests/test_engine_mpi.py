@@ -24,6 +24,23 @@ def test_results_match_numpy(n, weights):
     assert f"0 mismatches on {n} ranks" in r.stdout, r
 
 
+MIXED = ["numpy", "torch", "opencl", "ggml"]
+
+
+@pytest.mark.parametrize("weights, names", [
+    ([0.4, 0.3, 0.2, 0.1], MIXED),
+    ([0.25, 0.0, 0.5, 0.25], MIXED[::-1]),  # a zero share on the opencl rank
+])
+def test_four_backends_in_one_cluster_give_one_result(weights, names):
+    for module in ("torch", "pyopencl", "ggml"):
+        pytest.importorskip(module)
+    r = mpirun(4, JOBS / "correctness.py", json.dumps(weights), json.dumps(names), timeout=300)
+    assert r.returncode == 0, r
+    assert "0 mismatches on 4 ranks" in r.stdout, r
+    for name in names:
+        assert f" {name} " in r.stdout, r  # the rank table names every backend
+
+
 def test_hostfile_lines_are_device_slots():
     r = mpirun(4, JOBS / "ranks_table.py", "[0.4, 0.3, 0.2, 0.1]",
                hostfile=str(ROOT / "hostfiles" / "localhost4"))

@@ -1,7 +1,7 @@
 """Every matmul/add/sub path against a float64 numpy reference.
 
-Run: mpiexec -n N python -m cmatrix run tests/jobs/correctness.py '[w0, w1, ...]'
-Exits non-zero listing every mismatch.
+Run: mpiexec -n N python -m cmatrix run tests/jobs/correctness.py '[w0, w1, ...]' ['["numpy", ...]']
+(the optional second argument gives one backend per rank). Exits non-zero listing every mismatch.
 """
 
 import itertools
@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 import cmatrix as cm
+from cmatrix import quant
 from cmatrix.dtypes import bf16_to_float32, float32_to_bf16
 
 try:
@@ -19,11 +20,13 @@ except ImportError:
     torch = None
 
 weights = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
-cl = cm.init(weights=weights)
+backend_list = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+cl = cm.init(weights=weights, backends=backend_list)
 print(cl.ranks)
 rng = np.random.default_rng(cl.size)
-# Relative to |op(a)| @ |op(b)|: float32 accumulation plus rounding of the output.
-RTOL = {"float32": 2e-6, "float16": 1.5e-3, "bfloat16": 1e-2}
+# Relative to |op(a)| @ |op(b)|: float32 accumulation plus rounding of the output
+# (the same per-dtype tolerances as the backend conformance suite).
+RTOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2, "quant": 1.2e-2}
 failures: list[str] = []
 checks = 0
 
@@ -125,6 +128,29 @@ for dtype in dtype_list:
         kept = cl.add(p, Q, out="keep")
         check(f"add keep {dtype} axis={axis}", kept.gather(), p64 + q64, scale, dtype, kind)
     check(f"sub arrays {dtype}", cl.sub(p, q), p64 - q64, scale, dtype, kind)
+
+# Quantised weights: blocks along the contracted axis, split either way (whole blocks per rank).
+for kind, (axis, tb) in itertools.product(quant.KINDS, itertools.product((0, 1), (False, True))):
+    k, n = 96, 70
+    w = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    quant_axis = 1 if tb else 0
+    W = cl.shard(w, weights=weights, axis=axis, quant=kind, quant_axis=quant_axis)
+    label = f"{kind} axis={axis} transpose_b={tb}"
+    if axis == quant_axis and any(c % quant.BLOCK for c in W.counts):
+        failures.append(f"{label}: counts {W.counts} split a block")
+    values = quant.roundtrip(w, kind, quant_axis).astype(np.float64)
+    checks += 1
+    if not np.array_equal(np.asarray(W.gather()), values.astype(np.float32)):
+        failures.append(f"{label}: gathered weight differs from its dequantised values")
+    w_op, x64 = (values.T if tb else values), x.astype(np.float64)
+    check(label, cl.matmul(x, W, transpose_b=tb), x64 @ w_op, np.abs(x64) @ np.abs(w_op), "quant", "numpy")
+    try:
+        cl.matmul(x if tb else x[:, :70], W, transpose_b=not tb)
+        failures.append(f"{label}: the wrong transpose was accepted")
+    except cm.InputError:
+        pass
+    W.free()
 
 for f in failures:
     print("MISMATCH", f)
