@@ -17,6 +17,7 @@ import numpy as np
 from . import __version__, backends, ops  # noqa: F401 - ops registers the commands
 from . import quant as q
 from .arrays import HostArray, check_matrix, from_user, to_user
+from .checks import check_axis, check_inner, check_out, check_versions, per_rank
 from .dtypes import promote
 from .errors import ClusterClosedError, CMatrixError, InputError, RankError
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix
@@ -54,9 +55,9 @@ class Cluster:
     def configure(self, weights: Sequence[float] | None = None,
                   backends_: str | Sequence[str] | None = None,
                   threads: int | None = None, accel: bool | Sequence[bool] | None = None) -> None:
-        names = self._per_rank(backends_ if backends_ is not None else "numpy", "backends")
+        names = per_rank(self.size, backends_ if backends_ is not None else "numpy", "backends")
         names = [backends.canonical(n) for n in names]
-        accel_list = [bool(a) for a in self._per_rank(True if accel is None else accel, "accel")]
+        accel_list = [bool(a) for a in per_rank(self.size, True if accel is None else accel, "accel")]
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads: expected a positive integer, got {threads!r}")
         w = equal_weights(self.size) if weights is None else validate_weights(weights, self.size)
@@ -71,7 +72,7 @@ class Cluster:
             header = {"op": "configure", "version": __version__, "backends": names,
                       "threads": threads, "accel": accel_list}
             infos = self._run(header)
-            self._check_versions(infos)
+            check_versions(infos)
             self._config = config
             self._infos = infos
         self.ranks = RankTable([
@@ -82,24 +83,6 @@ class Cluster:
                      dtypes=tuple(i.get("dtypes", ())), versions=i["versions"])
             for i in self._infos
         ])
-
-    def _per_rank(self, value: Any, arg: str) -> list:
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        if isinstance(value, (str, bool)) or not isinstance(value, Sequence):
-            return [value] * self.size
-        if len(value) != self.size:
-            raise InputError(f"{arg}: needs one entry per rank ({self.size} ranks), "
-                             f"got {len(value)}: {list(value)}")
-        return list(value)
-
-    def _check_versions(self, infos: list[dict]) -> None:
-        for key in ("numpy", "mpi"):
-            seen = {i["versions"][key] for i in infos}
-            if len(seen) > 1:
-                detail = ", ".join(f"rank {i['rank']}: {i['versions'][key]}" for i in infos)
-                raise InputError(f"ranks run different {key} versions ({detail}); "
-                                 "install the same environment on every host")
 
     # ---- data placement ----------------------------------------------------------
 
@@ -117,11 +100,11 @@ class Cluster:
             raise InputError("w: already on the cluster; shard() takes an array, tensor or path")
         host = from_user(w, "w")
         check_matrix(host, "w")
-        axis = _axis(axis, "axis")
+        axis = check_axis(axis, "axis")
         align = 1
         if quant is not None:
             q.check_kind(quant)
-            quant_axis = _axis(quant_axis, "quant_axis")
+            quant_axis = check_axis(quant_axis, "quant_axis")
             q.check_row_length(host.shape[quant_axis], quant, f"w.shape[{quant_axis}] (quant_axis)")
             align = q.BLOCK if quant_axis == axis else 1  # every rank holds whole blocks
         shares = self.weights if weights is None else validate_weights(weights, self.size)
@@ -174,7 +157,7 @@ class Cluster:
         ``out=None`` returns the result on the driver; ``out="keep"`` leaves it
         distributed and returns a ShardedMatrix.
         """
-        keep = self._check_out(out)
+        keep = check_out(out)
         transpose_a, transpose_b = bool(transpose_a), bool(transpose_b)
         host_b = None
         if isinstance(b, ShardedMatrix):
@@ -225,7 +208,7 @@ class Cluster:
             self._check_live(a, "a")
             if getattr(a, "quant", None):
                 raise InputError("a: a quantised matrix can only be the weight b of a matmul")
-            self._check_inner(a.shape, transpose_a, op_b_shape, header["transpose_b"])
+            check_inner(a.shape, transpose_a, op_b_shape, header["transpose_b"])
             a_axis = 0 if transpose_a else 1  # a's stored axis that op(a) contracts over
             if (mode == "contraction" and isinstance(a, ShardedMatrix) and a.axis == a_axis
                     and a.counts == b_plan.counts) or (
@@ -251,21 +234,11 @@ class Cluster:
                 data, transpose_a = data.T, not transpose_a  # a transposed view: flip the flag
         data = np.ascontiguousarray(data)
         self._check_dtype(host.dtype)
-        self._check_inner(data.shape, transpose_a, op_b_shape, header["transpose_b"])
+        check_inner(data.shape, transpose_a, op_b_shape, header["transpose_b"])
         src = "bcast" if mode == "output" else "scatter"
         header.update(a_src=src, a_shape=data.shape, a_dtype=host.dtype,
                       a_axis=(0 if transpose_a else 1) if src == "scatter" else None)
         return data, lead, host.kind, host.dtype, transpose_a
-
-    @staticmethod
-    def _check_inner(a_shape: tuple[int, int], transpose_a: bool, op_b_shape: tuple[int, int],
-                     transpose_b: bool) -> None:
-        m, k_a = a_shape[::-1] if transpose_a else a_shape
-        k_b, n = op_b_shape
-        if k_a != k_b:
-            raise InputError(
-                f"matmul: inner dimensions differ: op(a) is {m}x{k_a} (transpose_a={transpose_a}) "
-                f"but op(b) is {k_b}x{n} (transpose_b={transpose_b})")
 
     def add(self, a: Any, b: Any, out: str | None = None) -> Any:
         """``a + b`` shard-wise (operands sharded alike; arrays are sharded on the fly)."""
@@ -276,7 +249,7 @@ class Cluster:
         return self._elementwise("sub", a, b, out)
 
     def _elementwise(self, kind: str, a: Any, b: Any, out: str | None) -> Any:
-        keep = self._check_out(out)
+        keep = check_out(out)
         temporary: list[Matrix] = []
         try:
             for arg, x in (("a", a), ("b", b)):
@@ -356,15 +329,6 @@ class Cluster:
         self._next_id += 1
         return self._next_id
 
-    @staticmethod
-    def _check_out(out: str | None) -> bool:
-        if out is None:
-            return False
-        if out == "keep":
-            return True
-        raise InputError(f"out: expected None (result to the driver) or 'keep' (stay "
-                         f"distributed), got {out!r}")
-
     def _check_live(self, m: Matrix, arg: str) -> None:
         if not isinstance(m, Matrix) or m._cluster is not self:
             raise InputError(f"{arg}: expected a matrix handle from this cluster, got {type(m).__name__}")
@@ -412,8 +376,3 @@ class Cluster:
         finally:
             self._busy = False
 
-
-def _axis(value: Any, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in (0, 1):
-        raise InputError(f"{arg}: must be 0 (rows) or 1 (columns), got {value!r}")
-    return int(value)
