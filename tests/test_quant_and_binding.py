@@ -80,6 +80,7 @@ def test_doctor_without_mpirun_shows_device_memory_and_fallback():
 
 @pytest.mark.mpi
 def test_doctor_under_mpirun_reports_every_rank():
+    pytest.importorskip("ggml")
     argv = [sys.executable, "-m", "cmatrix", "doctor", "--backends", "numpy,ggml", "--accel", "true,false"]
     r = run_cmd(launch.command(2, argv, None), job_env(), timeout=180)
     assert r.returncode == 0, r
