@@ -69,6 +69,41 @@ def measure(backend, dtype: str, m: int, n: int, repeats: int, budget_s: float) 
     return seconds, err
 
 
+NAIVE_SOURCE = """
+__kernel void naive(__global const float *a, __global const float *b, __global float *c,
+                    const int m, const int k, const int n) {
+    const int i = get_global_id(1), j = get_global_id(0);
+    if (i >= m || j >= n) return;
+    float acc = 0.0f;
+    for (int p = 0; p < k; ++p) acc += a[i * k + p] * b[p * n + j];
+    c[i * n + j] = acc;
+}
+"""
+
+
+def naive_opencl(m: int, n: int) -> tuple[float, str]:
+    """Seconds per call of a textbook one-output-per-work-item kernel (float32), for scale."""
+    import pyopencl as cl
+
+    from cmatrix.backends.ops_opencl import OpenCLBackend
+
+    backend = OpenCLBackend(threads=1, accel=False)
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((m, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    kernel = cl.Program(backend.context, NAIVE_SOURCE).build().naive
+    flags = cl.mem_flags
+    a_buf = cl.Buffer(backend.context, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=a)
+    w_buf = cl.Buffer(backend.context, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=w)
+    c = np.empty((m, n), np.float32)
+    c_buf = cl.Buffer(backend.context, flags.WRITE_ONLY, c.nbytes)
+
+    def call():
+        kernel(backend.queue, (n, m), None, a_buf, w_buf, c_buf, np.int32(m), np.int32(n), np.int32(n))
+        cl.enqueue_copy(backend.queue, c, c_buf, is_blocking=True)
+
+    return best_time(call, 1, 0.0), backend.device
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +152,14 @@ def main() -> int:
             close = getattr(backend, "close", None)
             if close is not None:
                 close()
+            if name == "opencl":  # a naive kernel, to show what the tiling buys
+                size = min(n, 512) if case == "GEMM" else n
+                seconds, device = naive_opencl(m if case == "GEMV" else size, size)
+                gflops = 2.0 * (m if case == "GEMV" else size) * size * size / seconds / 1e9
+                ratio = f"{gflops / (flops / baseline / 1e9):.2f}x" if baseline else "-"  # by GFLOP/s
+                label = f"naive {size}" if size != n else "naive"
+                print(f"{case:<5} {'opencl':<8} {'f32':<6} {'':>9} {gflops:8.1f} {ratio:>12}  "
+                      f"{'':>11}  {label} kernel, one output per work-item", flush=True)
     print("\nvs numpy f32 > 1 means faster than numpy. Quantised rows only where the backend stores "
           "quantised blocks.")
     return status
