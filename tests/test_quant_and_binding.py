@@ -93,3 +93,14 @@ def test_doctor_with_an_unknown_backend_says_so():
     r = run_cmd([sys.executable, "-m", "cmatrix", "doctor", "--backends", "cuda"], timeout=120)
     assert r.returncode == 1, r
     assert "unknown backend 'cuda'" in r.stderr, r
+
+
+def test_a_missing_backend_package_fails_only_when_chosen():
+    script = ("import sys; sys.modules['ggml'] = None\n"  # as if ggml-python were not installed
+              "from cmatrix import backends\n"
+              "backends.create('numpy')\n"
+              "try:\n    backends.create('llama')\n"
+              "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    r = run_cmd([sys.executable, "-c", script], timeout=60)
+    assert r.returncode == 0, r
+    assert "CMatrixError" in r.stdout and "pip install 'cmatrix[ggml]'" in r.stdout, r
