@@ -310,7 +310,8 @@ class Cluster:
 
     def probe(self) -> list[dict]:
         """Every rank tries every backend: device, memory and fallback, or why it cannot load."""
-        return self._run({"op": "probe", "threads": self._config[1] if self._config else None})
+        names, threads, accel = self._config or (None, None, None)
+        return self._run({"op": "probe", "threads": threads, "backends": names, "accel": accel})
 
     def stats(self) -> dict[str, int]:
         """Commands sent and bytes of array data moved between ranks so far."""

@@ -59,7 +59,8 @@ def main(backends: str | None = None, accel: str | None = None) -> int:
         mpi = " ".join(cl.ranks[0].versions.get("mpi", "?").split())
         print(f"cmatrix {__version__}: {cl.size} rank(s) on {hosts} host(s); {mpi}\n")
         print(cl.ranks)
-    print("\nBackends each rank can use (accelerator i goes to the i-th such rank on a host):")
+    print("\nWhat each backend would give each rank (the device index it would take, given the "
+          "other ranks' choices):")
     for report in cl.probe():
         print(f"rank {report['rank']} ({report['host']}):")
         for name, facts in report["backends"].items():

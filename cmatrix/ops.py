@@ -36,32 +36,40 @@ def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
         for ident in list(rt.blocks):
             rt.free(ident)
         rt.backend = Device(backend)
-    rt.sync()
-    from .comm import library_version
+        from .comm import library_version
 
-    info = {
-        "rank": comm.rank, "host": comm.host, "local_rank": comm.local_rank,
-        "local_size": comm.local_size, "backend": name, "threads": threads,
-        "versions": {"cmatrix": __version__, "numpy": np.__version__,
-                     "python": platform.python_version(), "mpi": library_version()},
-        **rt.backend.describe(),
-    }
+        info = {
+            "rank": comm.rank, "host": comm.host, "local_rank": comm.local_rank,
+            "local_size": comm.local_size, "backend": name, "threads": threads,
+            "versions": {"cmatrix": __version__, "numpy": np.__version__,
+                         "python": platform.python_version(), "mpi": library_version()},
+            **rt.backend.describe(),
+        }
+    rt.sync()
     return comm.gather_objects(info)
 
 
-def _device_index(comm, h: dict) -> int:
-    """Ranks of one host that chose the same backend with accel take its devices 0, 1, ..."""
+def _device_index(comm, h: dict, name: str | None = None) -> int:
+    """Ranks of one host that chose the same backend with accel take its devices 0, 1, ...
+
+    ``name``: the index this rank would get on that backend instead of its own.
+    """
+    name = name or h["backends"][comm.rank]
     before = comm.local_peers[: comm.local_rank]
-    return sum(1 for r in before if h["backends"][r] == h["backends"][comm.rank] and h["accel"][r])
+    return sum(1 for r in before if h["backends"][r] == name and h["accel"][r])
 
 
 @command("probe")
 def probe(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
     """Every rank tries every backend (for ``cmatrix doctor``)."""
+    comm = rt.comm
     with rt.step("probe"):
-        threads = h["threads"] or default_threads(rt.comm.local_size)
-        report = {"rank": rt.comm.rank, "host": rt.comm.host,
-                  "backends": backends.probe_all(rt.comm.local_rank, threads)}
+        threads = h["threads"] or default_threads(comm.local_size)
+        if h.get("backends"):  # the index this rank would take on each backend, given the others
+            index = {name: _device_index(comm, h, name) for name in backends.available()}
+        else:  # no configuration: as if every rank of the host chose that backend
+            index = dict.fromkeys(backends.available(), comm.local_rank)
+        report = {"rank": comm.rank, "host": comm.host, "backends": backends.probe_all(index, threads)}
     rt.sync()
     return rt.comm.gather_objects(report)
 
@@ -127,7 +135,7 @@ def matmul(rt: Runtime, h: dict, a_full: np.ndarray | None) -> np.ndarray | None
     with rt.step("compute"):
         resident = h["a_src"] == "resident"
         a_res = rt.block(h["a_id"]) if resident else rt.backend.upload(a_buf, h["a_dtype"])
-        y = rt.backend.matmul(a_res, b_block, h["transpose_a"], h["transpose_b"])
+        y = rt.backend.matmul(a_res, b_block, h["transpose_a"], h["transpose_b"], partial=not output_mode)
         if output_mode and keep:
             _keep(rt, h["keep_id"], y, h["out_dtype"])
         elif output_mode:

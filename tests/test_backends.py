@@ -96,6 +96,16 @@ def test_matmul(backend, dtype, transpose_a, transpose_b, m, k, n):
     _close(got, opa @ opb, np.abs(opa) @ np.abs(opb), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_partial_products_stay_float32(backend, dtype):
+    """Partial sums travel between ranks in float32: no rounding to the half type first."""
+    rng = np.random.default_rng(5)
+    a, a64 = _values(rng, (4, 64), dtype)
+    b, b64 = _values(rng, (64, 9), dtype)
+    y = backend.matmul_float32(backend.upload(a, dtype), backend.upload(b, dtype))
+    _close(backend.download(y, "float32"), a64 @ b64, np.abs(a64) @ np.abs(b64), TOL["float32"])
+
+
 @pytest.mark.parametrize("a_dtype,b_dtype", [("float32", "float16"), ("float16", "bfloat16"),
                                              ("bfloat16", "float32")])
 def test_matmul_mixed_dtypes(backend, a_dtype, b_dtype):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -53,14 +54,19 @@ def probe(name: str, device_index: int = 0, threads: int = 1) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     try:
         return {"ok": True, **backend.describe()}
+    except Exception as exc:
+        return {"ok": False, "error": f"started, but describing the device failed: "
+                                      f"{type(exc).__name__}: {exc}"}
     finally:
         close = getattr(backend, "close", None)
         if close is not None:
-            close()
+            with contextlib.suppress(Exception):
+                close()
 
 
-def probe_all(device_index: int = 0, threads: int = 1) -> dict[str, dict[str, Any]]:
-    return {name: probe(name, device_index, threads) for name in available()}
+def probe_all(device_index: dict[str, int], threads: int = 1) -> dict[str, dict[str, Any]]:
+    """:func:`probe` for every backend; ``device_index[name]`` is the index this rank would take."""
+    return {name: probe(name, device_index[name], threads) for name in available()}
 
 
 __all__ = ["Backend", "ALIASES", "available", "canonical", "create", "probe", "probe_all"]

@@ -74,6 +74,12 @@ class Backend(ABC):
         Operands may differ in dtype; a quantised operand is always ``b``.
         """
 
+    def matmul_float32(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
+        """Like :meth:`matmul`, but never rounded to a narrower type than float32 (partial
+        products that are summed across ranks). Backends whose products are always float32
+        need not override it."""
+        return self.matmul(a, b, transpose_a, transpose_b)
+
     @abstractmethod
     def add(self, a: Any, b: Any) -> Any:
         """a + b, shard-wise; the result stays resident."""

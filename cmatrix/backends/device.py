@@ -66,7 +66,9 @@ class Device:
         with self._explained(f"download of {x.dtype} {x.shape} as {dtype}"):
             return self.backend.download(x.handle, dtype)
 
-    def matmul(self, a: Block, b: Block, transpose_a: bool = False, transpose_b: bool = False) -> Block:
+    def matmul(self, a: Block, b: Block, transpose_a: bool = False, transpose_b: bool = False,
+               partial: bool = False) -> Block:
+        """op(a) @ op(b); a ``partial`` product (summed across ranks later) stays float32."""
         m, k = a.shape[::-1] if transpose_a else a.shape
         k_b, n = b.shape[::-1] if transpose_b else b.shape
         if k != k_b:
@@ -79,8 +81,9 @@ class Device:
         what = f"matmul of {a.dtype} {a.shape} and {b.quant or b.dtype} {b.shape} " \
                f"(transpose_a={transpose_a}, transpose_b={transpose_b})"
         with self._explained(what):
-            y = self.backend.matmul(a.handle, b.handle, transpose_a, transpose_b)
-        return Block(y, (m, n), "float32" if a.dtype != b.dtype else a.dtype)
+            fn = self.backend.matmul_float32 if partial else self.backend.matmul
+            y = fn(a.handle, b.handle, transpose_a, transpose_b)
+        return Block(y, (m, n), "float32" if partial or a.dtype != b.dtype else a.dtype)
 
     def _elementwise(self, kind: str, a: Block, b: Block) -> Block:
         if a.shape != b.shape:

@@ -3,10 +3,12 @@
 Blocks live as tensors on the rank's device between calls and are computed in
 their own dtype (half-precision GEMMs on GPUs); in a matmul of two dtypes the
 smaller operand is converted to the larger one's (a resident half weight is
-never widened per call). On the CPU, float16 blocks are held as float32.
+never widened per call). On the CPU, half blocks are held as float32.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -14,6 +16,8 @@ import torch
 from ..dtypes import STORAGE
 from .base import Backend
 
+# Set per rank by launchers that hand each rank its own device.
+_VISIBILITY = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -24,6 +28,8 @@ def pick_device(device_index: int, accel: bool) -> tuple[torch.device, str, str 
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+        if count == 1 and any(os.environ.get(v) for v in _VISIBILITY):
+            device_index = 0  # the launcher gave this rank a GPU of its own (e.g. Slurm --gpus-per-task)
         if device_index < count:
             name = f"cuda:{device_index} ({torch.cuda.get_device_name(device_index)}, {kind})"
             return torch.device("cuda", device_index), name, None
@@ -56,9 +62,10 @@ class TorchBackend(Backend):
             tensor = torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
         else:
             tensor = torch.from_numpy(host)
-        if dtype == "float16" and self.torch_device.type == "cpu":
-            # torch's CPU float16 kernels are slow (a 4096^2 GEMV takes ~40x longer than in
-            # float32): hold half blocks widened once, as the numpy backend does.
+        if dtype != "float32" and self.torch_device.type == "cpu":
+            # torch's CPU half kernels are slow (a 4096^2 float16 GEMV takes ~40x longer than
+            # in float32, bfloat16 ~2x) and round every product to the half type: hold half
+            # blocks widened once, as the numpy backend does.
             return tensor.float()
         return tensor.to(self.torch_device)
 
@@ -84,6 +91,19 @@ class TorchBackend(Backend):
             else:
                 a = a.to(b.dtype)
         return torch.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+
+    def matmul_float32(self, a, b, transpose_a=False, transpose_b=False) -> torch.Tensor:
+        """A product left in float32 (a partial sum): half GEMMs accumulate in float32 but
+        would round their output to half."""
+        if a.dtype == b.dtype == torch.float32:
+            return self.matmul(a, b, transpose_a, transpose_b)
+        a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
+        if a.dtype == b.dtype and a.is_cuda:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)  # half inputs, float32 output
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass  # an older torch or a ROCm build without the float32-output kernel
+        return torch.matmul(a.float(), b.float())
 
     def add(self, a, b) -> torch.Tensor:
         return torch.add(*self._common(a, b))

@@ -129,6 +129,19 @@ for dtype in dtype_list:
         check(f"add keep {dtype} axis={axis}", kept.gather(), p64 + q64, scale, dtype, kind)
     check(f"sub arrays {dtype}", cl.sub(p, q), p64 - q64, scale, dtype, kind)
 
+# Partial products that cancel: rounding each rank's partial to the half type first
+# (3*255 -> 764 in bfloat16) would give 2 or 4 instead of 3.
+if torch is not None:
+    for dtype in ("float16", "bfloat16"):
+        checks += 1
+        a = torch.tensor([[3.0, -3.0]], dtype=getattr(torch, dtype))
+        B = cl.shard(torch.tensor([[255.0], [254.0]], dtype=getattr(torch, dtype)), axis=0,
+                     weights=weights)
+        got = float(cl.matmul(a, B)[0, 0])
+        if got != 3.0:
+            failures.append(f"cancelling partials {dtype}: got {got}, expected 3")
+        B.free()
+
 # Quantised weights: blocks along the contracted axis, split either way (whole blocks per rank).
 for kind, (axis, tb) in itertools.product(quant.KINDS, itertools.product((0, 1), (False, True))):
     k, n = 96, 70
