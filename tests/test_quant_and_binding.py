@@ -86,7 +86,8 @@ def test_doctor_under_mpirun_reports_every_rank():
     assert r.returncode == 0, r
     assert "2 rank(s) on 1 host(s)" in r.stdout, r
     assert "rank 0 (" in r.stdout and "rank 1 (" in r.stdout, r
-    assert "fell back" not in r.stdout.split("What each backend would give")[0], r  # numpy and ggml without accel
+    table = r.stdout.split("What each backend would give")[0]
+    assert "fell back" not in table, r  # numpy, and ggml without accel, have nothing to fall back from
 
 
 def test_doctor_with_an_unknown_backend_says_so():
