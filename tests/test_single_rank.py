@@ -160,10 +160,10 @@ def test_nested_operations_are_refused_and_frees_deferred(cl, monkeypatch):
     W, V = cl.shard(f32(3, 3)), cl.shard(f32(3, 3))
     original = cl._rt.backend.matmul
 
-    def finalizer_like(*args):  # what a __del__ running mid-command could do
+    def finalizer_like(*args, **kwargs):  # what a __del__ running mid-command could do
         V.free()
         W.gather()
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(cl._rt.backend, "matmul", finalizer_like)
     with pytest.raises(cm.RankError, match="another cluster operation is running"):
@@ -174,9 +174,9 @@ def test_nested_operations_are_refused_and_frees_deferred(cl, monkeypatch):
     cl.matmul(f32(2, 3), W)
     assert V.id not in cl._rt.blocks
 
-    def shutdown_inside(*args):
+    def shutdown_inside(*args, **kwargs):
         cl.shutdown()
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(cl._rt.backend, "matmul", shutdown_inside)
     with pytest.raises(cm.RankError, match="cannot shut down while a cluster operation is running"):
