@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cmatrix import backends  # noqa: E402
-from cmatrix.dtypes import from_float32  # noqa: E402
+from cmatrix.dtypes import from_float32, to_float32  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0")
 SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -52,11 +52,9 @@ def measure(backend, dtype: str, m: int, n: int, repeats: int, budget_s: float) 
         handle = backend.upload(w, "float32", quant=dtype, quant_axis=0)
         w_values = backend.download(handle, "float32")
     else:
-        handle = backend.upload(from_float32(w, dtype), dtype)
-        w_values = from_float32(w, dtype)
-        w_values = w_values.astype(np.float32) if dtype == "float16" else w_values
-        if dtype == "bfloat16":
-            w_values = (w_values.astype(np.uint32) << 16).view(np.float32)
+        stored = from_float32(w, dtype)
+        handle = backend.upload(stored, dtype)
+        w_values = to_float32(stored, dtype)
 
     def call():
         return backend.download(backend.matmul(backend.upload(x, "float32"), handle), "float32")
