@@ -105,3 +105,49 @@ def test_a_missing_backend_package_fails_only_when_chosen():
     r = run_cmd([sys.executable, "-c", script], timeout=60)
     assert r.returncode == 0, r
     assert "CMatrixError" in r.stdout and "pip install 'cmatrix[ggml]'" in r.stdout, r
+
+
+def test_a_backend_failure_names_the_operation_shapes_and_dtypes():
+    from cmatrix.backends import create
+    from cmatrix.backends.device import Device
+
+    device = Device(create("numpy"))
+    a = device.upload(np.ones((2, 3), np.float32), "float32")
+    b = device.upload(np.ones((3, 4), np.float32), "float32")
+
+    def broken(*args):
+        raise ValueError("device lost")
+
+    device.backend.matmul = broken
+    with pytest.raises(cm.CMatrixError, match=r"failed in matmul of float32 \(2, 3\) and float32 \(3, 4\).*"
+                                              "device lost"):
+        device.matmul(a, b)
+    with pytest.raises(cm.InputError, match="inner dimensions differ on this rank"):
+        device.matmul(a, a)
+    empty = device.upload(np.ones((3, 0), np.float32), "float32")
+    assert empty.empty and device.download(device.matmul(a, empty), "float32").shape == (2, 0)
+
+
+def test_a_rank_that_cannot_hold_a_block_fails_the_shard_cleanly(cl, monkeypatch):
+    monkeypatch.setattr(cl._rt.backend.backend, "supports", lambda op, dtype, shape: False)
+    with pytest.raises(cm.RankError, match="cannot hold a float32 block"):
+        cl.shard(np.ones((4, 4), np.float32))
+    monkeypatch.undo()
+    assert cl.shard(np.ones((4, 4), np.float32)).gather().sum() == 16  # the cluster goes on
+
+
+def test_a_probe_reports_a_backend_that_cannot_describe_itself(monkeypatch):
+    from cmatrix import backends
+
+    class Mute:
+        def describe(self):
+            raise RuntimeError("clGetDeviceInfo failed")
+
+    monkeypatch.setattr(backends, "create", lambda *args, **kwargs: Mute())
+    report = backends.probe("opencl")
+    assert not report["ok"] and "clGetDeviceInfo failed" in report["error"]
+
+
+def test_doctor_refuses_a_bad_accel_value():
+    r = run_cmd([sys.executable, "-m", "cmatrix", "doctor", "--accel", "maybe"], timeout=120)
+    assert r.returncode == 1 and "--accel: expected true/false" in r.stderr, r
