@@ -37,9 +37,9 @@ def is_torch(x: Any) -> bool:
 def from_user(x: Any, arg: str) -> HostArray:
     """Accept a numpy array, a torch tensor or a file path; refuse anything else."""
     if isinstance(x, (str, os.PathLike)):
-        from .store import load_array
+        from . import store
 
-        x = load_array(x, arg)
+        return store.load(x, arg)
     if is_torch(x):
         return _from_torch(x, arg)
     if isinstance(x, np.ndarray):

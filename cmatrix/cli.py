@@ -3,6 +3,9 @@
     mpirun -n 4 python -m cmatrix run jobs/matmul.py     # rank 0 runs the job, others serve
     cmatrix launch -n 4 jobs/matmul.py                   # the same, mpiexec chosen for you
     mpirun -n 4 python -m cmatrix doctor                 # each rank's device, memory, fallbacks
+    cmatrix convert w.bin w.pt [--dtype float32]         # between .bin .npy .pt .h5 .safetensors
+
+A file path may name one array of a file after '#': weights.h5#/layer0/w.
 """
 
 from __future__ import annotations
@@ -48,6 +51,21 @@ def _launch(n: int, hostfile: str | None, job: str, job_args: list[str]) -> int:
     return subprocess.call(launch.command(n, argv, hostfile), env=launch.environment())
 
 
+def _convert(src: str, dst: str, dtype: str | None) -> int:
+    from . import store
+    from .errors import CMatrixError
+
+    try:
+        host = store.load_as(src, dtype, arg="src")
+        path = store.save(dst, host)
+    except CMatrixError as exc:
+        print(f"cmatrix convert: {exc}", file=sys.stderr)
+        return 2
+    shape = "x".join(str(d) for d in host.shape)
+    print(f"wrote {path} ({host.dtype}, {shape}, {host.data.nbytes / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmatrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     doc.add_argument("--backends", default=None,
                      help="backend for all ranks, or a comma-separated list with one per rank")
     doc.add_argument("--accel", default=None, help="true/false, for all ranks or one per rank")
+    con = sub.add_parser("convert", help="copy a matrix between file formats (.bin .npy .pt .h5 "
+                         ".safetensors), optionally to another dtype")
+    con.add_argument("src", help="source file, optionally FILE#KEY")
+    con.add_argument("dst", help="destination file, optionally FILE#KEY (.h5, .pt, .safetensors)")
+    con.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                     help="element type to write (default: the source's)")
     ns = parser.parse_args(argv)
+    if ns.command == "convert":
+        return _convert(ns.src, ns.dst, ns.dtype)
     if ns.command == "run":
         return _run(ns.job, ns.args)
     if ns.command == "doctor":
