@@ -141,21 +141,46 @@ class Comm:
             self._count(array.nbytes * (self.size - 1))
             self.world.Bcast([array, _mpi_type(array.dtype)], root=0)
 
-    def scatter_blocks(self, full: np.ndarray | None, block: np.ndarray, plan: Plan) -> None:
-        """Driver's 2-D ``full`` -> each rank's ``block`` along ``plan.axis``."""
+    def scatter_blocks(self, full: np.ndarray | None, block: np.ndarray, plan: Plan,
+                       skip: tuple[bool, ...] | None = None) -> None:
+        """Driver's 2-D ``full`` -> each rank's ``block`` along ``plan.axis``.
+
+        ``skip[r]``: rank r already holds its block (a reused cache); nothing is sent to it.
+        """
+        skip = skip or (False,) * self.size
         if self.size == 1:
-            block[...] = full
+            if not skip[0]:
+                block[...] = full
             return
-        self._count_blocks(full, plan)
+        counts = tuple(0 if s else c for s, c in zip(skip, plan.counts, strict=True))
+        self._count_blocks(full, Plan(plan.axis, counts))
         mpitype = _mpi_type(block.dtype)
         if self._contiguous_blocks(block.shape, plan):
-            self.world.Scatterv(self._vector_spec(full, plan, mpitype), [block, mpitype], root=0)
+            recv = block.reshape(-1)[:0] if skip[self.rank] else block
+            spec = self._vector_spec(full, plan, mpitype, counts)
+            self.world.Scatterv(spec, [recv, mpitype], root=0)
         elif not self.is_driver:
-            if block.size:
+            if block.size and not skip[self.rank]:
                 self.world.Recv([block, mpitype], source=0, tag=_TAG_BLOCKS)
         else:
-            block[...] = full[:, plan.block(0)]
-            self._subarray_transfers(full, plan, mpitype, self.world.Isend)
+            if not skip[0]:
+                block[...] = full[:, plan.block(0)]
+            self._subarray_transfers(full, plan, mpitype, self.world.Isend, counts)
+
+    def scatter_rows(self, full: np.ndarray | None, rows: np.ndarray, counts: list[int],
+                     displs: list[int]) -> None:
+        """Driver's rows ``displs[r]:displs[r]+counts[r]`` of ``full`` -> rank r's ``rows``."""
+        if self.size == 1:
+            rows[...] = full[displs[0] : displs[0] + counts[0]]
+            return
+        mpitype = _mpi_type(rows.dtype)
+        if self.is_driver:
+            unit = full.shape[1]
+            self._count((sum(counts) - counts[0]) * unit * full.itemsize)
+            spec = [full, [c * unit for c in counts], [d * unit for d in displs], mpitype]
+        else:
+            spec = None
+        self.world.Scatterv(spec, [rows, mpitype], root=0)
 
     def gather_blocks(self, block: np.ndarray, full: np.ndarray | None, plan: Plan) -> None:
         """Each rank's ``block`` -> the driver's 2-D ``full``, in plan order."""
@@ -210,19 +235,25 @@ class Comm:
         """Row blocks, or column blocks of a single row, are contiguous in C order."""
         return plan.axis == 0 or block_shape[0] == 1
 
-    def _vector_spec(self, full: np.ndarray | None, plan: Plan, mpitype: MPI.Datatype) -> list | None:
-        """Scatterv/Gatherv counts and displacements on the driver (None on workers)."""
+    def _vector_spec(self, full: np.ndarray | None, plan: Plan, mpitype: MPI.Datatype,
+                     counts: tuple[int, ...] | None = None) -> list | None:
+        """Scatterv/Gatherv counts and displacements on the driver (None on workers).
+
+        ``counts`` overrides what is sent (0 for skipped ranks); places stay the plan's.
+        """
         if not self.is_driver:
             return None
         unit = 1 if plan.axis == 1 else full.shape[1]  # elements per counted row or column
-        return [full, [c * unit for c in plan.counts], [d * unit for d in plan.displs], mpitype]
+        counts = plan.counts if counts is None else counts
+        return [full, [c * unit for c in counts], [d * unit for d in plan.displs], mpitype]
 
     def _subarray_transfers(self, full: np.ndarray, plan: Plan, mpitype: MPI.Datatype,
-                            post: Any) -> None:
+                            post: Any, counts: tuple[int, ...] | None = None) -> None:
         """Driver: one Isend/Irecv per rank, each with a subarray type placing the block in ``full``."""
         requests, types = [], []
+        counts = plan.counts if counts is None else counts
         for rank in range(1, self.size):
-            if plan.counts[rank]:
+            if counts[rank]:
                 types.append(self._subarray(full.shape, plan, rank, mpitype))
                 requests.append(post([full, 1, types[-1]], rank, _TAG_BLOCKS))
         MPI.Request.Waitall(requests)
@@ -237,3 +268,101 @@ class Comm:
         sub[plan.axis] = plan.counts[rank]
         start[plan.axis] = plan.displs[rank]
         return mpitype.Create_subarray(list(shape), sub, start, order=MPI.ORDER_C).Commit()
+
+    # ---- same-host shared-memory window ----------------------------------------
+    #
+    # One MPI shared window on the local communicator; only the driver's segment
+    # has memory and every rank maps it (Shared_query(0)). Each shared call is
+    # collective and brackets its writes with two fences (Win.Sync, local
+    # Barrier, Win.Sync: the MPI-3 way to order plain loads and stores between
+    # processes), one at entry and one after the writes:
+    #   entry fence: no rank writes until every rank has entered this call, so
+    #     whatever a rank still reads from the previous call (a bcast_shared view
+    #     on a worker, the driver copying out a gather_shared) is finished first;
+    #   middle fence: readers start only after every writer is done.
+    # With the entry fence, an exit fence after the driver's read is not needed:
+    # the next write to the window happens only after the next entry fence, which
+    # the driver reaches only once its read has returned.
+
+    _SHARED_MIN_BYTES = 1 << 20
+    _win: MPI.Win | None = None
+    _shared_mem: np.ndarray | None = None
+
+    @property
+    def shared_ready(self) -> bool:
+        """True when every rank of the world is on this host (and there is more than one)."""
+        return self.size > 1 and self.local_size == self.size
+
+    def _shared_view(self, nbytes: int) -> np.ndarray:
+        """Collective over ``self.local`` (same ``nbytes`` everywhere): the driver's window
+        segment as a uint8 array of at least ``nbytes``, reallocated (power of two, >= 1 MiB)
+        when too small. Reallocating invalidates every earlier view."""
+        if self._shared_mem is None or self._shared_mem.nbytes < nbytes:
+            self.free_shared()
+            size = max(self._SHARED_MIN_BYTES, 1 << max(int(nbytes) - 1, 0).bit_length())
+            win = MPI.Win.Allocate_shared(size if self.local_rank == 0 else 0, 1, comm=self.local)
+            win.Lock_all(MPI.MODE_NOCHECK)  # passive epoch for Win.Sync, held until free_shared
+            buf, _ = win.Shared_query(0)
+            self._win, self._shared_mem = win, np.frombuffer(buf, dtype=np.uint8)
+        return self._shared_mem
+
+    def _shared_fence(self) -> None:
+        self._win.Sync()
+        self.local.Barrier()
+        self._win.Sync()
+
+    def _check_shared(self, what: str) -> None:
+        if not self.shared_ready:
+            raise RuntimeError(f"{what}: needs every rank on one host ({self.local_size} of "
+                               f"{self.size} here)")
+
+    def bcast_shared(self, array: np.ndarray | None, shape: tuple[int, ...] | None = None,
+                     dtype: Any = None) -> np.ndarray:
+        """Collective: the driver's ``array`` as a read-only view on every rank, zero copy for
+        workers. Workers pass a same-shaped template ``array`` (contents unused) or ``shape``
+        and ``dtype``. The view (the driver's too) aliases the window: it is valid only until
+        this rank's next shared call (bcast_shared, gather_shared, free_shared)."""
+        if self.size == 1:
+            out = array.view()
+            out.flags.writeable = False
+            return out
+        self._check_shared("bcast_shared")
+        shape = tuple(array.shape) if shape is None else tuple(shape)
+        dtype = np.dtype(array.dtype if dtype is None else dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        out = self._shared_view(nbytes)[:nbytes].view(dtype).reshape(shape)
+        self._shared_fence()
+        if self.is_driver:
+            self._count(nbytes * (self.size - 1))  # what Bcast would move
+            out[...] = array
+        self._shared_fence()
+        out = out.view()
+        out.flags.writeable = False
+        return out
+
+    def gather_shared(self, block: np.ndarray, full: np.ndarray | None, plan: Plan) -> None:
+        """Like :meth:`gather_blocks` through the window: each rank writes its 2-D ``block``
+        at its place in the full matrix (a contiguous range for row blocks, a strided column
+        range otherwise), then the driver copies the window into ``full``."""
+        if self.size == 1:
+            full[...] = block
+            return
+        self._check_shared("gather_shared")
+        shape = list(block.shape)
+        shape[plan.axis] = sum(plan.counts)
+        nbytes = shape[0] * shape[1] * block.itemsize
+        window = self._shared_view(nbytes)[:nbytes].view(block.dtype).reshape(shape)
+        self._shared_fence()
+        place = plan.block(self.rank)
+        window[place if plan.axis == 0 else (slice(None), place)] = block
+        self._shared_fence()
+        if self.is_driver:
+            self._count_blocks(full, plan)
+            full[...] = window
+
+    def free_shared(self) -> None:
+        """Collective over ``self.local``: release the window (every view of it becomes invalid)."""
+        if self._win is not None:
+            win, self._win, self._shared_mem = self._win, None, None
+            win.Unlock_all()
+            win.Free()
