@@ -9,11 +9,20 @@
 __version__ = "0.1.0"
 
 from .cluster import Cluster  # noqa: E402
-from .errors import ClusterClosedError, CMatrixError, InputError, RankError, RankFailure  # noqa: E402
+from .errors import (  # noqa: E402
+    CacheError,
+    ClusterClosedError,
+    CMatrixError,
+    InputError,
+    RankError,
+    RankFailure,
+)
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix  # noqa: E402
 from .session import init  # noqa: E402
+from .store import convert_bin_matrix_to_pt  # noqa: E402
 
 __all__ = [
     "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",
-    "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError",
+    "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError", "CacheError",
+    "convert_bin_matrix_to_pt",
 ]

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, backends, ops  # noqa: F401 - ops registers the commands
+from . import __version__, backends, caching, elementwise, ops, ops_cache, sinks  # noqa: F401 - ops*: commands
+from . import cache as cache_mod
 from . import quant as q
 from .arrays import HostArray, check_matrix, from_user, to_user
-from .checks import check_axis, check_inner, check_out, check_versions, per_rank
+from .checks import check_axis, check_inner, check_versions, per_rank
 from .dtypes import promote
 from .errors import ClusterClosedError, CMatrixError, InputError, RankError
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix
@@ -40,6 +41,8 @@ class Cluster:
         self.weights = equal_weights(self.size)
         self.ranks = RankTable([])
         self._config: tuple | None = None
+        #: cached matrices by name: every live handle made with shard(..., cache=...)
+        self._named: dict[str, Any] = {}
 
     @property
     def size(self) -> int:
@@ -87,9 +90,17 @@ class Cluster:
     # ---- data placement ----------------------------------------------------------
 
     def shard(self, w: Any, name: str | None = None, weights: Sequence[float] | None = None,
-              axis: int = 1, quant: str | None = None, quant_axis: int = 0) -> ShardedMatrix:
+              axis: int = 1, quant: str | None = None, quant_axis: int = 0,
+              cache: str | None = None) -> ShardedMatrix:
         """Split ``w`` along ``axis`` (1: columns, 0: rows) in proportion to
         ``weights`` (default: the cluster's) and keep each block resident on its rank.
+
+        ``cache`` (needs ``name``): "save" also writes each shard to its node's
+        disk; "load" sends nothing and reuses what the ranks hold in memory or on
+        disk (``w`` may be None: shape, dtype and layout come from the cache);
+        "auto" reuses identical shards and sends the rest. A missing or stale
+        shard fails "load" with a :class:`CacheError` naming rank, host, file
+        and the difference. See :mod:`cmatrix.caching`.
 
         ``quant`` ("q8_0" or "q4_0") rounds the weight to 32-value blocks along
         ``quant_axis``, the axis a matmul with it contracts: 0 for ``x @ w``,
@@ -98,6 +109,8 @@ class Cluster:
         """
         if isinstance(w, Matrix):
             raise InputError("w: already on the cluster; shard() takes an array, tensor or path")
+        if cache is not None:
+            return caching.shard_cached(self, w, name, weights, axis, quant, quant_axis, cache)
         host = from_user(w, "w")
         check_matrix(host, "w")
         axis = check_axis(axis, "axis")
@@ -127,7 +140,8 @@ class Cluster:
             self._check_dtype(host.dtype, plan.counts)
         ident = self._new_id()
         header = {"op": "shard", "id": ident, "shape": host.shape, "dtype": host.dtype,
-                  "axis": plan.axis, "counts": plan.counts, "quant": quant, "quant_axis": quant_axis}
+                  "axis": plan.axis, "counts": plan.counts, "quant": quant, "quant_axis": quant_axis,
+                  "name": name, "bands": ops.band_count(host.shape, host.dtype, plan)}
         self._run(header, np.ascontiguousarray(host.data))
         # A quantised matrix holds float32 values (block scale times code).
         dtype = "float32" if quant else host.dtype
@@ -157,7 +171,8 @@ class Cluster:
         ``out=None`` returns the result on the driver; ``out="keep"`` leaves it
         distributed and returns a ShardedMatrix.
         """
-        keep = check_out(out)
+        sink = sinks.parse(out)
+        keep = sink.keep
         transpose_a, transpose_b = bool(transpose_a), bool(transpose_b)
         host_b = None
         if isinstance(b, ShardedMatrix):
@@ -199,6 +214,12 @@ class Cluster:
         if keep:
             plan = Plan(1, b_plan.counts) if mode == "output" else Plan(0, header["row_counts"])
             return ShardedMatrix(self, header["keep_id"], (m, n), out_dtype, plan, None, kind)
+        if sink.is_file:
+            attrs = sinks.describe("matmul", {"a": (getattr(a, "name", None), header["a_shape"]),
+                                              "b": (getattr(b, "name", None), b_shape)},
+                                   out_dtype, b_plan.axis, b_plan.counts)
+            attrs.update(transpose_a=transpose_a, transpose_b=transpose_b)
+            return sinks.deliver(sink, result.reshape(*lead, n), out_dtype, attrs, "matmul")
         return to_user(result.reshape(*lead, n), out_dtype, kind)
 
     def _place_a(self, a: Any, b_plan: Plan, mode: str, transpose_a: bool, header: dict,
@@ -242,54 +263,11 @@ class Cluster:
 
     def add(self, a: Any, b: Any, out: str | None = None) -> Any:
         """``a + b`` shard-wise (operands sharded alike; arrays are sharded on the fly)."""
-        return self._elementwise("add", a, b, out)
+        return elementwise.run(self, "add", a, b, out)
 
     def sub(self, a: Any, b: Any, out: str | None = None) -> Any:
         """``a - b`` shard-wise (operands sharded alike; arrays are sharded on the fly)."""
-        return self._elementwise("sub", a, b, out)
-
-    def _elementwise(self, kind: str, a: Any, b: Any, out: str | None) -> Any:
-        keep = check_out(out)
-        temporary: list[Matrix] = []
-        try:
-            for arg, x in (("a", a), ("b", b)):
-                if isinstance(x, ReplicatedMatrix):
-                    raise InputError(f"{arg}: {kind} works shard-wise; pass a sharded matrix or an array")
-                if isinstance(x, ShardedMatrix):
-                    self._check_live(x, arg)
-                    if x.quant:
-                        raise InputError(f"{arg}: {kind} of a quantised matrix; quantised weights are "
-                                         "for matmul only")
-            ref = a if isinstance(a, ShardedMatrix) else b if isinstance(b, ShardedMatrix) else None
-            hosts = {arg: from_user(x, arg) for arg, x in (("a", a), ("b", b))
-                     if not isinstance(x, Matrix)}
-            for arg, host in hosts.items():
-                check_matrix(host, arg)
-            shape_a = a.shape if isinstance(a, Matrix) else hosts["a"].shape
-            shape_b = b.shape if isinstance(b, Matrix) else hosts["b"].shape
-            if shape_a != shape_b:
-                raise InputError(f"{kind}: shapes differ: a is {shape_a}, b is {shape_b}")
-            if isinstance(a, ShardedMatrix) and isinstance(b, ShardedMatrix) and a.plan != b.plan:
-                raise InputError(f"{kind}: a and b must be sharded alike; a: axis {a.axis} "
-                                 f"counts {list(a.counts)}, b: axis {b.axis} counts {list(b.counts)}")
-            plan = ref.plan if ref is not None else Plan.from_weights(shape_a[0], self.weights, 0)
-            placed = {}
-            for arg, host in hosts.items():
-                placed[arg] = self._shard_host(host, plan)
-                temporary.append(placed[arg])
-            ma, mb = placed.get("a", a), placed.get("b", b)
-            out_dtype = promote(ma.dtype, mb.dtype)
-            result_kind = "torch" if "torch" in (ma.kind, mb.kind) else "numpy"
-            keep_id = self._new_id() if keep else None
-            result = self._run({"op": "elementwise", "kind": kind, "a": ma.id, "b": mb.id,
-                                "shape": shape_a, "axis": plan.axis, "counts": plan.counts,
-                                "out_dtype": out_dtype, "keep_id": keep_id})
-            if keep:
-                return ShardedMatrix(self, keep_id, shape_a, out_dtype, plan, None, result_kind)
-            return to_user(result, out_dtype, result_kind)
-        finally:
-            for t in temporary:
-                t.free()
+        return elementwise.run(self, "sub", a, b, out)
 
     def gather(self, m: Matrix) -> Any:
         """The whole matrix ``m`` on the driver, as numpy or torch like its source."""
@@ -301,10 +279,29 @@ class Cluster:
                               "axis": m.axis, "counts": m.counts})
         return to_user(data, m.dtype, m.kind)
 
-    def free(self, m: Matrix) -> None:
-        """Release ``m`` on every rank."""
+    def free(self, m: Matrix | str, disk: bool = False) -> None:
+        """Release ``m`` (a handle, or the name of a cached matrix: all its handles)
+        on every rank; ``disk=True`` also deletes the cache files of its name."""
+        if isinstance(m, str):
+            handles = [h for h in self._named.get(m, ()) if not h.freed]
+            if not handles and not disk:
+                raise InputError(f"m: no cached matrix named {m!r} is resident; pass disk=True "
+                                 "to delete its files")
+            caching.free_cached(self, cache_mod.check_name(m), handles, disk)
+            return
+        if disk:
+            if not isinstance(m, Matrix) or m._cluster is not self:
+                raise InputError(f"m: expected a matrix handle from this cluster, got {type(m).__name__}")
+            if not m.cached:
+                raise InputError("disk=True: this matrix was not sharded with cache=..., it has no files")
+            caching.free_cached(self, m.name, [m], disk=True)
+            return
         self._check_live(m, "m")
         m.free()
+
+    def cached(self) -> caching.CacheListing:
+        """What every rank holds of the cache: name, shape, dtype, bytes in memory and on disk."""
+        return caching.listing(self)
 
     # ---- plumbing ------------------------------------------------------------------
 

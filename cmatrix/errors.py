@@ -13,6 +13,18 @@ class InputError(CMatrixError, ValueError):
     """Bad input refused on the driver before any data moved."""
 
 
+class CacheError(CMatrixError):
+    """A cached matrix cannot be used: missing or stale on some ranks.
+
+    ``problems`` holds one dict per rank that cannot reuse its shard, with
+    ``rank``, ``host``, ``file`` and ``problem`` (what differs).
+    """
+
+    def __init__(self, message: str, problems: list[dict]):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
 class ClusterClosedError(CMatrixError):
     """The cluster was shut down; no further operations are possible."""
 

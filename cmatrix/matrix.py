@@ -24,13 +24,19 @@ class Matrix:
         #: "numpy" or "torch": what gathered results come back as
         self.kind = kind
         self.freed = False
+        #: True when shard(..., cache=...) made it: it can be freed with its files
+        self.cached = False
 
     def gather(self) -> Any:
         """The whole matrix on the driver (numpy or torch, as it came in)."""
         return self._cluster.gather(self)
 
-    def free(self) -> None:
-        """Release this matrix's memory on every rank."""
+    def free(self, disk: bool = False) -> None:
+        """Release this matrix's memory on every rank; ``disk=True`` also deletes
+        its cache files (a matrix sharded with ``cache=``)."""
+        if disk:
+            self._cluster.free(self, disk=True)
+            return
         if not self.freed:
             self.freed = True
             self._cluster._free_now([self.id])

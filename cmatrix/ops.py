@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, backends
+from . import __version__, backends, ops_cache
 from .backends.device import Device
 from .dtypes import STORAGE, from_float32
 from .errors import CMatrixError
@@ -75,21 +75,95 @@ def probe(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
 
 
 @command("shard")
-def shard(rt: Runtime, h: dict, full: np.ndarray | None) -> None:
+def shard(rt: Runtime, h: dict, full: np.ndarray | None) -> list[dict] | None:
+    """Each rank's block of the driver's ``full``, kept resident.
+
+    With ``h["cache"]``: ranks marked in ``reuse`` take the shard that
+    cache_check found (in memory or read from disk) and nothing is sent to
+    them; the others receive theirs and, with ``save``, write it to disk.
+    Returns every rank's cache header (None without a cache).
+    """
     plan = Plan(h["axis"], tuple(h["counts"]))
     quant, quant_axis = h.get("quant"), h.get("quant_axis", 0)
+    c = h.get("cache")
+    rank = rt.comm.rank
+    reuse = tuple(c["reuse"]) if c else (False,) * rt.comm.size
+    block = reused = None
     with rt.step("prepare"):
-        shape = plan.block_shape(h["shape"], rt.comm.rank)
-        rows = shape if quant_axis == 1 else shape[::-1]  # quantised rows run along quant_axis
-        if not rt.backend.supports("matmul", quant or h["dtype"], rows):
-            raise CMatrixError(f"{rt.backend.name} on {rt.backend.device} cannot hold a "
-                               f"{quant or h['dtype']} block of shape {shape}")
-        block = _empty(shape, h["dtype"])
+        shape = plan.block_shape(h["shape"], rank)
+        if reuse[rank]:
+            reused = ops_cache.take_reused(rt, c["name"])
+        else:
+            rows = shape if quant_axis == 1 else shape[::-1]  # quantised rows run along quant_axis
+            if not rt.backend.supports("matmul", quant or h["dtype"], rows):
+                raise CMatrixError(f"{rt.backend.name} on {rt.backend.device} cannot hold a "
+                                   f"{quant or h['dtype']} block of shape {shape}")
+            block = _empty(shape, h["dtype"])
     rt.sync()
-    rt.comm.scatter_blocks(full, block, plan)
+    if not all(reuse):
+        _scatter_in_bands(rt, h, full, block, plan, reuse)
     with rt.step("upload"):
-        rt.store(h["id"], rt.backend.upload(block, h["dtype"], quant, quant_axis))
+        if reused and reused[0] == "memory":
+            rt.alias(h["id"], reused[1])
+        else:
+            if reused:
+                block = reused[1]
+            rt.store(h["id"], rt.backend.upload(block, h["dtype"], quant, quant_axis))
     rt.sync()
+    if not c:
+        return None
+    with rt.step("save"):
+        meta = ops_cache.save_and_register(rt, h, block, reused[2] if reused else None)
+    rt.sync()
+    return rt.comm.gather_objects(meta)
+
+
+#: a transfer this large goes in bands, so the driver can show progress
+BAND_BYTES = 64 << 20
+
+
+def band_count(shape: tuple[int, int], dtype: str, plan: Plan) -> int:
+    """How many bands the driver sends a matrix in (it puts the number in the header)."""
+    rows, cols = shape
+    most = rows if plan.axis == 1 else max(max(plan.counts), 1)
+    return int(max(1, min(most, -(-rows * cols * STORAGE[dtype].itemsize // BAND_BYTES))))
+
+
+def _scatter_in_bands(rt: Runtime, h: dict, full: np.ndarray | None, block: np.ndarray | None,
+                      plan: Plan, skip: tuple[bool, ...]) -> None:
+    """scatter_blocks in bands of about BAND_BYTES, with a progress bar on the driver.
+
+    The driver chose the number of bands (``h["bands"]``). Column blocks (axis 1)
+    are cut into bands of whole rows; row blocks (axis 0) into equal fractions
+    of each rank's rows. A skipped rank takes part with an empty block.
+    """
+    comm, rank = rt.comm, rt.comm.rank
+    rows, cols = h["shape"]
+    itemsize = STORAGE[h["dtype"]].itemsize
+    if block is None:  # reused here: an empty stand-in with the block's other dimension
+        dummy = list(plan.block_shape(h["shape"], rank))
+        dummy[plan.axis] = 0
+        block = _empty(dummy, h["dtype"])
+    bands = h.get("bands", 1)
+    active = [0 if s else c for c, s in zip(plan.counts, skip, strict=True)]
+    sent = sum(active) * (cols if plan.axis == 0 else rows)
+    with rt.progress(sent * itemsize, f"send {h.get('name') or 'matrix'}") as bar:
+        if bands == 1:
+            comm.scatter_blocks(full, block, plan, skip)
+            bar.update(sent * itemsize)
+            return
+        for k in range(bands):
+            if plan.axis == 1:
+                lo, hi = k * rows // bands, (k + 1) * rows // bands
+                comm.scatter_blocks(None if full is None else full[lo:hi], block[lo:hi], plan, skip)
+                bar.update((hi - lo) * sum(active) * itemsize)
+                continue
+            los = [k * c // bands for c in plan.counts]
+            his = [(k + 1) * c // bands for c in plan.counts]
+            counts = [min(a, hi - lo) for a, lo, hi in zip(active, los, his, strict=True)]
+            displs = [d + lo for d, lo in zip(plan.displs, los, strict=True)]
+            comm.scatter_rows(full, block[los[rank] : los[rank] + counts[rank]], counts, displs)
+            bar.update(sum(counts) * cols * itemsize)
 
 
 @command("replicate")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import faults
+from . import faults, progress
 from .errors import CMatrixError, RankError, RankFailure
 
 #: command name -> handler(rt, header, payload); payload is driver-only data
@@ -44,6 +44,12 @@ class Runtime:
         self.backend: Any = None
         self.backend_name = "none"
         self.blocks: dict[int, Any] = {}
+        #: handles sharing one block (a cache reused in memory): id(block) -> count
+        self._shared: dict[int, int] = {}
+        #: cached matrices resident here: name -> (block, header of its cache file)
+        self.named: dict[str, tuple[Any, dict]] = {}
+        #: a shard read from disk by cache_check, waiting for the shard command
+        self.staged: tuple[str, Any] | None = None
         self.op = ""
         self._failure: RankFailure | None = None
 
@@ -80,8 +86,25 @@ class Runtime:
     def store(self, ident: int, x: Any) -> None:
         self.blocks[ident] = x
 
+    def progress(self, total_bytes: int, desc: str) -> Any:
+        """A progress bar on the driver (see :mod:`.progress`); a silent stand-in elsewhere."""
+        if not self.comm.is_driver:
+            return progress.NoBar()
+        return progress.bar(total_bytes, desc)
+
+    def alias(self, ident: int, x: Any) -> None:
+        """Let handle ``ident`` share the resident block ``x``; freed when its last handle is."""
+        self._shared[id(x)] = self._shared.get(id(x), 1) + 1
+        self.blocks[ident] = x
+
     def free(self, ident: int) -> None:
         x = self.blocks.pop(ident, None)
+        if x is not None and self._shared.get(id(x), 1) > 1:
+            self._shared[id(x)] -= 1
+            return
+        self._shared.pop(id(x), None)
+        for name in [n for n, (b, _) in self.named.items() if b is x]:
+            del self.named[name]
         if x is not None and self.backend is not None:
             try:
                 self.backend.free(x)
@@ -90,6 +113,8 @@ class Runtime:
 
     def execute(self, header: dict, payload: Any = None) -> Any:
         self.op = header["op"]
+        if self.op != "shard":
+            self.staged = None  # only the shard command right after cache_check uses it
         for ident in header.get("free", ()):
             self.free(ident)
         return COMMANDS[self.op](self, header, payload)

@@ -130,7 +130,8 @@ def test_sharded_a_with_wrong_inner_size_is_refused_before_gathering(cl):
 
 def test_wrong_argument_types_raise_cmatrix_errors(cl, tmp_path):
     refused(cl, lambda: cl.gather(f32(2, 2)), "expected a matrix handle")
-    refused(cl, lambda: cl.free("l0.up"), "expected a matrix handle")
+    refused(cl, lambda: cl.free(3), "expected a matrix handle")
+    refused(cl, lambda: cl.free("l0.up"), "no cached matrix named 'l0.up'")
     refused(cl, lambda: cl.shard(f32(2, 2), axis=1.0), "axis")
     refused(cl, lambda: cl.shard(f32(2, 2), axis=True), "axis")
     (tmp_path / "empty.npy").write_bytes(b"")
