@@ -43,16 +43,6 @@ def check_inner(a_shape: tuple[int, int], transpose_a: bool, op_b_shape: tuple[i
             f"but op(b) is {k_b}x{n} (transpose_b={transpose_b})")
 
 
-def check_out(out: str | None) -> bool:
-    """True when the result stays distributed (``out="keep"``)."""
-    if out is None:
-        return False
-    if out == "keep":
-        return True
-    raise InputError(f"out: expected None (result to the driver) or 'keep' (stay "
-                     f"distributed), got {out!r}")
-
-
 def check_axis(value: Any, arg: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in (0, 1):
         raise InputError(f"{arg}: must be 0 (rows) or 1 (columns), got {value!r}")
