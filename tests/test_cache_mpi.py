@@ -90,3 +90,9 @@ def test_cache_dir_is_per_user_unless_overridden(monkeypatch, tmp_path):
     assert cache.cache_dir() == tmp_path / "cmatrix"
     monkeypatch.setenv("CMATRIX_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert cache.shard_path("a.b", 3) == tmp_path / "elsewhere" / "shards" / "a.b" / "rank3.cmshard"
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_shared_window_moves_the_same_bytes_as_mpi(n):
+    r = mpirun(n, JOBS / "shared_window.py", plain=True)
+    assert r.returncode == 0 and "SHARED-OK" in r.stdout, r
