@@ -38,7 +38,7 @@ MAGIC = b"CMSHARD1"
 _ALIGN = 64
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 #: fields of a shard's header that must equal the request for the shard to be reused
-COMPARED = ("shape", "dtype", "quant", "quant_axis", "axis", "counts", "checksum")
+COMPARED = ("shape", "dtype", "quant", "quant_axis", "axis", "counts", "block_shape", "checksum")
 
 
 class StaleShard(Exception):  # noqa: N818 - a finding, reported as a problem, not raised to users
@@ -107,6 +107,7 @@ def read_header(path: Path) -> tuple[dict, int]:
             meta = json.loads(f.read(length))
         except ValueError as exc:
             raise StaleShard(f"{path}: unreadable header (file corrupted): {exc}") from None
+    _check_header(path, meta)
     start = len(MAGIC) + 4 + length
     start += -start % _ALIGN
     want = start + int(meta.get("nbytes", -1))
@@ -116,12 +117,34 @@ def read_header(path: Path) -> tuple[dict, int]:
     return meta, start
 
 
+def _check_header(path: Path, meta: object) -> None:
+    """The header's own fields agree with each other (the checksum covers only the data)."""
+    try:
+        block = [int(d) for d in meta["block_shape"]]
+        consistent = (int(meta["nbytes"]) == int(np.prod(block)) * STORAGE[meta["dtype"]].itemsize
+                      and isinstance(meta["checksum"], str))
+    except (TypeError, KeyError, ValueError):
+        consistent = False
+    if not consistent:
+        raise StaleShard(f"{path}: header fields are missing or inconsistent (file corrupted)")
+
+
+def file_matches(path: Path, expect: dict) -> bool:
+    """Whether ``path`` holds a complete shard whose header matches ``expect``."""
+    try:
+        return difference(read_header(path)[0], expect) is None
+    except (StaleShard, OSError):
+        return False
+
+
 def difference(found: dict, expect: dict) -> str | None:
     """What differs between a shard's header and the request (None: reusable)."""
     for key in COMPARED:
         want = expect.get(key)
-        if want is None and key in ("checksum", "shape", "dtype"):
+        if want is None and key in ("checksum", "shape", "dtype", "block_shape"):
             continue  # not known to the driver: anything goes
+        if key == "quant_axis" and not expect.get("quant"):
+            continue  # meaningless without quantisation
         have = found.get(key)
         if _norm(have) != _norm(want):
             if key == "counts":

@@ -62,7 +62,8 @@ def shard_cached(cl: Cluster, w: Any, name: str | None, weights: Sequence[float]
     reuse = [False] * cl.size
     if mode != "save":
         expect = _expectations(cl, name, spec, plan, host)
-        statuses = cl._run({"op": "cache_check", "name": name, "expect": expect})
+        statuses = cl._run({"op": "cache_check", "name": name, "expect": expect,
+                            "need_file": mode == "auto"})
         stale = [s for s in statuses if s["problem"]]
         if mode == "load" and stale:
             raise CacheError(_report(cl, name, stale, len(statuses)), stale)
@@ -74,15 +75,15 @@ def shard_cached(cl: Cluster, w: Any, name: str | None, weights: Sequence[float]
               "bands": ops.band_count(tuple(spec["shape"]), spec["dtype"], plan)}
     payload = None if all(reuse) else np.ascontiguousarray(host.data)
     metas = cl._run(header, payload)
-    if payload is not None and mode != "load":
-        cache.write_manifest({**spec, "name": name, "counts": list(plan.counts),
-                              "checksums": [m["checksum"] for m in metas],
-                              "hosts": [m["host"] for m in metas]})
     dtype = "float32" if spec["quant"] else spec["dtype"]
     m = ShardedMatrix(cl, header["id"], tuple(spec["shape"]), dtype, plan, name, spec["kind"],
                       spec["quant"], spec["quant_axis"])
     m.cached = True
     cl._named.setdefault(name, weakref.WeakSet()).add(m)
+    if payload is not None and mode != "load":  # the handle exists first: a failure here leaks nothing
+        cache.write_manifest({**spec, "name": name, "counts": list(plan.counts),
+                              "checksums": [m["checksum"] for m in metas],
+                              "hosts": [m["host"] for m in metas]})
     return m
 
 
@@ -108,7 +109,8 @@ def _expectations(cl: Cluster, name: str, spec: dict, plan: Plan, host: Any) -> 
         sums = [None] * cl.size  # the plan differs: every rank reports that first
     common = {"name": name, "shape": list(spec["shape"]), "dtype": spec["dtype"], "axis": plan.axis,
               "counts": list(plan.counts), "quant": spec["quant"], "quant_axis": spec["quant_axis"]}
-    return [{**common, "checksum": s} for s in sums]
+    return [{**common, "checksum": s, "block_shape": list(plan.block_shape(tuple(spec["shape"]), r))}
+            for r, s in enumerate(sums)]
 
 
 def _block(data: np.ndarray, plan: Plan, rank: int) -> np.ndarray:

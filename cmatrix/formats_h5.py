@@ -76,9 +76,10 @@ def write(path: Path, host: HostArray, key: str, attrs: dict | None = None,
     """
     need_h5py()
     with atomic_path(path) as tmp:
-        if path.is_file():
+        existing = path.is_file()
+        if existing:
             shutil.copyfile(path, tmp)
-        with _open(tmp, "a") as f:
+        with _open(tmp, "a" if existing else "w") as f:
             if key in f:
                 if not _is_dataset(f[key]):
                     raise InputError(f"{path}: {key} is a group, not a dataset; pick another name")

@@ -29,8 +29,9 @@ def cache_check(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
     status = {"rank": comm.rank, "host": comm.host, "file": str(path), "source": None, "problem": None}
     with rt.step("check"):
         resident = rt.named.get(name)
-        if resident is not None and cache.difference(resident[1], expect) is None:
-            status["source"] = "memory"
+        if (resident is not None and cache.difference(resident[1], expect) is None
+                and (not h.get("need_file") or cache.file_matches(path, expect))):
+            status["source"] = "memory"  # auto also needs the file, as its manifest will say
         else:
             try:
                 meta, start = cache.read_header(path)

@@ -29,8 +29,14 @@ def wanted(total_bytes: int) -> bool:
     force = os.environ.get("CMATRIX_PROGRESS", "")
     if force in ("0", "1"):
         return force == "1"
-    threshold = float(os.environ.get("CMATRIX_PROGRESS_MB", "256")) * 2**20
-    return total_bytes >= threshold and sys.stderr.isatty()
+    try:
+        threshold = float(os.environ.get("CMATRIX_PROGRESS_MB", "256")) * 2**20
+    except ValueError:  # a bad setting must never stop a transfer
+        threshold = 256 * 2**20
+    try:
+        return total_bytes >= threshold and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # stderr replaced or closed
+        return False
 
 
 def bar(total_bytes: int, desc: str) -> Any:

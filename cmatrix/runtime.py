@@ -113,9 +113,17 @@ class Runtime:
 
     def execute(self, header: dict, payload: Any = None) -> Any:
         self.op = header["op"]
-        if self.op != "shard":
-            self.staged = None  # only the shard command right after cache_check uses it
-        for ident in header.get("free", ()):
+        if self.op != "shard" or not header.get("cache"):
+            self.staged = None  # only the cached shard right after cache_check uses it
+        frees = header.get("free", ())
+        if self.op == "shard" and header.get("cache"):
+            # A handle collected since cache_check may be the one whose block this reuses.
+            try:
+                return COMMANDS[self.op](self, header, payload)
+            finally:
+                for ident in frees:
+                    self.free(ident)
+        for ident in frees:
             self.free(ident)
         return COMMANDS[self.op](self, header, payload)
 

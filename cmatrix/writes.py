@@ -3,14 +3,18 @@
 Data goes to a hidden temporary file in the destination's directory, is
 flushed to disk, then renamed over the final name (a rename within one
 filesystem is atomic). A process killed mid-write leaves only the temporary
-file, named ``.NAME.PID.tmp``; :func:`sweep_orphans` removes those whose
-writer is gone.
+file, named ``.NAME.HOST.PID.RANDOM.tmp``; :func:`sweep_orphans` removes
+those whose writer, on this host, is gone (a cache folder may be shared by
+several hosts over a network filesystem). The temporary file is created
+exclusively, so a file or link planted under its name is never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,8 +24,11 @@ import numpy as np
 CHUNK_BYTES = 64 << 20
 
 
+_HOST = socket.gethostname().replace(".", "_") or "host"
+
+
 def temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    return final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 @contextlib.contextmanager
@@ -33,6 +40,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     try:
         yield tmp
         _fsync(tmp)
@@ -61,8 +69,8 @@ def sweep_orphans(directory: Path) -> None:
     """Remove temporary files left by writers that no longer run on this host."""
     if not directory.is_dir():
         return
-    for tmp in directory.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
+    for tmp in directory.glob(f".*.{_HOST}.*.tmp"):
+        pid = tmp.name.rsplit(".", 3)[-3]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()

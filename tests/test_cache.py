@@ -117,12 +117,14 @@ def test_shard_file_checks(tmp_path):
 
 def test_orphaned_temporary_files_are_swept(tmp_path):
     final = tmp_path / "x.bin"
-    dead = final.with_name(f".{final.name}.999999999.tmp")
+    dead = final.with_name(f".{final.name}.{writes._HOST}.999999999.ab.tmp")
     dead.write_bytes(b"partial")
+    other_host = final.with_name(f".{final.name}.elsewhere.999999999.ab.tmp")
+    other_host.write_bytes(b"another host may still be writing this")
     live = writes.temp_name(final)
     live.write_bytes(b"being written")
     writes.sweep_orphans(tmp_path)
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and other_host.exists()
 
 
 def test_a_failed_write_leaves_neither_file(tmp_path):
@@ -160,3 +162,25 @@ def test_h5_sink_round_trips_with_attributes(cl, tmp_path):
     assert attrs["dtype"] == "float32" and attrs["plan_axis"] == 1 and list(attrs["plan_counts"]) == [5]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     refused(cl, lambda: cl.add(A, b, out=f"h5:{path}"), "h5:PATH#/dataset")
+
+
+def test_auto_rewrites_a_missing_file_even_when_the_shard_is_resident(cl):
+    w = f32(16, 8)
+    W = cl.shard(w, name="keep.w", cache="save")
+    cache.shard_path("keep.w", 0).unlink()
+    W2 = cl.shard(w, name="keep.w", cache="auto")
+    assert cache.shard_path("keep.w", 0).exists() and not W.freed and not W2.freed
+    cl.free("keep.w", disk=True)
+    assert W.freed and W2.freed
+
+
+def test_inconsistent_headers_are_corruption(tmp_path):
+    data = np.ones((2, 2), np.float32)
+    meta = {"name": "h", "rank": 0, "nbytes": 12, "block_shape": [2, 2], "dtype": "float32",
+            "checksum": cache.checksum(data)}
+    path = cache.write_shard(meta, data)
+    with pytest.raises(cache.StaleShard, match="inconsistent"):
+        cache.read_header(path)
+    found = {**meta, "nbytes": 16, "shape": [2, 2], "axis": 1, "counts": [2], "quant": None}
+    assert cache.difference(found, {**found, "block_shape": [4, 1]}).startswith("block_shape differs")
+    assert cache.difference(found, {**found, "quant_axis": 1}) is None  # no quantisation: no axis
