@@ -69,11 +69,6 @@ def load(spec: str | os.PathLike, arg: str = "path") -> HostArray:
     return host
 
 
-def load_array(path: str | os.PathLike, arg: str = "path") -> np.ndarray:
-    """Older name: the storage array of :func:`load` (bfloat16 as ``uint16`` bits)."""
-    return load(path, arg).data
-
-
 def load_as(spec: str | os.PathLike, dtype: str | None = None, arg: str = "src") -> HostArray:
     """Read an array and convert it to logical ``dtype`` (``None``: keep its own).
 
