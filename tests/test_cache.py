@@ -184,3 +184,17 @@ def test_inconsistent_headers_are_corruption(tmp_path):
     found = {**meta, "nbytes": 16, "shape": [2, 2], "axis": 1, "counts": [2], "quant": None}
     assert cache.difference(found, {**found, "block_shape": [4, 1]}).startswith("block_shape differs")
     assert cache.difference(found, {**found, "quant_axis": 1}) is None  # no quantisation: no axis
+
+
+def test_progress_bars_only_when_asked_or_on_a_terminal(monkeypatch):
+    from cmatrix import progress
+
+    monkeypatch.delenv("CMATRIX_PROGRESS", raising=False)
+    assert not progress.wanted(1 << 40)  # pytest's stderr is not a terminal
+    monkeypatch.setenv("CMATRIX_PROGRESS", "1")
+    assert progress.wanted(1)
+    monkeypatch.setenv("CMATRIX_PROGRESS", "0")
+    assert isinstance(progress.bar(1 << 40, "x"), progress.NoBar)
+    monkeypatch.delenv("CMATRIX_PROGRESS")
+    monkeypatch.setenv("CMATRIX_PROGRESS_MB", "1G")  # a bad setting falls back, never raises
+    assert progress.wanted(0) is False
