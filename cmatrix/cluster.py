@@ -14,20 +14,33 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, backends, caching, elementwise, ops, ops_cache, sinks  # noqa: F401 - ops*: commands
+# ops* modules register the ranks' halves of the commands
+from . import (  # noqa: F401
+    __version__,
+    backends,
+    caching,
+    elementwise,
+    ops,
+    ops_cache,
+    ops_grid,
+    ops_node,
+    sinks,
+)
 from . import cache as cache_mod
 from . import quant as q
 from .arrays import HostArray, check_matrix, from_user, to_user
 from .checks import check_axis, check_inner, check_versions, per_rank
 from .dtypes import promote
 from .errors import ClusterClosedError, CMatrixError, InputError, RankError
+from .grid import GridOps
 from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix
+from .nodeops import NodeOps
 from .plan import Plan, equal_weights, validate_weights
 from .ranks import RankInfo, RankTable
 from .runtime import Runtime
 
 
-class Cluster:
+class Cluster(NodeOps, GridOps):
     """Handle the driver uses to shard matrices and run operations on all ranks."""
 
     def __init__(self, runtime: Runtime) -> None:

@@ -208,6 +208,14 @@ class Comm:
         self.world.Reduce([partial, mpitype], [total, mpitype] if self.is_driver else None,
                           op=MPI.SUM, root=0)
 
+    def allreduce(self, array: np.ndarray, op: str = "sum") -> None:
+        """Combine every rank's ``array`` in place (``op``: "sum" or "max"); all ranks get the result."""
+        if self.size == 1:
+            return
+        self._count(array.nbytes * (self.size - 1))
+        mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
+        self.world.Allreduce(MPI.IN_PLACE, [array, _mpi_type(array.dtype)], op=mpi_op)
+
     def reduce_scatter_rows(self, partial: np.ndarray, block: np.ndarray, plan: Plan) -> None:
         """Sum every rank's ``partial`` and leave row block ``plan.block(rank)`` on each rank."""
         if self.size == 1:

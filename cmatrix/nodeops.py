@@ -1,0 +1,8 @@
+"""Node-side operations on resident matrices (driver half): activations,
+softmax, RMSNorm, rotary embeddings, grouped-query repeat and attention."""
+
+from __future__ import annotations
+
+
+class NodeOps:
+    """Mixed into :class:`cmatrix.Cluster`."""

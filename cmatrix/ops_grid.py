@@ -1,0 +1,3 @@
+"""Rank half of grid mode (see :mod:`cmatrix.grid`)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Rank half of the node-side operations (see :mod:`cmatrix.nodeops`)."""
+
+from __future__ import annotations
