@@ -4,6 +4,10 @@ Blocks live as tensors on the rank's device between calls and are computed in
 their own dtype (half-precision GEMMs on GPUs); in a matmul of two dtypes the
 smaller operand is converted to the larger one's (a resident half weight is
 never widened per call). On the CPU, half blocks are held as float32.
+
+Node-side operations (activations, softmax/RMSNorm pieces, rotary embeddings,
+attention, ...) stay on the tensor's device and compute in float32 (half tensors
+are widened first); only the host vectors they take or give cross to the host.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..dtypes import STORAGE
 from .base import Backend
@@ -110,6 +115,114 @@ class TorchBackend(Backend):
 
     def sub(self, a, b) -> torch.Tensor:
         return torch.sub(*self._common(a, b))
+
+    # Node-side operations: semantics in cmatrix.backends.base.Backend.
+
+    def _vec(self, values: np.ndarray) -> torch.Tensor:
+        """A float32 host array on this backend's device."""
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.torch_device)
+
+    def _shift(self, shift: np.ndarray, axis: int) -> torch.Tensor:
+        """A softmax shift on the device, -inf (an all -inf slice) replaced by 0, broadcast along axis."""
+        s = self._vec(shift)
+        return torch.where(torch.isneginf(s), torch.zeros_like(s), s).unsqueeze(axis)
+
+    def activation(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """silu / gelu (exact) / gelu_tanh of ``x`` in float32, on its device."""
+        xf = x.float()
+        if kind == "silu":
+            return F.silu(xf)
+        if kind in ("gelu", "gelu_tanh"):
+            return F.gelu(xf, approximate="none" if kind == "gelu" else "tanh")
+        raise ValueError(f"unknown activation {kind!r}")
+
+    def row_reduce(self, x: torch.Tensor, kind: str, axis: int,
+                   shift: np.ndarray | None = None) -> np.ndarray:
+        """max / sumexp / sumsq of ``x`` along ``axis``, reduced on the device in float32."""
+        xf = x.float()
+        if kind == "max":
+            out = xf.amax(dim=axis)
+        elif kind == "sumexp":
+            out = torch.exp(xf if shift is None else xf - self._shift(shift, axis)).sum(dim=axis)
+        elif kind == "sumsq":
+            out = xf.square().sum(dim=axis)
+        else:
+            raise ValueError(f"unknown reduction {kind!r}")
+        return out.cpu().numpy()
+
+    def softmax_finish(self, x: torch.Tensor, shift: np.ndarray, total: np.ndarray,
+                       axis: int) -> torch.Tensor:
+        """exp(x - shift) / total on the device; a slice whose total is 0 gives zeros."""
+        t = self._vec(total)
+        t = torch.where(t > 0, t, torch.full_like(t, float("inf")))
+        return torch.exp(x.float() - self._shift(shift, axis)) / t.unsqueeze(axis)
+
+    def rms_finish(self, x: torch.Tensor, mean_square: np.ndarray, weight: np.ndarray | None, eps: float,
+                   axis: int) -> torch.Tensor:
+        """x / sqrt(mean_square + eps) * weight on the device, in float32."""
+        y = x.float() * torch.rsqrt(self._vec(mean_square) + eps).unsqueeze(axis)
+        return y if weight is None else y * self._vec(weight).unsqueeze(1 - axis)
+
+    def rope(self, x: torch.Tensor, cos: np.ndarray, sin: np.ndarray, head_dim: int,
+             interleaved: bool = False) -> torch.Tensor:
+        """Rotary embedding of every head (rotate_half pairs, or interleaved pairs) on the device."""
+        rows, cols = x.shape
+        half = head_dim // 2
+        c, s = self._vec(cos).unsqueeze(1), self._vec(sin).unsqueeze(1)  # (rows, 1, half)
+        if interleaved:
+            pairs = x.float().reshape(rows, cols // head_dim, half, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+            out = torch.stack((a * c - b * s, b * c + a * s), dim=-1)
+        else:
+            heads = x.float().reshape(rows, cols // head_dim, head_dim)
+            a, b = heads[..., :half], heads[..., half:]
+            out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+        return out.reshape(rows, cols)
+
+    def repeat_kv(self, x: torch.Tensor, head_dim: int, n_rep: int) -> torch.Tensor:
+        """Each head of ``x`` repeated ``n_rep`` times in place (float32, on the device)."""
+        rows, cols = x.shape
+        heads = x.float().reshape(rows, cols // head_dim, head_dim)
+        return heads.repeat_interleave(n_rep, dim=1).reshape(rows, cols * n_rep)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
+                  mask: np.ndarray | None = None, causal: bool = False) -> torch.Tensor:
+        """Scaled dot-product attention through torch's SDPA, in float32 on the device; query
+        rows that see no key (every score -inf) are set to zeros (SDPA may give NaN there)."""
+        sq, sk = q.shape[0], k.shape[0]
+        n_heads, n_kv = q.shape[1] // head_dim, k.shape[1] // head_dim
+        # (1, heads, S, head_dim), as SDPA wants
+        qh = q.float().reshape(sq, n_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        kh = k.float().reshape(sk, n_kv, head_dim).transpose(0, 1).unsqueeze(0)
+        vh = v.float().reshape(sk, n_kv, head_dim).transpose(0, 1).unsqueeze(0)
+        bias = None if mask is None else self._vec(mask)
+        is_causal = causal and bias is None and sq == sk  # SDPA's causal is top-left aligned
+        if causal and not is_causal and sq > 1:  # one query row sees every key
+            keys = torch.arange(sk, device=self.torch_device)
+            queries = torch.arange(sq, device=self.torch_device)
+            allowed = keys[None, :] <= queries[:, None] + (sk - sq)
+            blocked = torch.zeros((sq, sk), device=self.torch_device).masked_fill(~allowed, float("-inf"))
+            bias = blocked if bias is None else bias + blocked
+        if n_heads != n_kv:
+            try:
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, is_causal=is_causal,
+                                                     scale=scale, enable_gqa=True)
+            except TypeError:  # torch < 2.5: no enable_gqa, repeat the kv heads instead
+                group = n_heads // n_kv
+                out = F.scaled_dot_product_attention(qh, kh.repeat_interleave(group, dim=1),
+                                                     vh.repeat_interleave(group, dim=1), attn_mask=bias,
+                                                     is_causal=is_causal, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, is_causal=is_causal, scale=scale)
+        out = out[0].transpose(0, 1)  # (Sq, heads, head_dim)
+        if bias is not None:
+            dead = torch.isneginf(bias).all(dim=-1)  # (Sq,): rows that see no key
+            out = out.masked_fill(dead[:, None, None], 0.0)
+        return out.reshape(sq, n_heads * head_dim)
+
+    def transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous transposed copy on the device, in ``x``'s own dtype (values exact)."""
+        return x.T.clone(memory_format=torch.contiguous_format)  # a copy even for 1-row x
 
     def memory(self) -> int | None:
         if self.torch_device.type == "cuda":
