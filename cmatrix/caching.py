@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ MODES = ("save", "load", "auto")
 
 
 def shard_cached(cl: Cluster, w: Any, name: str | None, weights: Sequence[float] | None, axis: int,
-                 quant: str | None, quant_axis: int, mode: str) -> ShardedMatrix:
+                 quant: str | None, quant_axis: int, mode: str, align: int = 1) -> ShardedMatrix:
     if mode not in MODES:
         raise InputError(f"cache: expected one of {', '.join(map(repr, MODES))} or None, got {mode!r}")
     if name is None:
@@ -55,7 +56,8 @@ def shard_cached(cl: Cluster, w: Any, name: str | None, weights: Sequence[float]
         if quant is not None:
             q.check_kind(quant)
             q.check_row_length(host.shape[quant_axis], quant, f"w.shape[{quant_axis}] (quant_axis)")
-    align = q.BLOCK if spec["quant"] and spec["quant_axis"] == spec["axis"] else 1
+    if spec["quant"] and spec["quant_axis"] == spec["axis"]:
+        align = math.lcm(align, q.BLOCK)
     plan = Plan.from_weights(spec["shape"][spec["axis"]], shares, spec["axis"], align)
     if spec["quant"] is None:
         cl._check_dtype(spec["dtype"], plan.counts)

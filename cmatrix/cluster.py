@@ -7,6 +7,7 @@ then announces one command that all ranks run together (see :mod:`.ops`).
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -96,7 +97,8 @@ class Cluster(NodeOps, GridOps):
                      local_size=i["local_size"], backend=i["backend"], device=i["device"],
                      weight=float(self.weights[i["rank"]]), threads=i["threads"],
                      fallback=i.get("fallback"), memory=i.get("memory"),
-                     dtypes=tuple(i.get("dtypes", ())), versions=i["versions"])
+                     dtypes=tuple(i.get("dtypes", ())), versions=i["versions"],
+                     addresses=tuple(i.get("addresses", ())))
             for i in self._infos
         ])
 
@@ -104,7 +106,7 @@ class Cluster(NodeOps, GridOps):
 
     def shard(self, w: Any, name: str | None = None, weights: Sequence[float] | None = None,
               axis: int = 1, quant: str | None = None, quant_axis: int = 0,
-              cache: str | None = None) -> ShardedMatrix:
+              cache: str | None = None, align: int = 1) -> ShardedMatrix:
         """Split ``w`` along ``axis`` (1: columns, 0: rows) in proportion to
         ``weights`` (default: the cluster's) and keep each block resident on its rank.
 
@@ -119,20 +121,25 @@ class Cluster(NodeOps, GridOps):
         ``quant_axis``, the axis a matmul with it contracts: 0 for ``x @ w``,
         1 for ``x @ w.T`` (``transpose_b=True``, the layout of torch's Linear).
         ggml ranks store the blocks; other backends hold their float32 values.
+
+        ``align``: every rank's count is a multiple of it (e.g. a head's width,
+        so attention or rope can work on whole heads), the remainder aside.
         """
         if isinstance(w, Matrix):
             raise InputError("w: already on the cluster; shard() takes an array, tensor or path")
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise InputError(f"align: a positive integer, got {align!r}")
         if cache is not None:
-            return caching.shard_cached(self, w, name, weights, axis, quant, quant_axis, cache)
+            return caching.shard_cached(self, w, name, weights, axis, quant, quant_axis, cache, align)
         host = from_user(w, "w")
         check_matrix(host, "w")
         axis = check_axis(axis, "axis")
-        align = 1
         if quant is not None:
             q.check_kind(quant)
             quant_axis = check_axis(quant_axis, "quant_axis")
             q.check_row_length(host.shape[quant_axis], quant, f"w.shape[{quant_axis}] (quant_axis)")
-            align = q.BLOCK if quant_axis == axis else 1  # every rank holds whole blocks
+            if quant_axis == axis:  # every rank holds whole blocks
+                align = math.lcm(align, q.BLOCK)
         shares = self.weights if weights is None else validate_weights(weights, self.size)
         plan = Plan.from_weights(host.shape[axis], shares, axis, align)
         return self._shard_host(host, plan, name, quant, quant_axis)
@@ -274,13 +281,16 @@ class Cluster(NodeOps, GridOps):
                       a_axis=(0 if transpose_a else 1) if src == "scatter" else None)
         return data, lead, host.kind, host.dtype, transpose_a
 
-    def add(self, a: Any, b: Any, out: str | None = None) -> Any:
-        """``a + b`` shard-wise (operands sharded alike; arrays are sharded on the fly)."""
-        return elementwise.run(self, "add", a, b, out)
+    def add(self, a: Any, b: Any, out: str | None = None, transpose_a: bool = False,
+            transpose_b: bool = False) -> Any:
+        """``op(a) + op(b)`` shard-wise (op transposes when its flag is set; op(a) and
+        op(b) sharded alike; arrays are sharded on the fly)."""
+        return elementwise.run(self, "add", a, b, out, transpose_a, transpose_b)
 
-    def sub(self, a: Any, b: Any, out: str | None = None) -> Any:
-        """``a - b`` shard-wise (operands sharded alike; arrays are sharded on the fly)."""
-        return elementwise.run(self, "sub", a, b, out)
+    def sub(self, a: Any, b: Any, out: str | None = None, transpose_a: bool = False,
+            transpose_b: bool = False) -> Any:
+        """``op(a) - op(b)`` shard-wise, like :meth:`add`."""
+        return elementwise.run(self, "sub", a, b, out, transpose_a, transpose_b)
 
     def gather(self, m: Matrix) -> Any:
         """The whole matrix ``m`` on the driver, as numpy or torch like its source."""

@@ -1,0 +1,125 @@
+"""Attention with heads split across ranks (driver half of ``Cluster.attention``).
+
+Heads are apportioned in whole key/value groups: a rank holding key/value
+heads g..g+n also holds the n * H/Hkv query heads that read them, so every
+rank attends on its own and only the (small) mask travels besides q, k, v.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import sinks
+from .arrays import check_matrix, from_user
+from .dtypes import to_float32
+from .errors import InputError
+from .matrix import Matrix, ShardedMatrix
+from .nodeops import _positive_int, _route, head_plans, result_dtype
+from .plan import Plan
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+
+def run(cl: Cluster, q: Any, k: Any, v: Any, head_dim: int, scale: float | None, mask: Any,
+        causal: bool, weights: Sequence[float] | None, out: str | None) -> Any:
+    sink = sinks.parse(out)
+    head_dim = _positive_int(head_dim, "head_dim")
+    operands = {"q": q, "k": k, "v": v}
+    hosts = {}
+    for arg, x in operands.items():
+        if isinstance(x, Matrix):
+            cl._check_live(x, arg)
+            if not isinstance(x, ShardedMatrix) or x.axis != 1 or x.quant:
+                raise InputError(f"{arg}: a cluster matrix here must be sharded by columns (whole heads)")
+        else:
+            hosts[arg] = from_user(x, arg)
+            check_matrix(hosts[arg], arg)
+    shapes = {a: (x.shape if isinstance(x, Matrix) else hosts[a].shape) for a, x in operands.items()}
+    (sq, q_cols), (sk, k_cols) = shapes["q"], shapes["k"]
+    if shapes["v"] != shapes["k"]:
+        raise InputError(f"v: must have k's shape {shapes['k']}, got {shapes['v']}")
+    if q_cols % head_dim or k_cols % head_dim:
+        raise InputError(f"head_dim: {head_dim} must divide q's {q_cols} and k's {k_cols} columns")
+    heads, kv_heads = q_cols // head_dim, k_cols // head_dim
+    if heads % kv_heads:
+        raise InputError(f"q has {heads} heads, k and v {kv_heads}: the query heads must be a "
+                         "multiple of the key/value heads")
+    n_rep = heads // kv_heads
+    q_plan, kv_plan = _plans(cl, operands, head_dim, n_rep, kv_heads, weights)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise InputError(f"scale: a finite number, got {scale!r}")
+    mask_data = _mask(mask, (sq, sk))
+    dtype = result_dtype(*(x.dtype if isinstance(x, Matrix) else hosts[a].dtype
+                           for a, x in operands.items()))
+    for host in hosts.values():
+        cl._check_dtype(host.dtype, q_plan.counts)
+    kind = "torch" if any((x.kind if isinstance(x, Matrix) else hosts[a].kind) == "torch"
+                          for a, x in operands.items()) else "numpy"
+    placed, temporary = dict(operands), []
+    try:
+        for arg, host in hosts.items():
+            placed[arg] = cl._shard_host(host, q_plan if arg == "q" else kv_plan)
+            temporary.append(placed[arg])
+        keep_id = cl._new_id() if sink.keep else None
+        header = {"op": "attention", "q": placed["q"].id, "k": placed["k"].id, "v": placed["v"].id,
+                  "head_dim": head_dim, "scale": float(scale), "causal": bool(causal),
+                  "mask_shape": None if mask_data is None else mask_data.shape, "dtype": dtype,
+                  "plan_axis": 1, "out_counts": q_plan.counts, "out_shape": (sq, q_cols),
+                  "keep_id": keep_id}
+        result = cl._run(header, mask_data)
+    finally:
+        for t in temporary:
+            t.free()
+    return _route(cl, sink, "attention", result, keep_id, (sq, q_cols), dtype, kind, q_plan,
+                  getattr(q, "name", None), (sq, q_cols))
+
+
+def _plans(cl: Cluster, operands: dict, head_dim: int, n_rep: int, kv_heads: int,
+           weights: Sequence[float] | None) -> tuple[Plan, Plan]:
+    """The head split: from the sharded operands when there are any, else from ``weights``."""
+    q, k, v = operands["q"], operands["k"], operands["v"]
+    if isinstance(k, ShardedMatrix):
+        kv_plan = k.plan
+    elif isinstance(v, ShardedMatrix):
+        kv_plan = v.plan
+    elif isinstance(q, ShardedMatrix):
+        if any(c % (head_dim * n_rep) for c in q.counts):
+            raise InputError(f"q: split by columns as {list(q.counts)}, not in whole groups of "
+                             f"{n_rep} heads of {head_dim}")
+        kv_plan = Plan(1, tuple(c // n_rep for c in q.counts))
+    else:
+        return head_plans(kv_heads, n_rep, head_dim, cl.weights if weights is None else weights,
+                          cl.size)
+    if any(c % head_dim for c in kv_plan.counts):
+        raise InputError(f"k/v: split by columns as {list(kv_plan.counts)}, not in whole heads of {head_dim}")
+    q_plan = Plan(1, tuple(c * n_rep for c in kv_plan.counts))
+    for arg, want in (("q", q_plan), ("k", kv_plan), ("v", kv_plan)):
+        x = operands[arg]
+        if isinstance(x, ShardedMatrix) and x.plan != want:
+            raise InputError(f"{arg}: split by columns as {list(x.counts)}, but the head groups need "
+                             f"{list(want.counts)} (q holds {n_rep} query heads per key/value head)")
+    return q_plan, kv_plan
+
+
+def _mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """An additive float32 mask of ``shape`` (a boolean mask: True may attend)."""
+    if mask is None:
+        return None
+    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
+        data = np.where(mask, 0.0, -np.inf).astype(np.float32)
+    elif type(mask).__module__.split(".")[0] == "torch" and str(mask.dtype) == "torch.bool":
+        data = np.where(mask.detach().cpu().numpy(), 0.0, -np.inf).astype(np.float32)
+    else:
+        host = from_user(mask, "mask")
+        data = np.ascontiguousarray(to_float32(host.data, host.dtype), dtype=np.float32)
+    if data.shape != shape:
+        raise InputError(f"mask: expected shape {shape} (queries x keys), got {data.shape}")
+    if np.isnan(data).any():
+        raise InputError("mask: contains NaN")
+    return data
