@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .cluster import Cluster  # noqa: E402
+from .compat import cluster_matrix  # noqa: E402  (the seed's API)
 from .errors import (  # noqa: E402
     CacheError,
     ClusterClosedError,
@@ -24,5 +25,5 @@ from .store import convert_bin_matrix_to_pt  # noqa: E402
 __all__ = [
     "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",
     "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError", "CacheError",
-    "convert_bin_matrix_to_pt",
+    "convert_bin_matrix_to_pt", "cluster_matrix",
 ]

@@ -36,6 +36,8 @@ def is_torch(x: Any) -> bool:
 
 def from_user(x: Any, arg: str) -> HostArray:
     """Accept a numpy array, a torch tensor or a file path; refuse anything else."""
+    if isinstance(x, HostArray):  # already host storage (e.g. reshaped by the seed layer)
+        return x
     if isinstance(x, (str, os.PathLike)):
         from . import store
 

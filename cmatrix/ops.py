@@ -37,12 +37,14 @@ def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
             rt.free(ident)
         rt.backend = Device(backend)
         from .comm import library_version
+        from .hostaddr import local_identity
 
         info = {
             "rank": comm.rank, "host": comm.host, "local_rank": comm.local_rank,
             "local_size": comm.local_size, "backend": name, "threads": threads,
             "versions": {"cmatrix": __version__, "numpy": np.__version__,
                          "python": platform.python_version(), "mpi": library_version()},
+            "addresses": local_identity(comm.host),
             **rt.backend.describe(),
         }
     rt.sync()
@@ -249,7 +251,14 @@ def elementwise(rt: Runtime, h: dict, _: Any) -> np.ndarray | None:
     keep = h["keep_id"] is not None
     with rt.step("compute"):
         fn = rt.backend.add if h["kind"] == "add" else rt.backend.sub
-        y = fn(rt.block(h["a"]), rt.block(h["b"]))
+        a, b = rt.block(h["a"]), rt.block(h["b"])
+        # Transposed operands: a resident transposed copy for this call only.
+        a_t = rt.backend.transpose(a) if h.get("transpose_a") else a
+        b_t = rt.backend.transpose(b) if h.get("transpose_b") else b
+        y = fn(a_t, b_t)
+        for t, orig in ((a_t, a), (b_t, b)):
+            if t is not orig:
+                rt.backend.free(t)
         if keep:
             _keep(rt, h["keep_id"], y, h["out_dtype"])
         else:

@@ -1,0 +1,86 @@
+"""Node-side operations of the seed's ``cluster_matrix`` (over :mod:`cmatrix.nodeops`).
+
+Each runs where the matrix lives: on every rank's block of a split matrix, on
+every rank for a full one. ``send_back=True`` returns a torch tensor;
+``False`` keeps the result on the cluster as a new ``cluster_matrix``.
+Matrices are 2-D with rows as tokens; attention inputs hold heads side by
+side, (tokens, heads * head_dim), as a Linear layer's output does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InputError
+from .matrix import ReplicatedMatrix
+
+
+def _axis(dim: int) -> int:
+    if dim in (-1, 1):
+        return 1
+    if dim in (-2, 0):
+        return 0
+    raise InputError(f"dim: 0, 1, -1 or -2 for a 2-D matrix, got {dim!r}")
+
+
+class SeedNodeOps:
+    """Mixed into :class:`cmatrix.compat.cluster_matrix`."""
+
+    def _operand(self) -> Any:
+        return self.handle if self.handle is not None else self._host
+
+    def _node(self, fn: str, send_back: bool, *args: Any, **kwargs: Any) -> Any:
+        from .compat import _tensor
+
+        if not send_back and self.handle is None:
+            raise InputError("send_back: grid-mode matrices are not resident; pass send_back=True")
+        result = getattr(self.cluster, fn)(self._operand(), *args, out=None if send_back else "keep",
+                                           **kwargs)
+        return _tensor(result) if send_back else type(self)._wrap(self, result)
+
+    def silu(self, send_back: bool = True) -> Any:
+        """``x * sigmoid(x)`` elementwise."""
+        return self._node("silu", send_back)
+
+    def gelu(self, approximate: str = "none", send_back: bool = True) -> Any:
+        """GELU elementwise (``approximate="tanh"`` for the tanh form)."""
+        return self._node("gelu", send_back, approximate=approximate)
+
+    def softmax(self, dim: int = -1, send_back: bool = True) -> Any:
+        """Softmax along ``dim`` (-1: each row sums to 1), across ranks when the matrix is split there."""
+        return self._node("softmax", send_back, axis=_axis(dim))
+
+    def rms_norm(self, weight: Any = None, eps: float = 1e-6, send_back: bool = True) -> Any:
+        """RMSNorm of each row (a token's hidden vector) times ``weight``."""
+        return self._node("rms_norm", send_back, weight, eps=eps)
+
+    def rope(self, positions: Any, head_dim: int, theta: float = 10000.0, interleaved: bool = False,
+             send_back: bool = True) -> Any:
+        """Rotary embedding of rows at ``positions`` (heads of ``head_dim`` side by side)."""
+        return self._node("rope", send_back, positions, head_dim, theta=theta, interleaved=interleaved)
+
+    def repeat(self, n_rep: int, head_dim: int, send_back: bool = True) -> Any:
+        """Each key/value head repeated ``n_rep`` times (grouped-query attention)."""
+        return self._node("repeat_kv", send_back, head_dim, n_rep)
+
+    def cluster_flash_attn(self, K: Any, V: Any, head_dim: int, scale: float | None = None,  # noqa: N803
+                           mask: Any = None, causal: bool = False, send_back: bool = True) -> Any:
+        """Attention of this matrix's queries over ``K`` and ``V`` with heads split across
+        ranks in whole key/value groups (by this matrix's percentages). Q is
+        (Sq, H*head_dim), K and V (Sk, Hkv*head_dim); ``scale`` defaults to
+        1/sqrt(head_dim); ``mask`` is additive (or boolean, True: may attend);
+        ``causal`` lets query i see keys up to i + Sk - Sq."""
+        from .compat import _tensor, cluster_matrix
+
+        def operand(x: Any) -> Any:
+            if isinstance(x, cluster_matrix):
+                x = x._operand()
+            if isinstance(x, ReplicatedMatrix):  # the driver holds a copy: split it by heads
+                return x.gather()
+            return x
+
+        q, k, v = operand(self), operand(K), operand(V)
+        result = self.cluster.attention(q, k, v, head_dim, scale=scale, mask=mask, causal=causal,
+                                        weights=self.node_percentages,
+                                        out=None if send_back else "keep")
+        return _tensor(result) if send_back else type(self)._wrap(self, result)

@@ -1,0 +1,95 @@
+"""Checks of the seed's cluster lists, and the one cluster they all describe.
+
+The seed configured every matrix with four parallel lists (IPs, accelerator
+flags, percentages, backends). Here MPI decides where ranks run, so the lists
+are checked against the world MPI started: one entry per rank, entry i naming
+rank i's host. Every check raises :class:`InputError` before any data moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import backends, hostaddr, session
+from .cluster import Cluster
+from .errors import InputError
+from .plan import validate_weights
+from .ranks import RankTable
+
+LISTS = ("node_IP_list", "CPU_GPU_select_list", "node_percentages", "back_end_select_list")
+
+
+def _as_list(value: Any, arg: str) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InputError(f"{arg}: expected a list with one entry per rank, got {value!r}")
+    return list(value)
+
+
+def check_lists(ips: Any, accel: Any, percentages: Any, backends_: Any,
+                size: int) -> tuple[list[str], list[bool], list[float], list[str]]:
+    """The four lists, checked against each other and against the ``size`` ranks MPI started."""
+    values = [_as_list(v, arg) for v, arg in zip((ips, accel, percentages, backends_), LISTS, strict=True)]
+    lengths = {arg: len(v) for arg, v in zip(LISTS, values, strict=True)}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{arg} has {n}" for arg, n in lengths.items())
+        raise InputError(f"the cluster lists must have one entry per node and the same length: {detail}")
+    if lengths["node_IP_list"] != size:
+        raise InputError(
+            f"node_IP_list has {lengths['node_IP_list']} entries but this job runs {size} MPI rank(s); "
+            f"start it with mpirun -n {lengths['node_IP_list']} (a host listed k times in the hostfile "
+            f"gets k ranks), or list one IP per rank: {values[0]}")
+    ip_list, accel_list, pct, names = values
+    for i, ip in enumerate(ip_list):
+        if not isinstance(ip, str) or not ip.strip():
+            raise InputError(f"node_IP_list: entry {i} must be a host name or IP address, got {ip!r}")
+    for i, flag in enumerate(accel_list):
+        if not isinstance(flag, bool):
+            raise InputError(f"CPU_GPU_select_list: entry {i} must be True or False, got {flag!r}")
+    shares = [float(x) for x in validate_weights(pct, size, "node_percentages")]
+    canon = [backends.canonical(n, f"back_end_select_list[{i}]") for i, n in enumerate(names)]
+    return ip_list, accel_list, shares, canon
+
+
+def match_hosts(ip_list: Sequence[str], ranks: RankTable) -> None:
+    """Entry i must be rank i's host: its name, one of its addresses, or loopback
+    when the whole job runs on one host. A mismatch lists both sides."""
+    one_host = len({r.host for r in ranks}) == 1
+    problems = []
+    for entry, r in zip(ip_list, ranks, strict=True):
+        if hostaddr.is_loopback(entry):
+            if not one_host:
+                problems.append(f"  entry {r.rank} {entry!r} is a loopback address, which cannot say "
+                                f"which host rank {r.rank} is on in a job spanning several hosts")
+            continue
+        if hostaddr.normalise(entry) not in r.addresses and entry.lower() != r.host.lower():
+            problems.append(f"  entry {r.rank} {entry!r} is not rank {r.rank}'s host {r.host!r}")
+    if problems:
+        world = "\n".join(f"  rank {r.rank}: {r.host} ({', '.join(r.addresses) or 'no address found'})"
+                          for r in ranks)
+        raise InputError("node_IP_list does not match the ranks MPI started:\n" + "\n".join(problems)
+                         + f"\nnode_IP_list: {list(ip_list)}\nranks:\n{world}\n"
+                         "List rank i's host (name or address) as entry i, in hostfile order.")
+
+
+def connect(ips: Any, accel: Any, percentages: Any, backends_: Any) -> tuple[Cluster, list[float]]:
+    """The job's cluster, started on first use with these backends and accelerator flags.
+
+    On worker ranks (a script started on every rank by plain ``mpirun``) this
+    serves the driver and exits the process, as :func:`cmatrix.init` does.
+    Returns the cluster and the checked percentages (the shares of this matrix).
+    """
+    size = session.connect().comm.size
+    ip_list, accel_list, shares, names = check_lists(ips, accel, percentages, backends_, size)
+    cluster = session.driver_cluster() if session.connect().comm.is_driver else None
+    configured = cluster is not None and cluster._config is not None
+    if configured:
+        names0, _, accel0 = cluster._config
+        if list(names0) != names or list(accel0) != accel_list:
+            raise InputError(f"this job's cluster already runs back_end_select_list={list(names0)}, "
+                             f"CPU_GPU_select_list={list(accel0)}; every cluster_matrix of one job must "
+                             f"use the same, got {names} and {accel_list}")
+    else:
+        cluster = session.init(weights=shares, backends=names, accel=accel_list)
+    match_hosts(ip_list, cluster.ranks)
+    return cluster, shares

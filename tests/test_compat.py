@@ -1,0 +1,151 @@
+"""The seed API's checks (pure) and its single-node mode on a one-rank cluster in
+this process. Multi-rank runs are in test_seed_readme.py and test_seed_mpi.py."""
+
+import numpy as np
+import pytest
+from conftest import has_torch
+
+import cmatrix as cm
+from cmatrix import compat, compat_setup
+from cmatrix.ranks import RankInfo, RankTable
+
+LISTS = (["127.0.0.1", "127.0.0.1"], [True, True], [0.5, 0.5], ["llama", "torch"])
+
+
+def ranks(*hosts, addresses=None):
+    return RankTable([RankInfo(rank=i, host=h, local_rank=0, local_size=1, backend="numpy", device="cpu",
+                               weight=1 / len(hosts), threads=1,
+                               addresses=tuple((addresses or {}).get(h, ())))
+                      for i, h in enumerate(hosts)])
+
+
+def test_lists_are_checked_and_backends_mapped():
+    ips, accel, shares, names = compat_setup.check_lists(*LISTS, size=2)
+    assert names == ["ggml", "torch"] and shares == [0.5, 0.5] and accel == [True, True]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({2: [0.5, 0.45]}, "sum to 0.95"),                  # the seed GUI's configs summed to 0.95 ...
+    ({2: [0.1, 0.2]}, "sum to 0.3"),                    # ... and to 0.3
+    ({1: [True]}, "CPU_GPU_select_list has 1"),
+    ({0: ["127.0.0.1"] * 3, 1: [True] * 3, 2: [0.3, 0.3, 0.4], 3: ["numpy"] * 3}, "this job runs 2 MPI rank"),
+    ({3: ["llama", "cuda-magic"]}, "unknown backend 'cuda-magic'"),
+    ({1: [True, "yes"]}, "entry 1 must be True or False"),
+    ({0: ["127.0.0.1", ""]}, "entry 1 must be a host name"),
+    ({0: "127.0.0.1"}, "one entry per rank"),
+])
+def test_bad_lists_are_refused_with_the_seed_argument_named(change, fragment):
+    lists = [change.get(i, v) for i, v in enumerate(LISTS)]
+    with pytest.raises(cm.InputError, match=fragment):
+        compat_setup.check_lists(*lists, size=2)
+
+
+def test_hosts_match_by_name_address_or_loopback_on_one_host():
+    table = ranks("nodeA", "nodeA", addresses={"nodeA": ("10.0.0.5", "fe80::1")})
+    compat_setup.match_hosts(["nodeA", "10.0.0.5"], table)
+    compat_setup.match_hosts(["127.0.0.1", "localhost"], table)
+    compat_setup.match_hosts(["::ffff:10.0.0.5", "NODEA"], table)
+
+
+def test_host_mismatch_lists_both_sides():
+    table = ranks("nodeA", "nodeB", addresses={"nodeA": ("10.0.0.5",), "nodeB": ("10.0.0.6",)})
+    with pytest.raises(cm.InputError) as info:
+        compat_setup.match_hosts(["10.0.0.5", "10.0.0.7"], table)
+    text = str(info.value)
+    assert "entry 1 '10.0.0.7' is not rank 1's host 'nodeB'" in text
+    assert "['10.0.0.5', '10.0.0.7']" in text and "rank 1: nodeB (10.0.0.6)" in text
+    with pytest.raises(cm.InputError, match="loopback"):  # ambiguous once hosts differ
+        compat_setup.match_hosts(["127.0.0.1", "10.0.0.6"], table)
+    with pytest.raises(cm.InputError, match="entry 0 '10.0.0.6'"):  # hostfile order matters
+        compat_setup.match_hosts(["10.0.0.6", "10.0.0.5"], table)
+
+
+@pytest.mark.parametrize("setup", [[3, "save"], [1, "store"], "save", [1], None])
+def test_auto_set_up(setup):
+    if setup is None:
+        assert compat._parse_setup(setup) == (1, "save")
+        return
+    with pytest.raises(cm.InputError, match="auto_set_up"):
+        compat._parse_setup(setup)
+
+
+def test_matrices_are_2d_after_dropping_leading_ones():
+    assert compat._matrix(np.ones((1, 1, 3, 4), np.float32)).shape == (3, 4)
+    for shape in [(5,), (2, 3, 4), (0, 3)]:
+        with pytest.raises(cm.InputError, match="reshape in torch first"):
+            compat._matrix(np.ones(shape, np.float32))
+    assert compat._default_name("/data/layers.0 gate.pt") == "layers.0_gate"
+
+
+# ---- single-node mode in this process (one rank, the numpy backend of cm.init()) ----------
+
+def one(data, split=False, dim=0, setup=(1, "save"), name=None):
+    return cm.cluster_matrix(matrix_file_path=data, node_IP_list=["127.0.0.1"], CPU_GPU_select_list=[True],
+                             node_percentages=[1], back_end_select_list=["numpy"], split_matrix=split,
+                             dim=dim, auto_set_up=list(setup), matrix_name=name)
+
+
+@pytest.fixture(scope="module")
+def cl(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CMATRIX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("CMATRIX_SHM_DIR", str(tmp_path_factory.mktemp("shm")))
+        yield cm.init()
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_single_node_mode_with_and_without_send_back(cl):
+    import torch
+
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((16, 3)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    A, B = one(x), one(w, split=True, dim=1, setup=(1, "saveC"), name="single_w")
+    y = A.cluster_shard_operation(B, True, False, True)
+    assert isinstance(y, torch.Tensor)
+    np.testing.assert_allclose(y.numpy(), x.T @ w, rtol=1e-5, atol=1e-5)
+    kept = A.cluster_shard_operation(B, True, False, False)
+    assert isinstance(kept, cm.cluster_matrix) and kept.shape == (3, 8)
+    np.testing.assert_allclose(kept.send_back().numpy(), x.T @ w, rtol=1e-5, atol=1e-5)
+    again = one(None, split=True, dim=1, setup=(1, "loadC"), name="single_w")
+    assert again.handle is B.handle
+    with pytest.raises(cm.CacheError, match="was saved with split_matrix=True, dim=1"):
+        one(None, split=True, dim=0, setup=(1, "loadC"), name="single_w")
+    with pytest.raises(cm.CacheError, match="no matrix named 'nothing'"):
+        one(None, split=True, setup=(1, "loadC"), name="nothing")
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_operation_errors(cl):
+    w = np.ones((4, 4), np.float32)
+    A, B = one(w), one(w, split=True, dim=1, setup=(1, "saveC"), name="ops_w")
+    with pytest.raises(cm.InputError, match="op: expected one of"):
+        A.cluster_shard_operation(B, False, False, True, "div")
+    with pytest.raises(cm.InputError, match="must be split"):
+        B.cluster_shard_operation(A, False, False, True)
+    with pytest.raises(cm.InputError, match="both matrices must be split"):
+        A.cluster_shard_operation(B, False, False, True, "add")
+    with pytest.raises(cm.InputError, match="matrix_name"):
+        one(w, split=True, dim=1, setup=(1, "save"))
+    with pytest.raises(cm.InputError, match="already runs back_end_select_list"):
+        cm.cluster_matrix(matrix_file_path=w, node_IP_list=["127.0.0.1"], CPU_GPU_select_list=[True],
+                          node_percentages=[1], back_end_select_list=["torch"])
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_disk_cache_save_then_load_and_shm_result(cl, tmp_path):
+    import torch
+
+    w = np.arange(32, dtype=np.float32).reshape(4, 8)
+    path = tmp_path / "gate_w.pt"
+    torch.save(torch.from_numpy(w), path)
+    saved = one(str(path), split=True, dim=1, setup=(1, "save"))
+    assert saved.matrix_name == "gate_w" and saved.handle.cached
+    loaded = one(str(path), split=True, dim=1, setup=(1, "load"))
+    x = np.ones((4, 2), np.float32)
+    result = one(x).cluster_shard_operation(loaded, True, False, True, shm_name="seed_y")
+    np.testing.assert_allclose(result.numpy(), x.T @ w)
+    written = compat.convert_bin_matrix_to_pt(str(cm.sinks.shm_dir() / "seed_y.bin"))
+    np.testing.assert_array_equal(written.numpy(), result.numpy())
+    torch.save(torch.from_numpy(w + 1), path)  # the file changed: the cache is stale now
+    with pytest.raises(cm.CacheError, match="weight"):
+        one(str(path), split=True, dim=1, setup=(1, "load"))
