@@ -159,14 +159,17 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
 
     def cluster_shard_operation(self, other: cluster_matrix, TransposeA: bool, TransposeB: bool,  # noqa: N803
                                 send_back: bool = True, op: str = "mul",
-                                shm_name: str | None = None) -> Any:
+                                shm_name: str | None = None, inner: bool = False,
+                                grid: tuple[int, int] | None = None) -> Any:
         """``op(A) @ op(B)`` ("mul"), or shard-wise ``op(A) ± op(B)`` ("add"/"sub"), where
         A is this matrix, B is ``other`` and op transposes when its flag is set.
 
         System 1: for "mul" B must be split; its pieces of the result are joined
         along the result's columns (B split along op(B)'s columns) or summed (B
         split along the inner dimension). "add"/"sub" need both split alike.
-        System 2 (both grid mode): the grid product / grid elementwise operation.
+        System 2 (both grid mode): the grid product (``inner=True``: the variant
+        that splits the inner dimension and sums partial products; ``grid``: the
+        p x q shape, default the most square) or grid elementwise operation.
         ``send_back=True`` returns a torch tensor; False keeps the result on the
         cluster and returns a cluster_matrix whose :meth:`send_back` fetches it.
         ``shm_name`` also writes the result to ``/dev/shm/cmatrix/NAME.bin``.
@@ -182,16 +185,21 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         if (self.system == 2) != (other.system == 2):
             raise InputError("grid mode: both matrices must be created with auto_set_up [2, ...]")
         out = f"shm:{shm_name}" if shm_name is not None else (None if send_back else "keep")
+        if self.system != 2 and (inner or grid is not None):
+            raise InputError("inner, grid: options of grid mode (auto_set_up [2, ...]) only")
         if self.system == 2:
             if not send_back:
                 raise InputError("send_back: grid mode results are assembled on the driver; pass True")
             cl = self.cluster
             if op == "mul":
-                result = cl.grid_matmul(self._host, other._host, ta, tb, weights=self.node_percentages,
-                                        out=out)
+                result = cl.grid_matmul(self._host, other._host, ta, tb, grid=grid, inner=bool(inner),
+                                        weights=self.node_percentages, out=out)
             else:
+                if inner:
+                    raise InputError(f"inner: {op} has no inner dimension; it is split in 2-D blocks")
                 fn = cl.grid_add if op == "add" else cl.grid_sub
-                result = fn(self._host, other._host, ta, tb, weights=self.node_percentages, out=out)
+                result = fn(self._host, other._host, ta, tb, grid=grid, weights=self.node_percentages,
+                            out=out)
             return self._returned(result, shm_name)
         if op == "mul":
             if not other.split_matrix:
