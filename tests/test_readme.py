@@ -45,3 +45,42 @@ print("README-CACHE-OK")
     assert r.returncode == 0, r
     assert "README-CACHE-OK" in r.stdout, r
     assert not list((tmp_path / "cache").rglob("*.cmshard")), "free(disk=True) left files"
+
+
+def _block(containing: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if containing in b)
+
+
+def test_readme_node_ops_block_runs(tmp_path):
+    script = tmp_path / "readme_node_ops.py"
+    checks = """
+import numpy as _np
+_e = _np.exp(h - h.max(axis=1, keepdims=True))
+_np.testing.assert_allclose(p, _e / _e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
+_np.testing.assert_allclose(a, h / (1 + _np.exp(-h)), rtol=1e-5)
+_np.testing.assert_allclose(n, h / _np.sqrt((h ** 2).mean(axis=1, keepdims=True) + 1e-6), rtol=1e-5)
+assert o.shape == (5, 256) and kk.shape == (9, 256) and _np.all(_np.isfinite(o))
+_np.testing.assert_array_equal(kk[:, 64:128], k[:, :64])
+print("README-NODE-OPS-OK")
+"""
+    script.write_text(_block("cl.rope(") + checks)
+    r = mpirun(2, script, timeout=180)
+    assert r.returncode == 0, r
+    assert "README-NODE-OPS-OK" in r.stdout, r
+
+
+def test_readme_seed_api_block_runs(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "readme_seed.py"
+    checks = """
+import torch as _t
+_t.testing.assert_close(y, x.T @ w, rtol=1e-4, atol=1e-4)
+_t.testing.assert_close(y2, y)
+_t.testing.assert_close(s, 2 * w)
+print("README-SEED-OK")
+"""
+    script.write_text(_block("cluster_matrix(") + checks)
+    r = mpirun(2, script, timeout=180, plain=True)
+    assert r.returncode == 0, r
+    assert "README-SEED-OK" in r.stdout, r
