@@ -113,6 +113,8 @@ def _mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
         return None
     if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
         data = np.where(mask, 0.0, -np.inf).astype(np.float32)
+    elif isinstance(mask, np.ndarray) and mask.dtype.kind == "f":  # a mask of any float type
+        data = np.ascontiguousarray(mask, dtype=np.float32)
     elif type(mask).__module__.split(".")[0] == "torch" and str(mask.dtype) == "torch.bool":
         data = np.where(mask.detach().cpu().numpy(), 0.0, -np.inf).astype(np.float32)
     else:
@@ -120,6 +122,6 @@ def _mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
         data = np.ascontiguousarray(to_float32(host.data, host.dtype), dtype=np.float32)
     if data.shape != shape:
         raise InputError(f"mask: expected shape {shape} (queries x keys), got {data.shape}")
-    if np.isnan(data).any():
-        raise InputError("mask: contains NaN")
+    if np.isnan(data).any() or np.isposinf(data).any():
+        raise InputError("mask: contains NaN or +inf; use 0 (attend) or -inf (do not attend)")
     return data

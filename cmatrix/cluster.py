@@ -97,8 +97,7 @@ class Cluster(NodeOps, GridOps):
                      local_size=i["local_size"], backend=i["backend"], device=i["device"],
                      weight=float(self.weights[i["rank"]]), threads=i["threads"],
                      fallback=i.get("fallback"), memory=i.get("memory"),
-                     dtypes=tuple(i.get("dtypes", ())), versions=i["versions"],
-                     addresses=tuple(i.get("addresses", ())))
+                     dtypes=tuple(i.get("dtypes", ())), versions=i["versions"])
             for i in self._infos
         ])
 

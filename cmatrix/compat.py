@@ -21,6 +21,7 @@ written to each node's disk cache), ``"load"`` reuses the node caches,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -65,9 +66,13 @@ def _matrix(data: Any) -> HostArray:
 
 
 def _default_name(data: Any) -> str | None:
+    """A cache name for a file: its stem plus a hash of its full path and key, so that
+    ``layers/0/gate.pt`` and ``layers/1/gate.pt`` never share a cache entry."""
     if isinstance(data, (str, os.PathLike)):
-        stem = Path(str(data).split("#")[0]).stem
-        return re.sub(r"[^A-Za-z0-9_.\-]", "_", stem).strip(".") or None
+        path, _, key = str(data).partition("#")
+        stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(path).stem).strip(".")[:150] or "matrix"
+        where = f"{Path(path).expanduser().resolve()}#{key}"
+        return f"{stem}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
     return None
 
 
@@ -99,7 +104,7 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         self.handle: Matrix | None = None
         self._host: HostArray | None = None
         if self.system == 2:
-            if self.action in ("load", "loadC"):
+            if self.action != "save":
                 raise InputError(f"auto_set_up: grid mode (system 2) keeps no blocks between operations, "
                                  f"so there is nothing to {self.action!r}; use [2, 'save']")
             self._host = _matrix(matrix_file_path)
@@ -127,13 +132,17 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         cl, name = self.cluster, self.matrix_name
         if not self.split_matrix:
             return cl.replicate(_matrix(data), name=name)
-        if self.action in ("save", "load", "auto"):
-            if name is None:
-                raise InputError(f"matrix_name: auto_set_up [1, {self.action!r}] caches the shards on the "
-                                 "nodes' disks under a name; pass matrix_name='...' (a file path gives "
-                                 "one by default)")
-            return cl.shard(_matrix(data), name=name, weights=self.node_percentages, axis=self.dim,
+        if self.action == "load" and name is None:
+            raise InputError("matrix_name: auto_set_up [1, 'load'] reads the shards the nodes cached under "
+                             "a name; pass matrix_name='...' (a file path gives one by default)")
+        if self.action in ("save", "load", "auto") and name is not None:
+            # "load" without data takes shape, dtype and checksums from the cache's manifest;
+            # with data, the shards' checksums are compared against it (a changed file is stale).
+            weight = None if data is None and self.action == "load" else _matrix(data)
+            return cl.shard(weight, name=name, weights=self.node_percentages, axis=self.dim,
                             cache=self.action)
+        # "saveC", or a tensor without a name: sent and kept resident, not cached on disk
+        # (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
         return cl.shard(_matrix(data), name=name, weights=self.node_percentages, axis=self.dim)
 
     def _to_ram(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import InputError
-from .matrix import ReplicatedMatrix
+from .matrix import Matrix, ShardedMatrix
 
 
 def _axis(dim: int) -> int:
@@ -23,19 +23,40 @@ def _axis(dim: int) -> int:
     raise InputError(f"dim: 0, 1, -1 or -2 for a 2-D matrix, got {dim!r}")
 
 
+def _whole_heads(m: ShardedMatrix, head_dim: int) -> bool:
+    return m.axis == 1 and all(c % head_dim == 0 for c in m.counts)
+
+
+def _split_by_groups(q: Any, k: Any, v: Any, head_dim: int) -> bool:
+    """Whether q, k, v are all split by columns in the same whole key/value groups."""
+    if not all(isinstance(x, ShardedMatrix) for x in (q, k, v)):
+        return False
+    if k.plan != v.plan or not _whole_heads(k, head_dim) or q.shape[1] % max(k.shape[1], 1):
+        return False
+    n_rep = q.shape[1] // k.shape[1]
+    return q.axis == 1 and q.counts == tuple(c * n_rep for c in k.counts)
+
+
 class SeedNodeOps:
     """Mixed into :class:`cmatrix.compat.cluster_matrix`."""
 
-    def _operand(self) -> Any:
-        return self.handle if self.handle is not None else self._host
+    def _operand(self, head_dim: int | None = None) -> Any:
+        """The native operand. A matrix split by columns that do not fall on whole heads of
+        ``head_dim`` (the seed splits by percentages alone) is fetched, to be split by heads."""
+        m = self.handle if self.handle is not None else self._host
+        if isinstance(head_dim, int) and head_dim > 0 and isinstance(m, ShardedMatrix) \
+                and m.axis == 1 and not _whole_heads(m, head_dim):
+            return m.gather()
+        return m
 
-    def _node(self, fn: str, send_back: bool, *args: Any, **kwargs: Any) -> Any:
+    def _node(self, fn: str, send_back: bool, *args: Any, heads_of: int | None = None,
+              **kwargs: Any) -> Any:
         from .compat import _tensor
 
         if not send_back and self.handle is None:
             raise InputError("send_back: grid-mode matrices are not resident; pass send_back=True")
-        result = getattr(self.cluster, fn)(self._operand(), *args, out=None if send_back else "keep",
-                                           **kwargs)
+        result = getattr(self.cluster, fn)(self._operand(heads_of), *args,
+                                           out=None if send_back else "keep", **kwargs)
         return _tensor(result) if send_back else type(self)._wrap(self, result)
 
     def silu(self, send_back: bool = True) -> Any:
@@ -57,11 +78,12 @@ class SeedNodeOps:
     def rope(self, positions: Any, head_dim: int, theta: float = 10000.0, interleaved: bool = False,
              send_back: bool = True) -> Any:
         """Rotary embedding of rows at ``positions`` (heads of ``head_dim`` side by side)."""
-        return self._node("rope", send_back, positions, head_dim, theta=theta, interleaved=interleaved)
+        return self._node("rope", send_back, positions, head_dim, theta=theta, interleaved=interleaved,
+                          heads_of=head_dim)
 
     def repeat(self, n_rep: int, head_dim: int, send_back: bool = True) -> Any:
         """Each key/value head repeated ``n_rep`` times (grouped-query attention)."""
-        return self._node("repeat_kv", send_back, head_dim, n_rep)
+        return self._node("repeat_kv", send_back, head_dim, n_rep, heads_of=head_dim)
 
     def cluster_flash_attn(self, K: Any, V: Any, head_dim: int, scale: float | None = None,  # noqa: N803
                            mask: Any = None, causal: bool = False, send_back: bool = True) -> Any:
@@ -73,13 +95,13 @@ class SeedNodeOps:
         from .compat import _tensor, cluster_matrix
 
         def operand(x: Any) -> Any:
-            if isinstance(x, cluster_matrix):
-                x = x._operand()
-            if isinstance(x, ReplicatedMatrix):  # the driver holds a copy: split it by heads
-                return x.gather()
-            return x
+            return x._operand() if isinstance(x, cluster_matrix) else x
 
         q, k, v = operand(self), operand(K), operand(V)
+        if not _split_by_groups(q, k, v, head_dim):
+            # Full matrices, or splits by percentages that do not fall on whole key/value
+            # groups: fetch them (the driver holds full ones) and let attention split by heads.
+            q, k, v = (x.gather() if isinstance(x, Matrix) else x for x in (q, k, v))
         result = self.cluster.attention(q, k, v, head_dim, scale=scale, mask=mask, causal=causal,
                                         weights=self.node_percentages,
                                         out=None if send_back else "keep")

@@ -15,7 +15,6 @@ from . import backends, hostaddr, session
 from .cluster import Cluster
 from .errors import InputError
 from .plan import validate_weights
-from .ranks import RankTable
 
 LISTS = ("node_IP_list", "CPU_GPU_select_list", "node_percentages", "back_end_select_list")
 
@@ -51,22 +50,25 @@ def check_lists(ips: Any, accel: Any, percentages: Any, backends_: Any,
     return ip_list, accel_list, shares, canon
 
 
-def match_hosts(ip_list: Sequence[str], ranks: RankTable) -> None:
+def match_hosts(ip_list: Sequence[str], hosts: Sequence[dict]) -> None:
     """Entry i must be rank i's host: its name, one of its addresses, or loopback
-    when the whole job runs on one host. A mismatch lists both sides."""
-    one_host = len({r.host for r in ranks}) == 1
+    when the whole job runs on one host. A mismatch lists both sides.
+
+    ``hosts``: per rank, ``{"rank", "host", "addresses"}`` (see the identify command).
+    """
+    one_host = len({h["host"] for h in hosts}) == 1
     problems = []
-    for entry, r in zip(ip_list, ranks, strict=True):
+    for entry, h in zip(ip_list, hosts, strict=True):
         if hostaddr.is_loopback(entry):
             if not one_host:
-                problems.append(f"  entry {r.rank} {entry!r} is a loopback address, which cannot say "
-                                f"which host rank {r.rank} is on in a job spanning several hosts")
+                problems.append(f"  entry {h['rank']} {entry!r} is a loopback address, which cannot say "
+                                f"which host rank {h['rank']} is on in a job spanning several hosts")
             continue
-        if hostaddr.normalise(entry) not in r.addresses and entry.lower() != r.host.lower():
-            problems.append(f"  entry {r.rank} {entry!r} is not rank {r.rank}'s host {r.host!r}")
+        if hostaddr.normalise(entry) not in h["addresses"] and entry.lower() != h["host"].lower():
+            problems.append(f"  entry {h['rank']} {entry!r} is not rank {h['rank']}'s host {h['host']!r}")
     if problems:
-        world = "\n".join(f"  rank {r.rank}: {r.host} ({', '.join(r.addresses) or 'no address found'})"
-                          for r in ranks)
+        world = "\n".join(f"  rank {h['rank']}: {h['host']} "
+                          f"({', '.join(h['addresses']) or 'no address found'})" for h in hosts)
         raise InputError("node_IP_list does not match the ranks MPI started:\n" + "\n".join(problems)
                          + f"\nnode_IP_list: {list(ip_list)}\nranks:\n{world}\n"
                          "List rank i's host (name or address) as entry i, in hostfile order.")
@@ -77,19 +79,29 @@ def connect(ips: Any, accel: Any, percentages: Any, backends_: Any) -> tuple[Clu
 
     On worker ranks (a script started on every rank by plain ``mpirun``) this
     serves the driver and exits the process, as :func:`cmatrix.init` does.
+    The hosts are matched before the first call configures the cluster, so a
+    call refused for its IP list leaves the backends still to be chosen.
     Returns the cluster and the checked percentages (the shares of this matrix).
     """
-    size = session.connect().comm.size
-    ip_list, accel_list, shares, names = check_lists(ips, accel, percentages, backends_, size)
-    cluster = session.driver_cluster() if session.connect().comm.is_driver else None
-    configured = cluster is not None and cluster._config is not None
-    if configured:
-        names0, _, accel0 = cluster._config
-        if list(names0) != names or list(accel0) != accel_list:
-            raise InputError(f"this job's cluster already runs back_end_select_list={list(names0)}, "
-                             f"CPU_GPU_select_list={list(accel0)}; every cluster_matrix of one job must "
-                             f"use the same, got {names} and {accel_list}")
-    else:
-        cluster = session.init(weights=shares, backends=names, accel=accel_list)
-    match_hosts(ip_list, cluster.ranks)
+    rt = session.connect()
+    ip_list, accel_list, shares, names = check_lists(ips, accel, percentages, backends_, rt.comm.size)
+    if not rt.comm.is_driver:
+        session.init(weights=shares, backends=names, accel=accel_list)  # serves, then exits
+    cluster = session.driver_cluster()
+    match_hosts(ip_list, _hosts(cluster))
+    if cluster._config is None:
+        return session.init(weights=shares, backends=names, accel=accel_list), shares
+    names0, _, accel0 = cluster._config
+    if list(names0) != names or list(accel0) != accel_list:
+        raise InputError(f"this job's cluster already runs back_end_select_list={list(names0)}, "
+                         f"CPU_GPU_select_list={list(accel0)}; every cluster_matrix of one job must "
+                         f"use the same, got {names} and {accel_list}")
     return cluster, shares
+
+
+def _hosts(cluster: Cluster) -> list[dict]:
+    """Every rank's host and addresses, asked once per job (the answer cannot change)."""
+    known = getattr(cluster, "_seed_hosts", None)
+    if known is None:
+        known = cluster._seed_hosts = cluster._run({"op": "identify"})
+    return known

@@ -81,7 +81,8 @@ class NodeOps:
         return _unary(self, m, "activation", {"kind": kind}, axis=None, out=out)
 
     def softmax(self: Cluster, m: Any, axis: int = 1, out: str | None = None) -> Any:
-        """Softmax along ``axis`` (1: each row sums to 1), computed in float32."""
+        """Softmax along ``axis`` (1: each row sums to 1), computed in float32.
+        A slice that is -inf throughout gives zeros (torch gives NaN)."""
         axis = check_axis(axis, "axis")
         return _unary(self, m, "softmax", {}, axis=axis, out=out)
 
@@ -90,7 +91,8 @@ class NodeOps:
         """``x / sqrt(mean(x**2) + eps) * weight`` along ``axis`` (1: each row is a vector,
         as a Llama hidden state). ``weight``: a vector of length ``shape[axis]`` or None."""
         axis = check_axis(axis, "axis")
-        length = _shape_of(m)[axis]
+        m = _loaded(m)
+        length = m.shape[axis]
         w = None if weight is None else _vector(weight, length, "weight")
         if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
             raise InputError(f"eps: a finite number >= 0, got {eps!r}")
@@ -104,10 +106,13 @@ class NodeOps:
         halves of each head (Hugging Face Llama), True rotates pairs (2i, 2i+1).
         ``inv_freq`` (head_dim/2 values) overrides ``theta``, e.g. for scaled ropes.
         A matrix sharded by columns must hold whole heads on every rank."""
-        rows, cols = _shape_of(m)
+        m = _loaded(m)
+        rows, cols = m.shape
         head_dim = _positive_int(head_dim, "head_dim")
         if head_dim % 2 or cols % head_dim:
             raise InputError(f"head_dim: must be even and divide the {cols} columns, got {head_dim}")
+        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise InputError(f"theta: a finite number > 0 (the rope base, e.g. 10000.0), got {theta!r}")
         pos = _vector(positions, rows, "positions")
         freq = rope_frequencies(head_dim, float(theta)) if inv_freq is None else \
             _vector(inv_freq, head_dim // 2, "inv_freq")
@@ -119,7 +124,8 @@ class NodeOps:
     def repeat_kv(self: Cluster, m: Any, head_dim: int, n_rep: int, out: str | None = None) -> Any:
         """Each key/value head of ``head_dim`` columns repeated ``n_rep`` times in place
         (grouped-query attention: output head h is input head h // n_rep)."""
-        cols = _shape_of(m)[1]
+        m = _loaded(m)
+        cols = m.shape[1]
         head_dim, n_rep = _positive_int(head_dim, "head_dim"), _positive_int(n_rep, "n_rep")
         if cols % head_dim:
             raise InputError(f"head_dim: {head_dim} does not divide the {cols} columns")
@@ -153,12 +159,13 @@ def _positive_int(x: Any, arg: str) -> int:
     return int(x)
 
 
-def _shape_of(m: Any) -> tuple[int, int]:
+def _loaded(m: Any) -> Any:
+    """A cluster matrix as is; anything else read once into host storage (checked 2-D)."""
     if isinstance(m, Matrix):
-        return m.shape
+        return m
     host = from_user(m, "m")
     check_matrix(host, "m")
-    return host.shape
+    return host
 
 
 def _check_whole(m: Any, head_dim: int, op: str) -> None:

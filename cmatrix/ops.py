@@ -37,14 +37,12 @@ def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
             rt.free(ident)
         rt.backend = Device(backend)
         from .comm import library_version
-        from .hostaddr import local_identity
 
         info = {
             "rank": comm.rank, "host": comm.host, "local_rank": comm.local_rank,
             "local_size": comm.local_size, "backend": name, "threads": threads,
             "versions": {"cmatrix": __version__, "numpy": np.__version__,
                          "python": platform.python_version(), "mpi": library_version()},
-            "addresses": local_identity(comm.host),
             **rt.backend.describe(),
         }
     rt.sync()
@@ -74,6 +72,19 @@ def probe(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
         report = {"rank": comm.rank, "host": comm.host, "backends": backends.probe_all(index, threads)}
     rt.sync()
     return rt.comm.gather_objects(report)
+
+
+@command("identify")
+def identify(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
+    """Every rank's host name and addresses (for matching a seed-style node_IP_list).
+
+    Runs before ``configure`` is needed: it touches no backend."""
+    from .hostaddr import local_identity
+
+    with rt.step("identify"):
+        me = {"rank": rt.comm.rank, "host": rt.comm.host, "addresses": local_identity(rt.comm.host)}
+    rt.sync()
+    return rt.comm.gather_objects(me)
 
 
 @command("shard")

@@ -22,8 +22,6 @@ class RankInfo:
     #: dense dtypes the rank's backend computes with
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     versions: dict = field(default_factory=dict, compare=False)
-    #: the host's names and addresses (for matching a seed-style node_IP_list)
-    addresses: tuple[str, ...] = field(default=(), compare=False)
 
 
 class RankTable:

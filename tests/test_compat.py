@@ -7,16 +7,13 @@ from conftest import has_torch
 
 import cmatrix as cm
 from cmatrix import compat, compat_setup
-from cmatrix.ranks import RankInfo, RankTable
 
 LISTS = (["127.0.0.1", "127.0.0.1"], [True, True], [0.5, 0.5], ["llama", "torch"])
 
 
 def ranks(*hosts, addresses=None):
-    return RankTable([RankInfo(rank=i, host=h, local_rank=0, local_size=1, backend="numpy", device="cpu",
-                               weight=1 / len(hosts), threads=1,
-                               addresses=tuple((addresses or {}).get(h, ())))
-                      for i, h in enumerate(hosts)])
+    return [{"rank": i, "host": h, "addresses": list((addresses or {}).get(h, ()))}
+            for i, h in enumerate(hosts)]
 
 
 def test_lists_are_checked_and_backends_mapped():
@@ -74,7 +71,9 @@ def test_matrices_are_2d_after_dropping_leading_ones():
     for shape in [(5,), (2, 3, 4), (0, 3)]:
         with pytest.raises(cm.InputError, match="reshape in torch first"):
             compat._matrix(np.ones(shape, np.float32))
-    assert compat._default_name("/data/layers.0 gate.pt") == "layers.0_gate"
+    name = compat._default_name("/data/layers.0 gate.pt")
+    assert name.startswith("layers.0_gate-") and name != compat._default_name("/data/1/layers.0 gate.pt")
+    assert compat._default_name("/data/w.h5#/a") != compat._default_name("/data/w.h5#/b")
 
 
 # ---- single-node mode in this process (one rank, the numpy backend of cm.init()) ----------
@@ -125,7 +124,11 @@ def test_operation_errors(cl):
     with pytest.raises(cm.InputError, match="both matrices must be split"):
         A.cluster_shard_operation(B, False, False, True, "add")
     with pytest.raises(cm.InputError, match="matrix_name"):
-        one(w, split=True, dim=1, setup=(1, "save"))
+        one(w, split=True, dim=1, setup=(1, "load"))
+    unnamed = one(w, split=True, dim=1, setup=(1, "save"))  # a tensor without a name: sent, not cached
+    assert not unnamed.handle.cached
+    with pytest.raises(cm.InputError, match="grid mode"):
+        one(w, setup=(2, "saveC"), name="g")
     with pytest.raises(cm.InputError, match="already runs back_end_select_list"):
         cm.cluster_matrix(matrix_file_path=w, node_IP_list=["127.0.0.1"], CPU_GPU_select_list=[True],
                           node_percentages=[1], back_end_select_list=["torch"])
@@ -139,13 +142,13 @@ def test_disk_cache_save_then_load_and_shm_result(cl, tmp_path):
     path = tmp_path / "gate_w.pt"
     torch.save(torch.from_numpy(w), path)
     saved = one(str(path), split=True, dim=1, setup=(1, "save"))
-    assert saved.matrix_name == "gate_w" and saved.handle.cached
+    assert saved.matrix_name.startswith("gate_w-") and saved.handle.cached
     loaded = one(str(path), split=True, dim=1, setup=(1, "load"))
     x = np.ones((4, 2), np.float32)
     result = one(x).cluster_shard_operation(loaded, True, False, True, shm_name="seed_y")
     np.testing.assert_allclose(result.numpy(), x.T @ w)
     written = compat.convert_bin_matrix_to_pt(str(cm.sinks.shm_dir() / "seed_y.bin"))
-    np.testing.assert_array_equal(written.numpy(), result.numpy())
+    np.testing.assert_allclose(written.numpy(), x.T @ w)
     torch.save(torch.from_numpy(w + 1), path)  # the file changed: the cache is stale now
     with pytest.raises(cm.CacheError, match="weight"):
         one(str(path), split=True, dim=1, setup=(1, "load"))

@@ -60,7 +60,19 @@ _e = _np.exp(h - h.max(axis=1, keepdims=True))
 _np.testing.assert_allclose(p, _e / _e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
 _np.testing.assert_allclose(a, h / (1 + _np.exp(-h)), rtol=1e-5)
 _np.testing.assert_allclose(n, h / _np.sqrt((h ** 2).mean(axis=1, keepdims=True) + 1e-6), rtol=1e-5)
-assert o.shape == (5, 256) and kk.shape == (9, 256) and _np.all(_np.isfinite(o))
+_u = _np.sqrt(2 / _np.pi) * (h + 0.044715 * h ** 3)
+_np.testing.assert_allclose(g, 0.5 * h * (1 + _np.tanh(_u)), rtol=1e-5, atol=1e-6)
+_ang = _np.arange(5)[:, None] / 10000.0 ** (_np.arange(0, 64, 2) / 64)
+_c, _s = _np.cos(_ang), _np.sin(_ang)
+_x1, _x2 = h[:, :32], h[:, 32:64]   # head 0: rotate halves
+_np.testing.assert_allclose(r[:, :64], _np.hstack([_x1 * _c - _x2 * _s, _x2 * _c + _x1 * _s]),
+                            rtol=1e-4, atol=1e-5)
+for _h in range(4):                 # query head h reads key/value head h // 2, causal bottom-right
+    _sc = r[:, 64 * _h:64 * _h + 64] @ k[:, 64 * (_h // 2):64 * (_h // 2) + 64].T / 8.0
+    _sc = _np.where(_np.arange(9)[None, :] <= _np.arange(5)[:, None] + 4, _sc, -_np.inf)
+    _p = _np.exp(_sc - _sc.max(axis=1, keepdims=True)); _p /= _p.sum(axis=1, keepdims=True)
+    _np.testing.assert_allclose(o[:, 64 * _h:64 * _h + 64], _p @ k[:, 64 * (_h // 2):64 * (_h // 2) + 64],
+                                rtol=1e-4, atol=1e-5)
 _np.testing.assert_array_equal(kk[:, 64:128], k[:, :64])
 print("README-NODE-OPS-OK")
 """

@@ -143,6 +143,10 @@ expect("cluster_flash_attn mask+scale", Qc.cluster_flash_attn(Kc, Vc, D, scale=0
 K_rep = make(k).repeat(2, D, send_back=False)  # stays on the cluster, replicated
 V_rep = make(v, split=True, dim=0, setup=(1, "saveC"), name="v_rep").repeat(2, D)  # a tensor
 expect("repeat (GQA by copies)", Qc.cluster_flash_attn(K_rep, V_rep, D), sdpa())
+# Split by the percentages alone (not on whole heads): re-split by heads for the call.
+Qs, Ks, Vs = (make(t, split=True, dim=1, setup=(1, "saveC"), name=f"{n}_split")
+              for n, t in (("q", q), ("k", k), ("v", v)))
+expect("cluster_flash_attn on split matrices", Qs.cluster_flash_attn(Ks, Vs, D, causal=True), sdpa(causal))
 pos = torch.arange(10, 10 + sq)
 roped = Qc.rope(pos, D)
 inv = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
@@ -150,7 +154,11 @@ ang = pos.double()[:, None] * inv[None, :]
 qd = q.double().reshape(sq, 4, D)
 x1, x2 = qd[..., : D // 2], qd[..., D // 2:]
 cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
-expect("rope", roped, torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(sq, 4 * D))
+want_rope = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(sq, 4 * D)
+expect("rope", roped, want_rope)
+expect("rope on a split matrix", Qs.rope(pos, D), want_rope)
+expect("repeat on a split matrix", Ks.repeat(2, D), k.double().reshape(sk, 2, 1, D).expand(sk, 2, 2, D)
+       .reshape(sk, 4 * D))
 three_heads = make(q[:, : 3 * D])
 refused("attention heads", "multiple of the key/value heads",
         lambda: three_heads.cluster_flash_attn(Kc, Vc, D))
