@@ -16,7 +16,7 @@ TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 CMATRIX_T
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test,reference]"
 	touch $@
 
 $(OMPI_STAMP): pyproject.toml

@@ -22,6 +22,16 @@ from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix  # noqa: E402
 from .session import init  # noqa: E402
 from .store import convert_bin_matrix_to_pt  # noqa: E402
 
+
+def __getattr__(name: str):
+    # cm.nn needs torch: imported on first use, so cmatrix itself runs without torch.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'cmatrix' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",
     "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError", "CacheError",

@@ -96,3 +96,17 @@ print("README-SEED-OK")
     r = mpirun(2, script, timeout=180, plain=True)
     assert r.returncode == 0, r
     assert "README-SEED-OK" in r.stdout, r
+
+
+def test_readme_nn_block_runs(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "readme_nn.py"
+    checks = """
+assert swapped == ["0", "2"], swapped
+torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+print("README-NN-OK")
+"""
+    script.write_text(_block("shard_linears(") + checks)
+    r = mpirun(2, script, timeout=180)
+    assert r.returncode == 0, r
+    assert "README-NN-OK" in r.stdout, r
