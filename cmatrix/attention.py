@@ -40,21 +40,9 @@ def run(cl: Cluster, q: Any, k: Any, v: Any, head_dim: int, scale: float | None,
             hosts[arg] = from_user(x, arg)
             check_matrix(hosts[arg], arg)
     shapes = {a: (x.shape if isinstance(x, Matrix) else hosts[a].shape) for a, x in operands.items()}
-    (sq, q_cols), (sk, k_cols) = shapes["q"], shapes["k"]
-    if shapes["v"] != shapes["k"]:
-        raise InputError(f"v: must have k's shape {shapes['k']}, got {shapes['v']}")
-    if q_cols % head_dim or k_cols % head_dim:
-        raise InputError(f"head_dim: {head_dim} must divide q's {q_cols} and k's {k_cols} columns")
-    heads, kv_heads = q_cols // head_dim, k_cols // head_dim
-    if heads % kv_heads:
-        raise InputError(f"q has {heads} heads, k and v {kv_heads}: the query heads must be a "
-                         "multiple of the key/value heads")
-    n_rep = heads // kv_heads
+    sq, q_cols = shapes["q"]
+    kv_heads, n_rep, scale, mask_data = check(shapes["q"], shapes["k"], shapes["v"], head_dim, scale, mask)
     q_plan, kv_plan = _plans(cl, operands, head_dim, n_rep, kv_heads, weights)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise InputError(f"scale: a finite number, got {scale!r}")
-    mask_data = _mask(mask, (sq, sk))
     dtype = result_dtype(*(x.dtype if isinstance(x, Matrix) else hosts[a].dtype
                            for a, x in operands.items()))
     for host in hosts.values():
@@ -78,6 +66,26 @@ def run(cl: Cluster, q: Any, k: Any, v: Any, head_dim: int, scale: float | None,
             t.free()
     return _route(cl, sink, "attention", result, keep_id, (sq, q_cols), dtype, kind, q_plan,
                   getattr(q, "name", None), (sq, q_cols))
+
+
+def check(q_shape: tuple[int, int], k_shape: tuple[int, int], v_shape: tuple[int, int],
+          head_dim: int, scale: float | None, mask: Any) -> tuple[int, int, float, np.ndarray | None]:
+    """Shapes, scale and mask checked before anything moves:
+    (key/value heads, query heads per key/value head, scale, float32 mask or None)."""
+    head_dim = _positive_int(head_dim, "head_dim")
+    (sq, q_cols), (sk, k_cols) = q_shape, k_shape
+    if tuple(v_shape) != tuple(k_shape):
+        raise InputError(f"v: must have k's shape {tuple(k_shape)}, got {tuple(v_shape)}")
+    if q_cols % head_dim or k_cols % head_dim:
+        raise InputError(f"head_dim: {head_dim} must divide q's {q_cols} and k's {k_cols} columns")
+    heads, kv_heads = q_cols // head_dim, k_cols // head_dim
+    if heads % kv_heads:
+        raise InputError(f"q has {heads} heads, k and v {kv_heads}: the query heads must be a "
+                         "multiple of the key/value heads")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise InputError(f"scale: a finite number, got {scale!r}")
+    return kv_heads, heads // kv_heads, float(scale), _mask(mask, (sq, sk))
 
 
 def _plans(cl: Cluster, operands: dict, head_dim: int, n_rep: int, kv_heads: int,

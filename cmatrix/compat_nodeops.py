@@ -92,13 +92,17 @@ class SeedNodeOps:
         (Sq, H*head_dim), K and V (Sk, Hkv*head_dim); ``scale`` defaults to
         1/sqrt(head_dim); ``mask`` is additive (or boolean, True: may attend);
         ``causal`` lets query i see keys up to i + Sk - Sq."""
-        from .compat import _tensor, cluster_matrix
+        from .compat import _matrix, _tensor, cluster_matrix
 
         def operand(x: Any) -> Any:
             return x._operand() if isinstance(x, cluster_matrix) else x
 
         q, k, v = operand(self), operand(K), operand(V)
         if not _split_by_groups(q, k, v, head_dim):
+            from .attention import check
+
+            shapes = [x.shape if isinstance(x, Matrix) else _matrix(x).shape for x in (q, k, v)]
+            check(*shapes, head_dim, scale, mask)  # refuse bad input before fetching anything
             # Full matrices, or splits by percentages that do not fall on whole key/value
             # groups: fetch them (the driver holds full ones) and let attention split by heads.
             q, k, v = (x.gather() if isinstance(x, Matrix) else x for x in (q, k, v))

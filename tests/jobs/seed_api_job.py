@@ -159,6 +159,8 @@ expect("rope", roped, want_rope)
 expect("rope on a split matrix", Qs.rope(pos, D), want_rope)
 expect("repeat on a split matrix", Ks.repeat(2, D), k.double().reshape(sk, 2, 1, D).expand(sk, 2, 2, D)
        .reshape(sk, 4 * D))
+refused("attention mask on split matrices", "mask: expected shape",  # checked before fetching
+        lambda: Qs.cluster_flash_attn(Ks, Vs, D, mask=torch.zeros(2, 2)))
 three_heads = make(q[:, : 3 * D])
 refused("attention heads", "multiple of the key/value heads",
         lambda: three_heads.cluster_flash_attn(Kc, Vc, D))
