@@ -46,11 +46,20 @@ class ClusterLinear(torch.nn.Module):
         self.sharded = cluster.shard(weight.detach(), name=name, weights=weights, axis=0, quant=quant,
                                      quant_axis=1, cache=cache)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._weight_dtype = weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in with the weight's shape and dtype on the meta device (no data: the
+        rows live on the ranks), for model code that reads ``layer.weight.dtype``."""
+        return torch.empty(self.out_features, self.in_features, dtype=self._weight_dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise InputError(f"x: last dimension {x.shape[-1]} != in_features {self.in_features}")
         lead = x.shape[:-1]
+        if x.numel() == 0:  # e.g. an expert that got no tokens
+            return x.new_zeros(*lead, self.out_features)
         flat = x.detach().reshape(-1, self.in_features)
         y = self.cluster.matmul(flat, self.sharded, transpose_b=True)
         y = y.to(device=x.device, dtype=x.dtype).reshape(*lead, self.out_features)
@@ -65,40 +74,73 @@ class ClusterLinear(torch.nn.Module):
 
 
 def _as_linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight as (out, in), bias) for an nn.Linear or a transformers Conv1D, else None."""
-    if isinstance(module, torch.nn.Linear):
+    """(weight as (out, in), bias) for a plain nn.Linear or a transformers Conv1D, else None.
+
+    Subclasses of nn.Linear are left alone: quantised (int8/fp8) and LoRA layers hold
+    weights this layer cannot take, and MultiheadAttention reads ``out_proj.weight``
+    directly instead of calling it."""
+    if type(module) is torch.nn.Linear:
         return module.weight, module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight is (in, out)
+    if type(module).__name__ == "Conv1D" and tuple(module.weight.shape) == (
+            getattr(module, "nx", None), getattr(module, "nf", None)):  # GPT-2: weight is (in, out)
         return module.weight.T, module.bias
     return None
+
+
+def _check(qualified: str, weight: torch.Tensor, cluster: Cluster, quant: str | None) -> None:
+    """Refuse a layer that cannot be swapped, before any layer is."""
+    from . import quant as q
+    from .arrays import from_user
+
+    if weight.is_meta:
+        raise InputError(f"{qualified}: its weight is on the meta device (not loaded); load the model "
+                         "first, e.g. without device_map/low_cpu_mem_usage")
+    if quant is None:
+        cluster._check_dtype(from_user(weight[:0], qualified).dtype)
+    else:
+        q.check_kind(quant)
+        q.check_row_length(weight.shape[1], quant, f"{qualified}: in_features")
 
 
 def shard_linears(model: torch.nn.Module, cluster: Cluster, weights: Sequence[float] | None = None,
                   min_features: int = 0, quant: str | None = None, cache: str | None = None,
                   prefix: str = "") -> list[str]:
-    """Replace, in place, every ``nn.Linear`` (and transformers' ``Conv1D``) of ``model``
-    whose in and out features are both at least ``min_features`` with a
-    :class:`ClusterLinear`. Returns the qualified names of the replaced modules.
+    """Replace, in place, every plain ``nn.Linear`` (and transformers' ``Conv1D``) of
+    ``model`` whose in and out features are both at least ``min_features`` with a
+    :class:`ClusterLinear`. Returns the qualified names of the replaced modules. Every
+    layer is checked before any is swapped. The swapped weights live on the ranks: the
+    model's ``state_dict`` no longer holds them (save a checkpoint before swapping).
 
     ``cache`` ("save"/"load"/"auto") caches each weight on the nodes under
     ``prefix + qualified name``; ``quant`` quantises every swapped weight.
     """
     if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 0:
         raise InputError(f"min_features: an integer >= 0, got {min_features!r}")
-    targets = []
-    for qualified, module in model.named_modules():
+    targets: dict[int, list[str]] = {}  # one module under several names is swapped once
+    inside_mha = set()
+    for qualified, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, torch.nn.MultiheadAttention):
+            inside_mha.add(qualified)
         found = _as_linear(module)
-        if found is not None and min(found[0].shape) >= min_features:
-            targets.append((qualified, found))
+        if found is None or min(found[0].shape) < min_features:
+            continue
+        if any(qualified.startswith(f"{p}.") for p in inside_mha):
+            continue
+        if id(module) not in targets:
+            _check(qualified, found[0], cluster, quant)
+        targets.setdefault(id(module), []).append(qualified)
     swapped = []
-    for qualified, (weight, bias) in targets:
-        name = f"{prefix}{qualified}" if cache is not None else None
+    for qualified_names in targets.values():  # names only: each weight is read as it is sent
+        weight, bias = _as_linear(model.get_submodule(qualified_names[0]))
+        name = f"{prefix}{qualified_names[0]}" if cache is not None else None
         replacement = ClusterLinear(cluster, weight, bias, weights=weights, quant=quant, name=name,
                                     cache=cache)
-        parent_name, _, attr = qualified.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, replacement)
-        swapped.append(qualified)
+        del weight, bias
+        for qualified in qualified_names:
+            parent_name, _, attr = qualified.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, replacement)
+            swapped.append(qualified)
     return swapped
 
 
