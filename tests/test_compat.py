@@ -152,3 +152,19 @@ def test_disk_cache_save_then_load_and_shm_result(cl, tmp_path):
     torch.save(torch.from_numpy(w + 1), path)  # the file changed: the cache is stale now
     with pytest.raises(cm.CacheError, match="weight"):
         one(str(path), split=True, dim=1, setup=(1, "load"))
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_operation_option_errors(cl):
+    w = np.ones((4, 4), np.float32)
+    A, B = one(w), one(w, split=True, dim=1, setup=(1, "saveC"), name="opt_w")
+    G, H = one(w, setup=(2, "save")), one(w, setup=(2, "save"))
+    with pytest.raises(cm.InputError, match="B: expected a cluster_matrix"):
+        A.cluster_shard_operation(w, False, False, True)
+    with pytest.raises(cm.InputError, match="shm_name"):
+        A.cluster_shard_operation(B, False, False, False, shm_name="y")
+    with pytest.raises(cm.InputError, match="grid mode results are assembled"):
+        G.cluster_shard_operation(H, False, False, False)
+    with pytest.raises(cm.InputError, match="add has no inner dimension"):
+        G.cluster_shard_operation(H, False, False, True, "add", inner=True)
+    np.testing.assert_allclose(G.cluster_shard_operation(H, False, False, True).numpy(), w @ w)

@@ -52,8 +52,16 @@ def _block(containing: str) -> str:
     return next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if containing in b)
 
 
+def _run_block(tmp_path, containing: str, checks: str, marker: str, plain: bool = False) -> None:
+    """README's block containing ``containing``, then ``checks`` (which print ``marker``), on 2 ranks."""
+    script = tmp_path / "readme_block.py"
+    script.write_text(_block(containing) + checks)
+    r = mpirun(2, script, timeout=180, plain=plain)
+    assert r.returncode == 0, r
+    assert marker in r.stdout, r
+
+
 def test_readme_node_ops_block_runs(tmp_path):
-    script = tmp_path / "readme_node_ops.py"
     checks = """
 import numpy as _np
 _e = _np.exp(h - h.max(axis=1, keepdims=True))
@@ -76,15 +84,11 @@ for _h in range(4):                 # query head h reads key/value head h // 2, 
 _np.testing.assert_array_equal(kk[:, 64:128], k[:, :64])
 print("README-NODE-OPS-OK")
 """
-    script.write_text(_block("cl.rope(") + checks)
-    r = mpirun(2, script, timeout=180)
-    assert r.returncode == 0, r
-    assert "README-NODE-OPS-OK" in r.stdout, r
+    _run_block(tmp_path, "cl.rope(", checks, "README-NODE-OPS-OK")
 
 
 def test_readme_seed_api_block_runs(tmp_path):
     pytest.importorskip("torch")
-    script = tmp_path / "readme_seed.py"
     checks = """
 import torch as _t
 _t.testing.assert_close(y, x.T @ w, rtol=1e-4, atol=1e-4)
@@ -92,21 +96,14 @@ _t.testing.assert_close(y2, y)
 _t.testing.assert_close(s, 2 * w)
 print("README-SEED-OK")
 """
-    script.write_text(_block("cluster_matrix(") + checks)
-    r = mpirun(2, script, timeout=180, plain=True)
-    assert r.returncode == 0, r
-    assert "README-SEED-OK" in r.stdout, r
+    _run_block(tmp_path, "cluster_matrix(", checks, "README-SEED-OK", plain=True)
 
 
 def test_readme_nn_block_runs(tmp_path):
     pytest.importorskip("torch")
-    script = tmp_path / "readme_nn.py"
     checks = """
 assert swapped == ["0", "2"], swapped
 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 print("README-NN-OK")
 """
-    script.write_text(_block("shard_linears(") + checks)
-    r = mpirun(2, script, timeout=180)
-    assert r.returncode == 0, r
-    assert "README-NN-OK" in r.stdout, r
+    _run_block(tmp_path, "shard_linears(", checks, "README-NN-OK")
