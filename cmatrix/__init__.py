@@ -25,7 +25,7 @@ from .store import convert_bin_matrix_to_pt  # noqa: E402
 
 def __getattr__(name: str):
     # cm.nn needs torch: imported on first use, so cmatrix itself runs without torch.
-    if name == "nn":
+    if name in ("nn", "llm"):
         import importlib
 
         return importlib.import_module(".nn", __name__)

@@ -24,6 +24,7 @@ from . import (  # noqa: F401
     ops,
     ops_cache,
     ops_grid,
+    ops_llm,
     ops_node,
     sinks,
 )

@@ -33,6 +33,7 @@ def configure(rt: Runtime, h: dict, _: Any) -> list[dict] | None:
         accel = h["accel"][comm.rank]
         backend = backends.create(name, device_index=_device_index(comm, h) if accel else 0,
                                   threads=threads, accel=accel)
+        rt.models.clear()
         for ident in list(rt.blocks):
             rt.free(ident)
         rt.backend = Device(backend)

@@ -10,12 +10,15 @@ left inside a collective its peers abandoned.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 from . import faults, progress
 from .errors import CMatrixError, RankError, RankFailure
@@ -50,6 +53,8 @@ class Runtime:
         self.named: dict[str, tuple[Any, dict]] = {}
         #: a shard read from disk by cache_check, waiting for the shard command
         self.staged: tuple[str, Any] | None = None
+        #: decoders loaded by cmatrix.llm: model id -> this rank's part (see ops_llm)
+        self.models: dict[int, Any] = {}
         self.op = ""
         self._failure: RankFailure | None = None
 
@@ -71,6 +76,22 @@ class Runtime:
         """Collective: continue only if every rank's steps so far succeeded."""
         if not self.comm.any_failed(self._failure is not None):
             return
+        self._fail()
+
+    def sum_checked(self, partial: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        """Collective: every rank gets the sum of the float32 ``partial`` arrays; the same
+        Allreduce carries each rank's failure flag, so it also does what :meth:`sync` does."""
+        buffer = np.zeros(math.prod(shape) + 1, dtype=np.float32)
+        if self._failure is None and partial is not None:
+            buffer[:-1] = partial.ravel()
+        else:
+            buffer[-1] = 1
+        self.comm.allreduce(buffer, "sum")
+        if buffer[-1] != 0:
+            self._fail()
+        return buffer[:-1].reshape(shape)
+
+    def _fail(self) -> None:
         reports = self.comm.gather_objects(self._failure)
         self._failure = None
         if self.comm.is_driver:

@@ -1,0 +1,175 @@
+"""The decoder's shape and settings, read from a Hugging Face ``config.json``.
+
+Llama 2/3 (including ``rope_scaling`` of type ``llama3`` and ``linear``), TinyLlama,
+Mistral and Qwen2 share one layout: RMSNorm, rotary attention with grouped
+key/value heads, and a SiLU-gated MLP. Both the ``rope_theta``/``rope_scaling``
+keys of older files and the ``rope_parameters`` of newer ones are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """What the decoder needs to know about a Llama-family checkpoint."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_positions: int
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    #: per layer: attend to at most this many most recent positions (None: all)
+    windows: tuple[int | None, ...]
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> DecoderConfig:
+        file = Path(path) / "config.json"
+        try:
+            raw = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{file}: not found; --model must be a local Hugging Face model folder "
+                             "(config.json, *.safetensors, tokenizer.json)") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{file}: cannot read it as JSON ({exc})") from None
+        return cls.from_dict(raw, str(file))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> DecoderConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_TYPES:
+            raise InputError(f"{where}: model_type {model_type!r} is not supported by cmatrix.llm "
+                             f"(supported: {', '.join(SUPPORTED_TYPES)}); cm.nn.shard_linears runs any "
+                             "PyTorch model")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise InputError(f"{where}: hidden_act {act!r}; the Llama-family MLP here uses 'silu'")
+
+        def positive(key: str, default: Any = None) -> int:
+            value = raw.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{where}: {key} must be a positive integer, got {value!r}")
+            return value
+
+        hidden, heads = positive("hidden_size"), positive("num_attention_heads")
+        kv_heads = positive("num_key_value_heads", heads)
+        head_dim = raw.get("head_dim") or (hidden // heads)
+        if heads % kv_heads:
+            raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of "
+                             f"num_key_value_heads {kv_heads}")
+        if raw.get("head_dim") is None and hidden % heads:
+            raise InputError(f"{where}: hidden_size {hidden} is not a multiple of "
+                             f"num_attention_heads {heads}")
+        if head_dim % 2:
+            raise InputError(f"{where}: head_dim {head_dim} must be even for rotary embeddings")
+        theta, scaling = _rope_settings(raw, where)
+        layers = positive("num_hidden_layers")
+        return cls(
+            model_type=model_type, vocab_size=positive("vocab_size"), hidden_size=hidden,
+            intermediate_size=positive("intermediate_size"), num_layers=layers, num_heads=heads,
+            num_kv_heads=kv_heads, head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_positions=positive("max_position_embeddings", 2048), rope_theta=theta,
+            rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+            o_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)), windows=_windows(raw, model_type, layers),
+            bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
+        )
+
+    def inv_freq(self) -> np.ndarray:
+        """Rotary inverse frequencies (float32, head_dim/2), as transformers computes them."""
+        steps = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
+        exponents = steps / np.float32(self.head_dim)
+        base = (np.float32(1.0) / np.power(np.float32(self.rope_theta), exponents)).astype(np.float32)
+        scaling = self.rope_scaling or {"rope_type": "default"}
+        kind = scaling["rope_type"]
+        if kind == "linear":
+            return (base / np.float32(scaling["factor"])).astype(np.float32)
+        if kind == "llama3":
+            return _llama3(base, scaling)
+        return base
+
+
+def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], dict(params)
+    else:
+        theta, scaling = raw.get("rope_theta", 10000.0), raw.get("rope_scaling")
+        scaling = dict(scaling) if scaling else None
+    if not isinstance(theta, int | float) or not theta > 0:
+        raise InputError(f"{where}: rope_theta must be positive, got {theta!r}")
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise InputError(f"{where}: rope scaling {kind!r} is not supported (supported: "
+                             f"{', '.join(ROPE_TYPES)})")
+        if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise InputError(f"{where}: partial_rotary_factor is not supported")
+        scaling["rope_type"] = kind
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(kind, ())
+        missing = [k for k in needed if k not in scaling]
+        if missing:
+            raise InputError(f"{where}: rope scaling {kind!r} needs {', '.join(missing)}")
+        if kind == "default":
+            scaling = None
+    return float(theta), scaling
+
+
+def _windows(raw: dict, model_type: str, layers: int) -> tuple[int | None, ...]:
+    window = raw.get("sliding_window")
+    types = raw.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        return tuple(window if t == "sliding_attention" and window else None for t in types)
+    if model_type == "mistral" and window:
+        return (int(window),) * layers
+    if model_type == "qwen2" and raw.get("use_sliding_window") and window:
+        first = int(raw.get("max_window_layers", layers))
+        return tuple(int(window) if i >= first else None for i in range(layers))
+    return (None,) * layers
+
+
+def _llama3(base: np.ndarray, s: dict) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rescaling of the rotary frequencies."""
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    wavelen = (2 * math.pi / base).astype(np.float32)
+    low_wavelen, high_wavelen = old / low, old / high
+    scaled = np.where(wavelen > low_wavelen, base / np.float32(factor), base).astype(np.float32)
+    smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -1,0 +1,144 @@
+"""One rank's part of the decoder: its KV groups, MLP rows and vocabulary rows.
+
+Weights are resident blocks on the rank's backend (:class:`~cmatrix.backends.device.Device`);
+activations are float32 numpy arrays of a few tokens, and the norms, rotary
+embedding and attention over the rank's own K/V cache run on them in float32,
+as transformers computes them. Each block returns the rank's partial sum of
+the block's output; the caller sums them across ranks (this module never sees MPI).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import CMatrixError
+from .config import DecoderConfig
+from .layout import split_gate_up, split_qkv
+
+
+class KVCache:
+    """One layer's keys and values for this rank's groups, grown as tokens arrive."""
+
+    def __init__(self, groups: int, head_dim: int, limit: int) -> None:
+        self.limit = limit
+        self.length = 0
+        self.k = np.empty((groups, 0, head_dim), dtype=np.float32)
+        self.v = np.empty_like(self.k)
+
+    def extend(self, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keep positions [0, start), write (T, groups, head_dim) ``k``/``v`` at ``start``; return
+        all keys and values so far, each (groups, start + T, head_dim)."""
+        if start > self.length:
+            raise CMatrixError(f"KV cache holds {self.length} positions; cannot continue at {start}")
+        end = start + k.shape[0]
+        if end > self.k.shape[1]:
+            capacity = min(max(end, 2 * self.k.shape[1], 64), max(self.limit, end))
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                grown = np.empty((old.shape[0], capacity, old.shape[2]), dtype=np.float32)
+                grown[:, :start] = old[:, :start]
+                setattr(self, name, grown)
+        self.k[:, start:end] = k.transpose(1, 0, 2)
+        self.v[:, start:end] = v.transpose(1, 0, 2)
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+
+class RankDecoder:
+    """The blocks this rank holds and the math it runs on them.
+
+    ``layers``: per layer a dict of resident weight blocks ("qkv", "o", "gate_up",
+    "down"); ``vectors``: norms and this rank's slices of the biases.
+    """
+
+    def __init__(self, cfg: DecoderConfig, device: Any, layers: list[dict], lm_head: Any,
+                 vectors: dict[str, np.ndarray], groups: int, chunk: int) -> None:
+        self.cfg, self.dev, self.layers, self.lm_head = cfg, device, layers, lm_head
+        self.vectors, self.groups, self.chunk = vectors, groups, chunk
+        self.scale = np.float32(cfg.head_dim ** -0.5)
+        self.inv_freq = cfg.inv_freq()
+        self.caches = [KVCache(groups, cfg.head_dim, cfg.max_positions) for _ in range(cfg.num_layers)]
+
+    def _vec(self, name: str) -> np.ndarray | None:
+        return self.vectors.get(name)
+
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        variance = np.mean(x * x, axis=-1, keepdims=True)
+        inverse = np.float32(1.0) / np.sqrt(variance + np.float32(self.cfg.rms_norm_eps))
+        return (x * inverse) * self.vectors[name]
+
+    def _linear(self, h: np.ndarray, weight: Any, bias: np.ndarray | None = None) -> np.ndarray:
+        """h @ weight.T on the backend, back as float32 (+ bias)."""
+        dev = self.dev
+        a = dev.upload(np.ascontiguousarray(h, dtype=np.float32), "float32")
+        y = dev.matmul(a, weight, transpose_b=True, partial=True)
+        out = dev.download(y, "float32")
+        dev.free(a)
+        dev.free(y)
+        if bias is not None:
+            out = out + bias
+        return out
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, i: int, x: np.ndarray, start: int) -> np.ndarray:
+        """This rank's heads of layer ``i``: its partial sum of the attention output (T, hidden)."""
+        t = x.shape[0]
+        if self.groups == 0:
+            return np.zeros_like(x)
+        h = self.norm(x, f"{i}.attn_norm")
+        q, k, v = split_qkv(self._linear(h, self.layers[i]["qkv"], self._vec(f"{i}.qkv_bias")), self.cfg)
+        positions = np.arange(start, start + t, dtype=np.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        angles = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(angles), np.sin(angles)
+        q = self._rope(q, cos[:, None, None, :], sin[:, None, None, :])
+        k = self._rope(k, cos[:, None, :], sin[:, None, :])
+        keys, values = self.caches[i].extend(start, k, v)
+        out = self._attend(q, keys, values, start, self.cfg.windows[i])
+        return self._linear(out, self.layers[i]["o"])
+
+    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
+                window: int | None) -> np.ndarray:
+        t, g, rep, d = q.shape
+        s = keys.shape[1]
+        scores = q.transpose(1, 2, 0, 3) @ keys[:, None].transpose(0, 1, 3, 2) * self.scale  # (g, rep, t, s)
+        query_pos = start + np.arange(t)[:, None]
+        key_pos = np.arange(s)[None, :]
+        allowed = key_pos <= query_pos
+        if window is not None:
+            allowed &= key_pos > query_pos - window
+        scores = np.where(allowed, scores, -np.inf)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        out = probs @ values[:, None]  # (g, rep, t, d)
+        return out.transpose(2, 0, 1, 3).reshape(t, g * rep * d)
+
+    def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
+        """This rank's MLP rows of layer ``i``: its partial sum of the MLP output (T, hidden)."""
+        if self.layers[i]["down"].shape[1] == 0:
+            return np.zeros_like(x)
+        h = self.norm(x, f"{i}.mlp_norm")
+        gate, up = split_gate_up(self._linear(h, self.layers[i]["gate_up"], self._vec(f"{i}.gate_up_bias")),
+                                 self.chunk)
+        with np.errstate(over="ignore"):
+            act = gate / (np.float32(1.0) + np.exp(-gate)) * up
+        return self._linear(act, self.layers[i]["down"])
+
+    def add(self, x: np.ndarray, total: np.ndarray, bias_name: str) -> None:
+        """The residual connection: x += the block's summed output (+ its bias, once)."""
+        x += total
+        bias = self._vec(bias_name)
+        if bias is not None:
+            x += bias
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """This rank's vocabulary slice of the logits of the rows of ``x`` (final norm first)."""
+        if self.lm_head.shape[0] == 0:
+            return np.zeros((x.shape[0], 0), dtype=np.float32)
+        return self._linear(self.norm(x, "final_norm"), self.lm_head)

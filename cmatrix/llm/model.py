@@ -1,0 +1,252 @@
+"""The driver's handle on a tensor-parallel Llama-family decoder.
+
+    import cmatrix as cm
+    cl = cm.init()
+    model = cm.llm.load(cl, "models/TinyLlama-1.1B-Chat", weights=[0.6, 0.4], quant="q8_0")
+    logits = model.forward(token_ids)                 # logits of the last token
+    result = model.generate("Why is the sky blue?", max_new_tokens=64)
+
+Every rank holds whole KV groups of each layer's attention (and keeps their
+K/V cache), rows of each MLP and rows of the LM head, in proportion to its
+share. Embeddings stay on the driver. Per token and layer, only (tokens, hidden)
+arrays travel: see :mod:`cmatrix.ops_llm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import progress
+from ..errors import InputError
+from ..plan import validate_weights
+from .checkpoint import Checkpoint
+from .config import DecoderConfig
+from .layout import check_quant, fuse_gate_up, fuse_qkv, group_step, mlp_chunk, pack
+
+CACHE_MODES = ("save", "load", "auto")
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+
+
+class DecoderModel:
+    """A decoder whose layers live on the cluster; see :func:`cmatrix.llm.load`."""
+
+    def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
+                 quant: str | None = None, cache: str | None = None, name: str | None = None) -> None:
+        self.cluster, self.path = cluster, Path(path)
+        self.config = cfg = DecoderConfig.from_dir(self.path)
+        check_quant(cfg, quant)
+        if cache is not None and cache not in CACHE_MODES:
+            raise InputError(f"cache: one of {', '.join(map(repr, CACHE_MODES))} or None, got {cache!r}")
+        self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
+        self.quant, self.cache = quant, cache
+        self.name = name or _default_name(self.path)
+        self.checkpoint = Checkpoint(self.path)
+        self._names = _tensor_names(cfg, self.checkpoint)
+        # Check everything that will be read before any data moves (with cache="load" the
+        # matrices come from the ranks' disks: only embeddings, norms and biases are read).
+        for key, (tensor, shape) in self._names.items():
+            if cache != "load" or key.rsplit(".", 1)[-1] not in MATRICES:
+                self.checkpoint.check(tensor, shape)
+        self.embeddings = self.checkpoint.get(*self._names["embed"])
+        self.position = 0
+        self._tokenizer = None
+        self._matrices: list[Any] = []
+        self._id = None
+        self._load()
+
+    # ---- loading ------------------------------------------------------------------
+
+    def _read(self, key: str) -> np.ndarray | None:
+        tensor, shape = self._names[key]
+        return None if tensor is None else self.checkpoint.get(tensor, shape)
+
+    def _shard(self, build, suffix: str, align: int, axis: int = 0) -> Any:
+        """One weight matrix onto the ranks (``build()`` makes it; not called for cache='load')."""
+        w = None if self.cache == "load" else build()
+        m = self.cluster.shard(w, name=f"{self.name}.{suffix}", weights=self.weights, axis=axis,
+                               quant=self.quant, quant_axis=1, cache=self.cache, align=align)
+        self._matrices.append(m)
+        return m
+
+    def _load(self) -> None:
+        cfg, cl = self.config, self.cluster
+        chunk = mlp_chunk(cfg, self.quant)
+        layers, vectors = [], {}
+        per_layer = 4 * (cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                         + 3 * cfg.hidden_size * cfg.intermediate_size)
+        with progress.bar(per_layer * cfg.num_layers, f"loading {self.path.name}") as bar:
+            for i in range(cfg.num_layers):
+                layers.append(self._load_layer(i, chunk, vectors))
+                bar.update(per_layer)
+        head = self._shard(lambda: self._read("lm_head"), "lm_head", align=1)
+        self._vocab_counts = list(head.counts)
+        vectors["final_norm"] = self._read("final_norm")
+        buffer, where = pack(vectors)
+        self._id = cl._new_id()
+        cl._run({"op": "llm_load", "model": self._id, "config": dataclasses.asdict(cfg),
+                 "layers": layers, "lm_head": head.id, "qkv_counts": self._qkv_counts,
+                 "gate_up_counts": self._gate_up_counts, "chunk": chunk,
+                 "vectors": where, "vectors_size": buffer.size}, buffer)
+
+    def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
+        """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""
+        cfg = self.config
+        step, width = group_step(cfg, self.quant), cfg.group_size * cfg.head_dim
+
+        def r(part: str) -> np.ndarray | None:
+            return self._read(f"{i}.{part}")
+
+        qkv = self._shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), f"layers.{i}.qkv",
+                          align=step * (cfg.group_size + 2) * cfg.head_dim)
+        o = self._shard(lambda: r("o"), f"layers.{i}.o", align=step * width, axis=1)
+        gate_up = self._shard(lambda: fuse_gate_up(r("gate"), r("up"), chunk), f"layers.{i}.gate_up",
+                              align=2 * chunk)
+        down = self._shard(lambda: r("down"), f"layers.{i}.down", align=chunk, axis=1)
+        if [c // ((cfg.group_size + 2) * cfg.head_dim) for c in qkv.counts] != [c // width for c in o.counts]:
+            raise InputError("internal: q/k/v and o_proj were split differently")
+        self._qkv_counts, self._gate_up_counts = list(qkv.counts), list(gate_up.counts)
+        vectors[f"{i}.attn_norm"] = r("attn_norm")
+        vectors[f"{i}.mlp_norm"] = r("mlp_norm")
+        if cfg.qkv_bias:
+            vectors[f"{i}.qkv_bias"] = fuse_qkv(r("q_bias"), r("k_bias"), r("v_bias"), cfg)
+        if cfg.mlp_bias:
+            vectors[f"{i}.gate_up_bias"] = fuse_gate_up(r("gate_bias"), r("up_bias"), chunk)
+            vectors[f"{i}.down_bias"] = r("down_bias")
+        if cfg.o_bias:
+            vectors[f"{i}.o_bias"] = r("o_bias")
+        return {"qkv": qkv.id, "o": o.id, "gate_up": gate_up.id, "down": down.id}
+
+    # ---- running ------------------------------------------------------------------
+
+    def forward(self, token_ids: Sequence[int], start: int | None = None,
+                all_logits: bool = False) -> np.ndarray:
+        """Run new tokens from position ``start`` (default: after the last call's tokens;
+        0 starts a new sequence) and return float32 logits: (vocab,) of the last token, or
+        (tokens, vocab) with ``all_logits``. Each rank extends its K/V cache."""
+        cfg = self.config
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        start = self.position if start is None else start
+        if ids.size == 0:
+            raise InputError("token_ids: empty")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise InputError(f"token_ids: ids must lie in [0, {cfg.vocab_size}), "
+                             f"got {ids.min()}..{ids.max()}")
+        if isinstance(start, bool) or not isinstance(start, int | np.integer) \
+                or not 0 <= start <= self.position:
+            raise InputError(f"start: an integer in [0, {self.position}] (the cached positions), "
+                             f"got {start!r}")
+        if start + ids.size > cfg.max_positions:
+            raise InputError(f"{start + ids.size} positions exceed max_position_embeddings "
+                             f"{cfg.max_positions}")
+        if self._id is None:
+            raise InputError("this model was closed")
+        x = np.ascontiguousarray(self.embeddings[ids])
+        self.position = start  # until the step succeeds, the ranks' caches end here at most
+        logits = self.cluster._run({"op": "llm_step", "model": self._id, "shape": x.shape,
+                                    "start": int(start), "all_logits": bool(all_logits),
+                                    "vocab_counts": self._vocab_counts}, x)
+        self.position = start + ids.size
+        return logits if all_logits else logits[0]
+
+    def layout(self) -> list[dict]:
+        """Per rank: KV groups (query heads), MLP rows and vocabulary rows it holds."""
+        cfg = self.config
+        unit = (cfg.group_size + 2) * cfg.head_dim
+        return [{"rank": r, "kv_groups": q // unit, "heads": q // unit * cfg.group_size,
+                 "mlp_rows": g // 2, "vocab_rows": v}
+                for r, (q, g, v) in enumerate(zip(self._qkv_counts, self._gate_up_counts,
+                                                  self._vocab_counts, strict=True))]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The folder's tokenizer (tokenizer.json), read on first use."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_dir(self.path)
+        return self._tokenizer
+
+    def stop_ids(self) -> set[int]:
+        """End-of-sequence ids: the tokenizer's when it has one, else config.json's."""
+        if (self.path / "tokenizer.json").exists():
+            return set(self.tokenizer.eos_ids)
+        eos = self.config.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def generate(self, prompt: Any = None, **options: Any) -> Any:
+        """Generate text; see :func:`cmatrix.llm.generate.generate` for the options."""
+        from .generate import generate
+
+        return generate(self, prompt, **options)
+
+    def close(self) -> None:
+        """Free the decoder's blocks and caches on every rank."""
+        if self._id is not None and not self.cluster.closed:
+            self.cluster._run({"op": "llm_free", "model": self._id})
+            for m in self._matrices:
+                self.cluster.free(m)
+        self._id, self._matrices = None, []
+
+
+def _default_name(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.resolve().name)[:60].strip(".") or "model"
+    return f"llm.{stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+
+
+def _tensor_names(cfg: DecoderConfig, ckpt: Checkpoint) -> dict[str, tuple[str | None, tuple[int, ...]]]:
+    """key -> (tensor name in the checkpoint, expected shape) for everything the decoder reads."""
+    hid, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+    names: dict[str, tuple[str | None, tuple[int, ...]]] = {
+        "embed": ("model.embed_tokens.weight", (cfg.vocab_size, hid)),
+        "final_norm": ("model.norm.weight", (hid,)),
+    }
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
+    names["lm_head"] = ("model.embed_tokens.weight" if tied else "lm_head.weight", (cfg.vocab_size, hid))
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names.update({
+            f"{i}.q": (p + "self_attn.q_proj.weight", (nq, hid)),
+            f"{i}.k": (p + "self_attn.k_proj.weight", (nkv, hid)),
+            f"{i}.v": (p + "self_attn.v_proj.weight", (nkv, hid)),
+            f"{i}.o": (p + "self_attn.o_proj.weight", (hid, nq)),
+            f"{i}.gate": (p + "mlp.gate_proj.weight", (inter, hid)),
+            f"{i}.up": (p + "mlp.up_proj.weight", (inter, hid)),
+            f"{i}.down": (p + "mlp.down_proj.weight", (hid, inter)),
+            f"{i}.attn_norm": (p + "input_layernorm.weight", (hid,)),
+            f"{i}.mlp_norm": (p + "post_attention_layernorm.weight", (hid,)),
+        })
+        if cfg.qkv_bias:
+            names.update({f"{i}.q_bias": (p + "self_attn.q_proj.bias", (nq,)),
+                          f"{i}.k_bias": (p + "self_attn.k_proj.bias", (nkv,)),
+                          f"{i}.v_bias": (p + "self_attn.v_proj.bias", (nkv,))})
+        if cfg.o_bias:
+            names[f"{i}.o_bias"] = (p + "self_attn.o_proj.bias", (hid,))
+        if cfg.mlp_bias:
+            names.update({f"{i}.gate_bias": (p + "mlp.gate_proj.bias", (inter,)),
+                          f"{i}.up_bias": (p + "mlp.up_proj.bias", (inter,)),
+                          f"{i}.down_bias": (p + "mlp.down_proj.bias", (hid,))})
+    return names
+
+
+def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
+         quant: str | None = None, cache: str | None = None, name: str | None = None) -> DecoderModel:
+    """Load a Llama-family checkpoint (a local Hugging Face folder) onto the cluster.
+
+    ``weights``: per-rank shares (default the cluster's); attention is split in whole
+    KV groups, so a rank may hold no heads. ``quant``: "q8_0"/"q4_0" for every weight
+    matrix (ggml ranks keep the blocks). ``cache``: "save" also writes each rank's
+    shards to its node's disk, "load" reads them from there (the driver reads only
+    embeddings, norms and biases), "auto" reuses what is unchanged. ``name``: the
+    cache prefix (default: from the folder's name and path).
+    """
+    return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name)
+
