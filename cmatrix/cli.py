@@ -4,6 +4,7 @@
     cmatrix launch -n 4 jobs/matmul.py                   # the same, mpiexec chosen for you
     mpirun -n 4 python -m cmatrix doctor                 # each rank's device, memory, fallbacks
     cmatrix convert w.bin w.pt [--dtype float32]         # between .bin .npy .pt .h5 .safetensors
+    mpirun -n 2 python -m cmatrix generate --model DIR --prompt "..."   # text from a Llama-family model
 
 A file path may name one array of a file after '#': weights.h5#/layer0/w.
 """
@@ -40,6 +41,28 @@ def _run(job: str, job_args: list[str]) -> int:
         traceback.print_exc()
         status = 1
     sys.stdout.flush()
+    cl.shutdown(status)
+    return status
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    """Every rank parses the same arguments; rank 0 drives, the others serve."""
+    from . import session
+    from .errors import CMatrixError
+    from .llm.run import parse_list, run
+    from .runtime import serve
+
+    rt = session.connect()
+    if not rt.comm.is_driver:
+        return serve(rt)
+    cl = session.driver_cluster()
+    try:
+        cl.configure(parse_list(ns.weights, float), parse_list(ns.backends, str))
+    except CMatrixError as exc:
+        print(f"cmatrix generate: {exc}", file=sys.stderr)
+        cl.shutdown(2)
+        return 2
+    status = run(cl, ns)
     cl.shutdown(status)
     return status
 
@@ -90,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     con.add_argument("dst", help="destination file, optionally FILE#KEY (.h5, .pt, .safetensors)")
     con.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                      help="element type to write (default: the source's)")
+    gen = sub.add_parser("generate", help="generate text with a Llama-family model across the ranks")
+    from .llm.run import add_arguments
+
+    add_arguments(gen)
     ns = parser.parse_args(argv)
+    if ns.command == "generate":
+        return _generate(ns)
     if ns.command == "convert":
         return _convert(ns.src, ns.dst, ns.dtype)
     if ns.command == "run":

@@ -23,7 +23,7 @@ from .runtime import Runtime, command
 
 @command("llm_load")
 def llm_load(rt: Runtime, h: dict, vectors: np.ndarray | None) -> None:
-    comm = rt.comm
+    comm, decoder = rt.comm, None
     with rt.step("prepare"):
         if not comm.is_driver:
             vectors = np.empty(h["vectors_size"], dtype=np.float32)
@@ -42,9 +42,10 @@ def llm_load(rt: Runtime, h: dict, vectors: np.ndarray | None) -> None:
             mine[name] = v.copy()
         layers = [{part: rt.block(ident) for part, ident in ids.items()} for ids in h["layers"]]
         unit = (cfg.group_size + 2) * cfg.head_dim
-        rt.models[h["model"]] = RankDecoder(cfg, rt.backend, layers, rt.block(h["lm_head"]), mine,
-                                            groups=h["qkv_counts"][comm.rank] // unit, chunk=h["chunk"])
+        decoder = RankDecoder(cfg, rt.backend, layers, rt.block(h["lm_head"]), mine,
+                              groups=h["qkv_counts"][comm.rank] // unit, chunk=h["chunk"])
     rt.sync()
+    rt.models[h["model"]] = decoder  # only once every rank has its part
 
 
 @command("llm_step")

@@ -1,0 +1,80 @@
+"""``cmatrix generate``: stream a model's answer to a prompt, then the speed.
+
+    mpirun -n 2 python -m cmatrix generate --model DIR --prompt "Why is the sky blue?" \\
+        [--weights 0.6,0.4] [--backends torch,ggml] [--quant q4_0] [--cache save|load|auto]
+
+Shared by the CLI and ``jobs/llm_generate.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import CMatrixError, InputError
+
+
+def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True) -> None:
+    ap.add_argument("--model", required=model_required,
+                    help="local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    ap.add_argument("--prompt", default="Tell me about clusters of old computers.")
+    ap.add_argument("--system", default=None, help="system message (with a chat template)")
+    ap.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, "
+                    "even if the tokenizer has a chat template")
+    ap.add_argument("--weights", default=None, help="per-rank shares, e.g. 0.6,0.4 (default equal)")
+    ap.add_argument("--backends", default=None,
+                    help="backend for all ranks or one per rank, e.g. torch,ggml (default numpy)")
+    ap.add_argument("--quant", choices=("q8_0", "q4_0"), default=None,
+                    help="quantise every weight matrix (ggml ranks keep the blocks)")
+    ap.add_argument("--cache", choices=("save", "load", "auto"), default=None,
+                    help="save shards to each node's disk, or load them from there")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def parse_list(text: str | None, kind: type) -> Any:
+    """'0.6,0.4' or '[0.6, 0.4]' -> [0.6, 0.4]; a single name stays a string."""
+    if text is None:
+        return None
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else text.split(",")
+        values = [kind(x.strip()) if isinstance(x, str) else kind(x) for x in items]
+    except (ValueError, TypeError):
+        raise InputError(f"cannot read {text!r} as a comma-separated list") from None
+    return values[0] if kind is str and len(values) == 1 else values
+
+
+def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
+    """Load ``ns.model``, stream the answer to ``out`` (stdout), print the speed to stderr."""
+    from .model import load
+
+    out = out or sys.stdout
+    try:
+        model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache)
+        placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
+                           for p in model.layout())
+        print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
+              f"rank(s) ({placed})", file=sys.stderr)
+
+        def stream(text: str) -> None:
+            out.write(text)
+            out.flush()
+
+        result = model.generate(ns.prompt, system=ns.system, chat=False if ns.no_chat else None,
+                                max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                                top_k=ns.top_k, top_p=ns.top_p, repetition_penalty=ns.repetition_penalty,
+                                seed=ns.seed, stop_strings=ns.stop, stream=stream)
+    except CMatrixError as exc:
+        print(f"\ncmatrix generate: {exc}", file=sys.stderr)
+        return 2
+    out.write("\n")
+    out.flush()
+    print(result.summary(), file=sys.stderr)
+    return 0

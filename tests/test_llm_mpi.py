@@ -1,0 +1,102 @@
+"""cmatrix.llm on real mpiexec jobs against transformers: random tiny Llama, Qwen2 and Mistral
+checkpoints; 1-4 ranks, uneven shares with a zero, mixed backends, quantised weights; the
+`generate` command end to end; failures on any rank while loading or decoding."""
+
+import json
+import sys
+
+import pytest
+from conftest import JOBS, ROOT, mpirun, run_cmd
+
+pytestmark = pytest.mark.mpi
+
+
+def _need(*modules):
+    for m in ("torch", "transformers", "tokenizers", *modules):
+        pytest.importorskip(m)
+
+
+@pytest.mark.parametrize("n, weights, names", [
+    (1, [1.0], None),
+    (2, [0.7, 0.3], None),
+    (3, [0.0, 0.5, 0.5], ["numpy", "torch", "numpy"]),  # the driver holds no heads, rows or vocabulary
+    (4, [0.4, 0.3, 0.2, 0.1], ["torch", "numpy", "ggml", "opencl"]),
+])
+def test_decoder_matches_transformers(n, weights, names, tmp_path):
+    _need(*(("ggml", "pyopencl") if names and "ggml" in names else ()))
+    r = mpirun(n, JOBS / "llm_job.py", str(tmp_path), json.dumps(weights), json.dumps(names), timeout=300)
+    assert r.returncode == 0, r
+    assert f"llm: 12 checks, 0 failures on {n} ranks" in r.stdout, r
+
+
+@pytest.mark.parametrize("quant, names, checks", [
+    ("q8_0", ["numpy", "torch"], 4),  # same rounding as the reference: within 1e-4
+    ("q4_0", ["torch", "numpy"], 4),
+    ("q8_0", ["ggml", "torch"], 1),  # ggml also rounds activations: the documented bound
+    ("q4_0", ["ggml", "ggml"], 1),
+])
+def test_quantised_decoder(quant, names, checks, tmp_path):
+    _need("ggml")
+    r = mpirun(2, JOBS / "llm_job.py", str(tmp_path), "[0.5, 0.5]", json.dumps(names), quant, timeout=300)
+    assert r.returncode == 0, r
+    assert f"llm: {checks} checks, 0 failures on 2 ranks" in r.stdout, r
+
+
+def test_generate_command_streams_what_transformers_generates(tmp_path):
+    """`python -m cmatrix generate` on 2 ranks: the streamed text is transformers' greedy
+    continuation of the same prompt, and the speed line reports tokens/s and bytes/token."""
+    _need()
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from tiny_llama import build
+
+    path = build(tmp_path / "tiny", vocab_size=256, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, scale=4.0)
+    prompt = "Old computers, together"
+    ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(prompt).ids
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    want = Tokenizer.from_file(str(path / "tokenizer.json")).decode([t for t in out if t != 2])
+    from cmatrix import launch
+    from conftest import job_env
+
+    cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(path),
+                             "--prompt", prompt, "--no-chat", "--max-new-tokens", "12",
+                             "--weights", "0.6,0.4", "--backends", "torch,numpy"], None)
+    r = run_cmd(cmd, job_env(), timeout=180)
+    assert r.returncode == 0, r
+    assert r.stdout.rstrip("\n") == want, r
+    assert "prefill:" in r.stderr and "tokens/s" in r.stderr and "KiB/token" in r.stderr, r
+
+
+def test_generate_command_refuses_a_missing_model(tmp_path):
+    from cmatrix import launch
+    from conftest import job_env
+
+    cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(tmp_path / "none")],
+                         None)
+    r = run_cmd(cmd, job_env(), timeout=120)
+    assert r.returncode == 2, r
+    assert "config.json: not found" in r.stderr, r
+
+
+@pytest.mark.parametrize("faults", [
+    "llm_load:load:2,llm_step:prepare:1,llm_step:attention:1,llm_step:mlp:2,llm_step:logits:0",
+])
+def test_a_failing_rank_reaches_the_driver_and_the_decoder_recovers(faults, tmp_path):
+    _need()
+    r = mpirun(3, JOBS / "llm_fault.py", str(tmp_path), env={"CMATRIX_FAULT": faults}, timeout=180)
+    assert r.returncode == 0, r
+    assert r.stdout.count("CAUGHT") == 5 and "RECOVERED" in r.stdout, r
+
+
+def test_a_crashed_rank_ends_the_job_without_a_hang(tmp_path):
+    _need()
+    r = mpirun(2, JOBS / "llm_fault.py", str(tmp_path), env={"CMATRIX_FAULT": "llm_step:mlp:1:exit"},
+               timeout=120)
+    assert r.returncode != 0, r
+    assert "RECOVERED" not in r.stdout, r
