@@ -61,8 +61,9 @@ def test_generate_command_streams_what_transformers_generates(tmp_path):
     with torch.no_grad():
         out = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
     want = Tokenizer.from_file(str(path / "tokenizer.json")).decode([t for t in out if t != 2])
-    from cmatrix import launch
     from conftest import job_env
+
+    from cmatrix import launch
 
     cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(path),
                              "--prompt", prompt, "--no-chat", "--max-new-tokens", "12",
@@ -74,8 +75,9 @@ def test_generate_command_streams_what_transformers_generates(tmp_path):
 
 
 def test_generate_command_refuses_a_missing_model(tmp_path):
-    from cmatrix import launch
     from conftest import job_env
+
+    from cmatrix import launch
 
     cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(tmp_path / "none")],
                          None)
