@@ -107,3 +107,27 @@ torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 print("README-NN-OK")
 """
     _run_block(tmp_path, "shard_linears(", checks, "README-NN-OK")
+
+
+def test_readme_llm_block_runs(tmp_path):
+    for module in ("torch", "transformers", "tokenizers"):
+        pytest.importorskip(module)
+    import sys
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from tiny_llama import build
+
+    path = build(tmp_path / "tiny-llama", num_hidden_layers=2)
+    block = _block("cm.llm.load(").replace('"models/tiny-llama"', repr(str(path)))
+    assert str(path) in block
+    checks = """
+assert sum(p["heads"] for p in model.layout()) == model.config.num_heads
+assert 0 < len(result.token_ids) <= 32 and "tokens/s" in result.summary()
+assert logits.shape == (model.config.vocab_size,) and model.position == 3
+print("README-LLM-OK")
+"""
+    script = tmp_path / "readme_block.py"
+    script.write_text(block + checks)
+    r = mpirun(2, script, timeout=180)
+    assert r.returncode == 0, r
+    assert "README-LLM-OK" in r.stdout, r
