@@ -124,8 +124,8 @@ class DecoderConfig:
 
 def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
     params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta, scaling = params["rope_theta"], dict(params)
+    if isinstance(params, dict) and params:
+        theta, scaling = params.get("rope_theta", raw.get("rope_theta", 10000.0)), dict(params)
     else:
         theta, scaling = raw.get("rope_theta", 10000.0), raw.get("rope_scaling")
         scaling = dict(scaling) if scaling else None
@@ -157,7 +157,7 @@ def _windows(raw: dict, model_type: str, layers: int) -> tuple[int | None, ...]:
     if model_type == "mistral" and window:
         return (int(window),) * layers
     if model_type == "qwen2" and raw.get("use_sliding_window") and window:
-        first = int(raw.get("max_window_layers", layers))
+        first = int(raw.get("max_window_layers", 28))  # transformers' Qwen2Config default
         return tuple(int(window) if i >= first else None for i in range(layers))
     return (None,) * layers
 

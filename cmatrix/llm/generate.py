@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError
 from .sampling import Sampler, SamplingOptions
 
@@ -81,8 +83,12 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens: a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(stop_strings, str) or any(not isinstance(s, str) or not s for s in stop_strings):
-        raise InputError("stop_strings: a list of non-empty strings")
+    if isinstance(stop_strings, str) or not isinstance(stop_strings, Sequence) \
+            or any(not isinstance(s, str) or not s for s in stop_strings):
+        raise InputError(f"stop_strings: a list of non-empty strings, got {stop_strings!r}")
+    if stop_token_ids is not None and (not isinstance(stop_token_ids, Sequence | set | frozenset) or any(
+            isinstance(t, bool) or not isinstance(t, int | np.integer) for t in stop_token_ids)):
+        raise InputError(f"stop_token_ids: a list of token ids, got {stop_token_ids!r}")
     sampler = Sampler(SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seed=seed))
     ids = prompt_ids(model, prompt, token_ids, messages, chat, system)

@@ -68,12 +68,16 @@ class DecoderModel:
         tensor, shape = self._names[key]
         return None if tensor is None else self.checkpoint.get(tensor, shape)
 
-    def _shard(self, build, suffix: str, align: int, axis: int = 0) -> Any:
+    def _shard(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int = 0) -> Any:
         """One weight matrix onto the ranks (``build()`` makes it; not called for cache='load')."""
         w = None if self.cache == "load" else build()
         m = self.cluster.shard(w, name=f"{self.name}.{suffix}", weights=self.weights, axis=axis,
                                quant=self.quant, quant_axis=1, cache=self.cache, align=align)
         self._matrices.append(m)
+        if tuple(m.shape) != shape or m.quant != self.quant or m.axis != axis:
+            raise InputError(f"the cached {m.name} is {m.quant or 'float'} {tuple(m.shape)} split along "
+                             f"axis {m.axis}; {self.path} with quant={self.quant!r} needs {shape} along "
+                             f"axis {axis}: load it with cache='save' or 'auto' once")
         return m
 
     def _load(self) -> None:
@@ -86,7 +90,8 @@ class DecoderModel:
             for i in range(cfg.num_layers):
                 layers.append(self._load_layer(i, chunk, vectors))
                 bar.update(per_layer)
-        head = self._shard(lambda: self._read("lm_head"), "lm_head", align=1)
+        head = self._shard(lambda: self._read("lm_head"), "lm_head", (cfg.vocab_size, cfg.hidden_size),
+                           align=1)
         self._vocab_counts = list(head.counts)
         vectors["final_norm"] = self._read("final_norm")
         buffer, where = pack(vectors)
@@ -104,12 +109,14 @@ class DecoderModel:
         def r(part: str) -> np.ndarray | None:
             return self._read(f"{i}.{part}")
 
+        hid, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
         qkv = self._shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), f"layers.{i}.qkv",
+                          (heads + 2 * cfg.num_kv_heads * cfg.head_dim, hid),
                           align=step * (cfg.group_size + 2) * cfg.head_dim)
-        o = self._shard(lambda: r("o"), f"layers.{i}.o", align=step * width, axis=1)
+        o = self._shard(lambda: r("o"), f"layers.{i}.o", (hid, heads), align=step * width, axis=1)
         gate_up = self._shard(lambda: fuse_gate_up(r("gate"), r("up"), chunk), f"layers.{i}.gate_up",
-                              align=2 * chunk)
-        down = self._shard(lambda: r("down"), f"layers.{i}.down", align=chunk, axis=1)
+                              (2 * inter, hid), align=2 * chunk)
+        down = self._shard(lambda: r("down"), f"layers.{i}.down", (hid, inter), align=chunk, axis=1)
         if [c // ((cfg.group_size + 2) * cfg.head_dim) for c in qkv.counts] != [c // width for c in o.counts]:
             raise InputError("internal: q/k/v and o_proj were split differently")
         self._qkv_counts, self._gate_up_counts = list(qkv.counts), list(gate_up.counts)

@@ -1,0 +1,912 @@
+"""cmatrix.llm on a one-rank cluster in this process: config parsing, the fused weight
+layout, checkpoint reading, forward/generate and the weight cache, on tiny random
+checkpoints written by jobs/tiny_llama.py. The multi-rank runs against transformers
+are tests/jobs/llm_job.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("jinja2")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import cmatrix as cm  # noqa: E402
+from cmatrix.llm import layout as lay  # noqa: E402
+from cmatrix.llm.checkpoint import Checkpoint  # noqa: E402
+from cmatrix.llm.config import DecoderConfig  # noqa: E402
+from cmatrix.llm.generate import GenerationResult, prompt_ids  # noqa: E402
+from cmatrix.llm.tokenizer import Tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+from tiny_llama import build  # noqa: E402
+
+# The byte-level tokenizer needs 256 byte tokens + 3 specials + merges, so the vocabulary
+# is a little larger than the rest of the model.
+VOCAB = 320
+TINY = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, scale=8.0)
+IDS = [5, 17, 200, 3, 99, 42, 7, 311]
+TOL = 1e-4
+
+
+# ---- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cl():
+    return cm.init()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A random llama checkpoint with tokenizer and chat template."""
+    return build(tmp_path_factory.mktemp("tiny"), **TINY)
+
+
+@pytest.fixture(scope="module")
+def model(cl, tiny):
+    m = cm.llm.load(cl, tiny)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def short(cl, tiny, tmp_path_factory):
+    """The tiny model with max_position_embeddings 8."""
+    path = tmp_path_factory.mktemp("short")
+    for f in tiny.iterdir():
+        shutil.copy(f, path / f.name)
+    edit_config(path, max_position_embeddings=8)
+    m = cm.llm.load(cl, path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def ref_logits(tiny):
+    """transformers' logits of every position of IDS."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(torch.tensor([IDS])).logits[0].numpy()
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMATRIX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMATRIX_SHM_DIR", str(tmp_path / "shm"))
+    return tmp_path / "cache"
+
+
+def edit_config(path: Path, **changes) -> None:
+    file = path / "config.json"
+    raw = json.loads(file.read_text())
+    raw.update(changes)
+    file.write_text(json.dumps(raw))
+
+
+def copy_config(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    return safetensors_numpy.load_file(str(path / "model.safetensors"))
+
+
+def refused(cl, fn, match, error=cm.InputError):
+    """fn() raises ``error`` matching ``match`` and sends no command and no data."""
+    before = cl.stats()
+    with pytest.raises(error, match=match) as info:
+        fn()
+    assert cl.stats() == before, "a refused call sent a command or data"
+    return info.value
+
+
+# ---- config ---------------------------------------------------------------------------
+
+BASE = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+def cfg_of(**changes) -> DecoderConfig:
+    return DecoderConfig.from_dict({**BASE, **changes})
+
+
+def same_scaling(s: dict | None) -> dict | None:
+    """rope_scaling without the keys that only say where it came from."""
+    return None if s is None else {k: v for k, v in s.items() if k not in ("type", "rope_theta")}
+
+
+def transformers_inv_freq(raw: dict) -> np.ndarray:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    raw = copy.deepcopy({k: v for k, v in raw.items() if k != "model_type"})  # transformers edits dicts
+    return LlamaRotaryEmbedding(transformers.LlamaConfig(**raw)).inv_freq.numpy()
+
+
+@pytest.mark.parametrize("v4, v5", [
+    (dict(rope_theta=500000.0), {"rope_type": "default", "rope_theta": 500000.0}),
+    (dict(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0}),
+     {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    (dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3}),
+     {"rope_type": "llama3", **LLAMA3, "rope_theta": 500000.0}),
+    (dict(rope_theta=500000.0, rope_scaling={"type": "llama3", **LLAMA3}),
+     {"rope_type": "llama3", **LLAMA3, "rope_theta": 500000.0}),
+], ids=["default", "linear", "llama3", "llama3-type-key"])
+def test_v4_and_v5_rope_keys_give_the_same_config(v4, v5):
+    old, new = cfg_of(**v4), cfg_of(rope_parameters=v5)
+    for field in DecoderConfig.__dataclass_fields__:
+        if field != "rope_scaling":
+            assert getattr(old, field) == getattr(new, field), field
+    assert same_scaling(old.rope_scaling) == same_scaling(new.rope_scaling)
+    assert (old.rope_scaling is None) == (v5["rope_type"] == "default")
+    np.testing.assert_array_equal(old.inv_freq(), new.inv_freq())
+    assert old.inv_freq().dtype == np.float32 and old.inv_freq().shape == (old.head_dim // 2,)
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "llama3", **LLAMA3},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 8},
+], ids=["default", "linear", "llama3", "llama3-b"])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_inv_freq_equals_transformers(scaling, head_dim):
+    raw = {**BASE, "rope_theta": 500000.0, "head_dim": head_dim, "max_position_embeddings": 4096}
+    if scaling:
+        raw["rope_scaling"] = scaling
+    ours = DecoderConfig.from_dict(copy.deepcopy(raw)).inv_freq()
+    theirs = transformers_inv_freq(raw)
+    assert ours.shape == theirs.shape == (head_dim // 2,)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+    if scaling:  # the scaling really changed something
+        plain = DecoderConfig.from_dict({**BASE, "rope_theta": 500000.0, "head_dim": head_dim}).inv_freq()
+        assert not np.allclose(ours, plain)
+
+
+def test_rope_parameters_with_top_level_theta():
+    raw = {**BASE, "rope_theta": 500000.0, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
+    ours = DecoderConfig.from_dict(copy.deepcopy(raw))
+    np.testing.assert_allclose(ours.inv_freq(), transformers_inv_freq(raw), rtol=1e-6)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(model_type="gpt2"), r"model_type 'gpt2' is not supported"),
+    (dict(model_type=None), r"model_type None is not supported"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), r"rope scaling 'yarn' is not supported"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), r"rope scaling 'dynamic' is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     r"'yarn' is not supported"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"'llama3' needs low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "linear"}), r"'linear' needs factor"),
+    (dict(rope_theta=-1.0), r"rope_theta must be positive"),
+    (dict(hidden_act="gelu"), r"hidden_act 'gelu'"),
+    (dict(num_attention_heads=4, num_key_value_heads=3),
+     r"num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(hidden_size=60, num_attention_heads=4, num_key_value_heads=4), r"head_dim 15 must be even"),
+    (dict(head_dim=9), r"head_dim 9 must be even"),
+    (dict(hidden_size=66, num_attention_heads=4),
+     r"hidden_size 66 is not a multiple of num_attention_heads 4"),
+    (dict(vocab_size=0), r"vocab_size must be a positive integer"),
+    (dict(num_hidden_layers=True), r"num_hidden_layers must be a positive integer"),
+    (dict(intermediate_size="96"), r"intermediate_size must be a positive integer"),
+])
+def test_bad_configs_are_refused_naming_the_problem(changes, match):
+    with pytest.raises(cm.InputError, match=match):
+        cfg_of(**changes)
+
+
+def test_missing_or_unreadable_config_json(tmp_path):
+    with pytest.raises(cm.InputError, match=r"config\.json: not found"):
+        DecoderConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(cm.InputError, match=r"config\.json: cannot read it as JSON"):
+        DecoderConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "bert"}))
+    with pytest.raises(cm.InputError, match=r"config\.json: model_type 'bert'"):
+        DecoderConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(BASE))
+    assert DecoderConfig.from_dir(tmp_path) == cfg_of()
+
+
+def test_defaults_biases_and_explicit_head_dim():
+    c = DecoderConfig.from_dict({k: v for k, v in BASE.items() if k != "num_key_value_heads"})
+    assert c.num_kv_heads == c.num_heads == 4 and c.group_size == 1 and c.head_dim == 16
+    assert (c.rope_theta, c.rope_scaling, c.windows) == (10000.0, None, (None, None))
+    assert (c.qkv_bias, c.o_bias, c.mlp_bias, c.tie_word_embeddings) == (False, False, False, False)
+    c = cfg_of(head_dim=32)
+    assert c.head_dim == 32 and c.inv_freq().shape == (16,)
+    # an explicit head_dim need not divide hidden_size
+    assert cfg_of(hidden_size=66, num_attention_heads=4, head_dim=16).head_dim == 16
+    assert cfg_of(model_type="qwen2").qkv_bias and not cfg_of(model_type="qwen2").o_bias
+    c = cfg_of(attention_bias=True, mlp_bias=True)
+    assert c.qkv_bias and c.o_bias and c.mlp_bias
+    c = cfg_of(model_type="mistral", attention_bias=True)
+    assert c.qkv_bias and not c.o_bias
+    assert cfg_of(num_attention_heads=8, num_key_value_heads=2).group_size == 4
+
+
+@pytest.mark.parametrize("changes, windows", [
+    (dict(model_type="mistral", sliding_window=5, num_hidden_layers=3), (5, 5, 5)),
+    (dict(model_type="mistral", sliding_window=None, num_hidden_layers=3), (None, None, None)),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2,
+          num_hidden_layers=4), (None, None, 4, 4)),
+    (dict(model_type="qwen2", use_sliding_window=False, sliding_window=4, max_window_layers=2,
+          num_hidden_layers=4), (None,) * 4),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0,
+          num_hidden_layers=2), (4, 4)),
+    (dict(model_type="llama", sliding_window=7, num_hidden_layers=3), (None, None, None)),
+    (dict(model_type="qwen2", sliding_window=6, num_hidden_layers=3,
+          layer_types=["sliding_attention", "full_attention", "sliding_attention"]), (6, None, 6)),
+    (dict(model_type="mistral", sliding_window=6, num_hidden_layers=2,
+          layer_types=["full_attention", "sliding_attention"]), (None, 6)),
+])
+def test_sliding_windows_per_layer(changes, windows):
+    assert cfg_of(**changes).windows == windows
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    dict(num_hidden_layers=4, use_sliding_window=False, sliding_window=4, max_window_layers=1),
+    dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+])
+def test_qwen2_windows_from_a_transformers_config_json(settings):
+    """A config.json as transformers writes it (with layer_types) gives its windows."""
+    raw = transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=128, **settings).to_dict()
+    theirs = transformers.Qwen2Config.from_dict(copy.deepcopy(raw))
+    if not hasattr(theirs, "layer_types"):
+        pytest.skip("this transformers has no layer_types")
+    want = tuple(theirs.sliding_window if t == "sliding_attention" else None for t in theirs.layer_types)
+    assert DecoderConfig.from_dict(raw).windows == want
+
+
+def test_qwen2_default_max_window_layers_is_transformers_default():
+    raw = {**BASE, "model_type": "qwen2", "num_hidden_layers": 30, "use_sliding_window": True,
+           "sliding_window": 4}
+    theirs = transformers.Qwen2Config(**{k: v for k, v in raw.items() if k != "model_type"})
+    assert theirs.max_window_layers == 28
+    assert DecoderConfig.from_dict(raw).windows == (None,) * 28 + (4, 4)
+
+
+# ---- layout ---------------------------------------------------------------------------
+
+rng = np.random.default_rng(5)
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("heads, kv, head_dim", [(4, 2, 8), (8, 2, 4), (4, 4, 6), (6, 1, 4)])
+def test_fuse_then_split_qkv_recovers_q_k_v_per_group(heads, kv, head_dim):
+    hidden = 24
+    cfg = cfg_of(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+    rep, t = heads // kv, 3
+    qw, kw, vw = f32(heads * head_dim, hidden), f32(kv * head_dim, hidden), f32(kv * head_dim, hidden)
+    fused = lay.fuse_qkv(qw, kw, vw, cfg)
+    assert fused.shape == ((heads + 2 * kv) * head_dim, hidden) and fused.flags.c_contiguous
+    h = f32(t, hidden)
+    q, k, v = lay.split_qkv(h @ fused.T, cfg)
+    want_q = (h @ qw.T).reshape(t, kv, rep, head_dim)  # query head j uses KV head j // rep
+    want_k, want_v = (h @ kw.T).reshape(t, kv, head_dim), (h @ vw.T).reshape(t, kv, head_dim)
+    np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k, want_k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v, want_v, rtol=1e-5, atol=1e-5)
+    # a rank's contiguous block of rows is whole groups: here the last group alone
+    unit = (rep + 2) * head_dim
+    q1, k1, v1 = lay.split_qkv(h @ fused[-unit:].T, cfg)
+    assert q1.shape == (t, 1, rep, head_dim)
+    np.testing.assert_allclose(q1[:, 0], want_q[:, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k1[:, 0], want_k[:, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v1[:, 0], want_v[:, -1], rtol=1e-5, atol=1e-5)
+    # biases (1-D) are fused the same way
+    qb, kb, vb = f32(heads * head_dim), f32(kv * head_dim), f32(kv * head_dim)
+    bq, bk, bv = lay.split_qkv(lay.fuse_qkv(qb, kb, vb, cfg)[None], cfg)
+    np.testing.assert_array_equal(bq[0], qb.reshape(kv, rep, head_dim))
+    np.testing.assert_array_equal(bk[0], kb.reshape(kv, head_dim))
+    np.testing.assert_array_equal(bv[0], vb.reshape(kv, head_dim))
+
+
+@pytest.mark.parametrize("inter, chunk", [(96, 32), (12, 1), (12, 4), (64, 64)])
+def test_fuse_then_split_gate_up(inter, chunk):
+    hidden, t = 16, 4
+    gate, up, h = f32(inter, hidden), f32(inter, hidden), f32(t, hidden)
+    fused = lay.fuse_gate_up(gate, up, chunk)
+    assert fused.shape == (2 * inter, hidden)
+    g, u = lay.split_gate_up(h @ fused.T, chunk)
+    np.testing.assert_allclose(g, h @ gate.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(u, h @ up.T, rtol=1e-5, atol=1e-5)
+    # a block of 2 * chunk rows holds matching gate and up rows
+    if inter >= 2 * chunk:
+        g1, u1 = lay.split_gate_up(h @ fused[2 * chunk:4 * chunk].T, chunk)
+        np.testing.assert_allclose(g1, h @ gate[chunk:2 * chunk].T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(u1, h @ up[chunk:2 * chunk].T, rtol=1e-5, atol=1e-5)
+    gb, ub = f32(inter), f32(inter)
+    g2, u2 = lay.split_gate_up(lay.fuse_gate_up(gb, ub, chunk)[None], chunk)
+    np.testing.assert_array_equal(g2[0], gb)
+    np.testing.assert_array_equal(u2[0], ub)
+
+
+def test_pack_unpack_roundtrip():
+    vectors = {"a": f32(5), "b": f32(2, 3), "empty": np.zeros(0, np.float32),
+               "c": np.arange(4, dtype=np.float64)}
+    buffer, where = lay.pack(vectors)
+    assert buffer.dtype == np.float32 and buffer.size == 5 + 6 + 0 + 4
+    assert where == {"a": (0, 5), "b": (5, 6), "empty": (11, 0), "c": (11, 4)}
+    back = lay.unpack(buffer.copy(), where)
+    assert list(back) == list(vectors)
+    for name, v in vectors.items():
+        np.testing.assert_array_equal(back[name], v.ravel().astype(np.float32))
+    assert lay.pack({})[0].size == 0
+
+
+def test_group_step_and_mlp_chunk():
+    c = cfg_of(hidden_size=64, num_attention_heads=4, num_key_value_heads=4)  # 16 values per group
+    assert lay.group_step(c, None) == 1 and lay.group_step(c, "q8_0") == 2
+    c = cfg_of(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # 32 per group
+    assert lay.group_step(c, "q4_0") == 1
+    c = cfg_of(hidden_size=64, num_attention_heads=8, num_key_value_heads=8)  # 8 per group
+    assert lay.group_step(c, "q8_0") == 4
+    assert lay.mlp_chunk(cfg_of(intermediate_size=96), None) == 32
+    assert lay.mlp_chunk(cfg_of(intermediate_size=100), None) == 1
+    lay.check_quant(cfg_of(), "q8_0")
+    lay.check_quant(cfg_of(hidden_size=48, intermediate_size=100), None)  # no quant: anything goes
+
+
+@pytest.mark.parametrize("changes, quant, match", [
+    (dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=4), "q8_0",
+     r"hidden_size 48 is not a multiple of 32"),
+    (dict(intermediate_size=80), "q4_0", r"intermediate_size 80 is not a multiple of 32"),
+    (dict(hidden_size=64, num_attention_heads=3, num_key_value_heads=3, head_dim=16), "q8_0",
+     r"3 KV groups cannot be split in units of 2"),
+    (dict(hidden_size=64, num_attention_heads=6, num_key_value_heads=6, head_dim=8), "q8_0",
+     r"6 KV groups cannot be split in units of 4"),
+    (dict(), "q5_k", r"q5_k"),
+])
+def test_check_quant_refusals(changes, quant, match):
+    with pytest.raises(cm.InputError, match=match):
+        lay.check_quant(cfg_of(**changes), quant)
+
+
+def test_a_quant_refusal_happens_before_anything_moves(cl, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "intermediate_size": 80}))
+    refused(cl, lambda: cm.llm.load(cl, tmp_path, quant="q8_0"), r"intermediate_size 80")
+
+
+# ---- checkpoint -----------------------------------------------------------------------
+
+
+def test_a_sharded_checkpoint_with_index_gives_the_same_logits(cl, tiny, model, tmp_path):
+    want = model.forward(IDS, start=0, all_logits=True)
+    weights = tensors(tiny)
+    names = sorted(weights)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    # with an index
+    indexed = copy_config(tiny, tmp_path / "indexed")
+    for file, part in files.items():
+        safetensors_numpy.save_file({n: weights[n] for n in part}, str(indexed / file))
+    weight_map = {n: file for file, part in files.items() for n in part}
+    index = {"metadata": {}, "weight_map": weight_map}
+    (indexed / "model.safetensors.index.json").write_text(json.dumps(index))
+    ckpt = Checkpoint(indexed)
+    assert {n: p.name for n, p in ckpt.files.items()} == weight_map
+    # without: every *.safetensors file is read
+    plain = copy_config(tiny, tmp_path / "plain")
+    for file in files:
+        shutil.copy(indexed / file, plain / file)
+    assert {n: p.name for n, p in Checkpoint(plain).files.items()} == weight_map
+    for path in (indexed, plain):
+        m = cm.llm.load(cl, path)
+        try:
+            np.testing.assert_array_equal(m.forward(IDS, start=0, all_logits=True), want)
+        finally:
+            m.close()
+
+
+def test_transformers_sharded_save_is_read(cl, tiny, model, tmp_path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    ref.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    m = cm.llm.load(cl, tmp_path)
+    try:
+        np.testing.assert_array_equal(m.forward(IDS, start=0), model.forward(IDS, start=0))
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_are_read_as_float32(cl, tiny, tmp_path, dtype):
+    half, wide = copy_config(tiny, tmp_path / "half"), copy_config(tiny, tmp_path / "wide")
+    weights = safetensors_torch.load_file(str(tiny / "model.safetensors"))
+    low = {n: t.to(getattr(torch, dtype)) for n, t in weights.items()}
+    safetensors_torch.save_file(low, str(half / "model.safetensors"))
+    safetensors_torch.save_file({n: t.float() for n, t in low.items()}, str(wide / "model.safetensors"))
+    ckpt = Checkpoint(half)
+    name = "model.layers.0.mlp.up_proj.weight"
+    got = ckpt.get(name, (96, 64))
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, low[name].float().numpy())
+    logits = []
+    for path in (half, wide):
+        m = cm.llm.load(cl, path)
+        try:
+            logits.append(m.forward(IDS, start=0, all_logits=True))
+        finally:
+            m.close()
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_an_index_naming_a_file_outside_the_folder_is_refused(cl, tiny, tmp_path):
+    path = copy_config(tiny, tmp_path / "m")
+    shutil.copy(tiny / "model.safetensors", tmp_path / "outside.safetensors")
+    weight_map = {n: "../outside.safetensors" for n in tensors(tiny)}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(cl, lambda: cm.llm.load(cl, path), r"outside the model folder: '\.\./outside\.safetensors'")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "/etc/passwd"}}))
+    refused(cl, lambda: cm.llm.load(cl, path), r"outside the model folder")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"no_weight_map": {}}))
+    refused(cl, lambda: cm.llm.load(cl, path), r"not a safetensors index")
+
+
+def test_missing_tensor_wrong_shape_or_dtype_is_refused_before_data_moves(cl, tiny, tmp_path):
+    weights = tensors(tiny)
+    gone = "model.layers.1.mlp.down_proj.weight"
+    missing = copy_config(tiny, tmp_path / "missing")
+    kept = {n: t for n, t in weights.items() if n != gone}
+    safetensors_numpy.save_file(kept, str(missing / "model.safetensors"))
+    refused(cl, lambda: cm.llm.load(cl, missing), re.escape(f"no tensor {gone!r}"))
+
+    shape = copy_config(tiny, tmp_path / "shape")
+    shutil.copy(tiny / "model.safetensors", shape / "model.safetensors")
+    edit_config(shape, intermediate_size=128)
+    refused(cl, lambda: cm.llm.load(cl, shape),
+            re.escape("model.layers.0.mlp.gate_proj.weight has shape (96, 64), the config implies (128, 64)"))
+
+    wide = copy_config(tiny, tmp_path / "f64")
+    doubled = {**weights, gone: weights[gone].astype(np.float64)}
+    safetensors_numpy.save_file(doubled, str(wide / "model.safetensors"))
+    refused(cl, lambda: cm.llm.load(cl, wide), re.escape(f"{gone} is F64; expected F32, F16 or BF16"))
+
+    # the index lists a tensor its file does not hold
+    lying = copy_config(tiny, tmp_path / "lying")
+    shutil.copy(missing / "model.safetensors", lying / "model.safetensors")
+    (lying / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "model.safetensors" for n in weights}}))
+    refused(cl, lambda: cm.llm.load(cl, lying),
+            re.escape(f"the index says it holds {gone!r}, but it does not"))
+
+
+def hub_snapshot(tiny: Path, root: Path, index: bool) -> Path:
+    """The layout of a Hugging Face hub cache: the snapshot folder holds symlinks into blobs/."""
+    blobs, snap = root / "blobs", root / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    files = {"config.json": tiny / "config.json",
+             "model-00001-of-00001.safetensors": tiny / "model.safetensors"}
+    if index:
+        weight_map = {n: "model-00001-of-00001.safetensors" for n in tensors(tiny)}
+        (root / "index.json").write_text(json.dumps({"weight_map": weight_map}))
+        files["model.safetensors.index.json"] = root / "index.json"
+    for i, (name, src) in enumerate(files.items()):
+        shutil.copy(src, blobs / f"blob{i}")
+        (snap / name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    return snap
+
+
+def test_a_hub_snapshot_of_symlinks_without_index_is_read(tiny, tmp_path):
+    ckpt = Checkpoint(hub_snapshot(tiny, tmp_path, index=False))
+    assert set(ckpt.files) == set(tensors(tiny))
+    np.testing.assert_array_equal(ckpt.get("model.norm.weight"), tensors(tiny)["model.norm.weight"])
+
+
+def test_a_hub_snapshot_of_symlinks_with_index_is_read(tiny, tmp_path):
+    assert set(Checkpoint(hub_snapshot(tiny, tmp_path, index=True)).files) == set(tensors(tiny))
+
+
+def test_a_pytorch_bin_checkpoint_is_refused(cl, tiny, tmp_path):
+    path = copy_config(tiny, tmp_path / "bin")
+    torch.save(safetensors_torch.load_file(str(tiny / "model.safetensors")), path / "pytorch_model.bin")
+    err = refused(cl, lambda: cm.llm.load(cl, path), r"no \*\.safetensors weights found")
+    assert "pickle" in str(err) and ".bin" in str(err)
+
+
+# ---- the model on one rank --------------------------------------------------------------
+
+
+def test_logits_match_transformers(model, ref_logits):
+    got = model.forward(IDS, start=0, all_logits=True)
+    assert got.shape == (len(IDS), VOCAB) and got.dtype == np.float32
+    assert float(np.abs(ref_logits).max()) > 1.0  # far from uniform: the comparison means something
+    np.testing.assert_allclose(got, ref_logits, rtol=0, atol=TOL)
+    assert model.position == len(IDS)
+    # the last token's logits by default; prefill + decode continues from the cache
+    np.testing.assert_allclose(model.forward(IDS[:5], start=0), ref_logits[4], rtol=0, atol=TOL)
+    for i, t in enumerate(IDS[5:]):
+        np.testing.assert_allclose(model.forward([t]), ref_logits[5 + i], rtol=0, atol=TOL)
+    # restart mid-sequence: positions from 2 on are rewritten
+    np.testing.assert_allclose(model.forward(IDS[2:6], start=2, all_logits=True), ref_logits[2:6],
+                               rtol=0, atol=TOL)
+    assert model.position == 6
+
+
+def test_explicit_head_dim_qwen2_biases_and_tied_embeddings_match_transformers(cl, tmp_path):
+    path = build(tmp_path, model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 tie_word_embeddings=True, scale=8.0, tokenizer=False, seed=3)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 96, 9)]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    m = cm.llm.load(cl, path)
+    try:
+        assert m.config.head_dim == 32 and m.config.qkv_bias and m.config.tie_word_embeddings
+        np.testing.assert_allclose(m.forward(ids, start=0, all_logits=True), want, rtol=0, atol=TOL)
+    finally:
+        m.close()
+
+
+def test_quantised_weights_stay_close_and_keep_the_layout(cl, tiny, model, ref_logits):
+    m = cm.llm.load(cl, tiny, quant="q8_0")
+    try:
+        assert m.layout() == model.layout()
+        got = m.forward(IDS, start=0, all_logits=True)
+        err, scale = float(np.abs(got - ref_logits).max()), float(np.abs(ref_logits).max())
+        assert 0 < err < 0.05 * scale
+    finally:
+        m.close()
+
+
+def test_a_folder_without_tokenizer_generates_from_ids_only(cl, tiny, tmp_path):
+    path = copy_config(tiny, tmp_path)
+    shutil.copy(tiny / "model.safetensors", path / "model.safetensors")
+    m = cm.llm.load(cl, path)
+    try:
+        assert m.stop_ids() == {2}  # config.json's eos_token_id
+        r = m.generate(token_ids=IDS, max_new_tokens=3, stop_token_ids=[])
+        assert len(r.token_ids) == 3 and r.text == ""
+        refused(cl, lambda: m.generate("hello", max_new_tokens=3), r"no tokenizer\.json")
+        refused(cl, lambda: m.generate(token_ids=IDS, stream=print), r"no tokenizer\.json")
+    finally:
+        m.close()
+
+
+def test_forward_refusals_leave_the_model_usable(cl, model, short):
+    model.forward(IDS[:3], start=0)
+    assert model.position == 3
+    for fn, match in [
+        (lambda: model.forward([1, VOCAB]), rf"token_ids: ids must lie in \[0, {VOCAB}\)"),
+        (lambda: model.forward([-1, 2]), r"ids must lie in"),
+        (lambda: model.forward([]), r"token_ids: empty"),
+        (lambda: model.forward(np.zeros((0, 3), dtype=np.int64)), r"token_ids: empty"),
+        (lambda: model.forward([1], start=4),
+         r"start: an integer in \[0, 3\] \(the cached positions\), got 4"),
+        (lambda: model.forward([1], start=-1), r"start: an integer in \[0, 3\]"),
+        (lambda: model.forward([1], start=True), r"start: an integer"),
+        (lambda: model.forward([1], start=1.0), r"start: an integer"),
+        (lambda: short.forward(list(range(9)), start=0), r"9 positions exceed max_position_embeddings 8"),
+    ]:
+        refused(cl, fn, match)
+    assert model.position == 3
+    assert model.forward([4], start=3).shape == (VOCAB,)
+    assert short.forward(list(range(8)), start=0).shape == (VOCAB,)  # exactly the limit is fine
+    refused(cl, lambda: short.forward([1]), r"9 positions exceed max_position_embeddings 8")
+
+
+def test_layout_numbers(model, tiny):
+    assert model.layout() == [{"rank": 0, "kv_groups": 2, "heads": 4, "mlp_rows": 96, "vocab_rows": VOCAB}]
+    assert model.config == DecoderConfig.from_dir(tiny)
+    assert model.stop_ids() == {2}
+    assert model.tokenizer.vocab_size <= VOCAB
+
+
+def test_bad_load_arguments_are_refused(cl, tiny):
+    refused(cl, lambda: cm.llm.load(cl, tiny, cache="keep"), r"cache: one of 'save', 'load', 'auto' or None")
+    refused(cl, lambda: cm.llm.load(cl, tiny, weights=[0.5, 0.5]), r"weights")
+    refused(cl, lambda: cm.llm.load(cl, tiny / "nothing-here"), r"config\.json: not found")
+
+
+def test_close_then_forward_fails_clearly(cl, tiny):
+    m = cm.llm.load(cl, tiny)
+    logits = m.forward(IDS[:3])
+    m.close()
+    m.close()  # twice is harmless
+    refused(cl, lambda: m.forward(IDS[:3], start=0), r"closed")
+    refused(cl, lambda: m.generate(token_ids=IDS[:3], max_new_tokens=2), r"closed")
+    again = cm.llm.load(cl, tiny)  # the same folder loads again afterwards
+    try:
+        np.testing.assert_array_equal(again.forward(IDS[:3]), logits)
+    finally:
+        again.close()
+
+
+# ---- the weight cache -----------------------------------------------------------------
+
+
+def count_payloads(cl, monkeypatch) -> list[int]:
+    """Bytes of array data the driver hands to each command (what travels on many ranks)."""
+    sent: list[int] = []
+    run = cl._run
+
+    def counting(header, payload=None):
+        sent.append(int(getattr(payload, "nbytes", 0) or 0))
+        return run(header, payload)
+
+    monkeypatch.setattr(cl, "_run", counting)
+    return sent
+
+
+def test_cache_save_then_load_gives_identical_logits_and_sends_little(cl, tiny, cache_dir, monkeypatch):
+    sent = count_payloads(cl, monkeypatch)
+    before = cl.stats()["bytes_moved"]
+    saved = cm.llm.load(cl, tiny, cache="save", name="tiny.llm")
+    save_bytes, save_moved = sum(sent), cl.stats()["bytes_moved"] - before
+    want = saved.forward(IDS, start=0, all_logits=True)
+    saved.close()
+    assert (cache_dir / "shards" / "tiny.llm.layers.0.qkv" / "rank0.cmshard").exists()
+    assert (cache_dir / "shards" / "tiny.llm.lm_head" / "manifest.json").exists()
+    before = cl.stats()["bytes_moved"]
+    sent.clear()
+    loaded = cm.llm.load(cl, tiny, cache="load", name="tiny.llm")
+    load_bytes, load_moved = sum(sent), cl.stats()["bytes_moved"] - before
+    try:
+        # bytes_moved counts what crosses ranks (nothing on one rank); the payloads are what
+        # the driver hands out, the same on any number of ranks
+        assert load_moved <= 0.05 * save_moved
+        assert 0 < load_bytes < 0.05 * save_bytes, (load_bytes, save_bytes)
+        np.testing.assert_array_equal(loaded.forward(IDS, start=0, all_logits=True), want)
+    finally:
+        loaded.close()
+    names = {e["name"] for e in cl.cached()}
+    assert {"tiny.llm.layers.1.gate_up", "tiny.llm.lm_head"} <= names
+
+
+def test_cache_load_without_a_save_names_the_missing_manifest(cl, tiny, cache_dir):
+    with pytest.raises(cm.CacheError, match=r"manifest\.json does not exist"):
+        cm.llm.load(cl, tiny, cache="load", name="never.saved")
+
+
+def test_cache_with_a_changed_checkpoint(cl, tiny, cache_dir, tmp_path):
+    """cache='load' trusts the saved matrices (it reads only embeddings, norms and biases from the
+    folder); cache='auto' compares checksums and resends what changed."""
+    changed = copy_config(tiny, tmp_path / "changed")
+    weights = tensors(tiny)
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"] * 2
+    safetensors_numpy.save_file(weights, str(changed / "model.safetensors"))
+    m = cm.llm.load(cl, changed)
+    want = m.forward(IDS, start=0, all_logits=True)
+    m.close()
+    cm.llm.load(cl, tiny, cache="save", name="chg").close()
+    m = cm.llm.load(cl, tiny, cache="load", name="chg")
+    old = m.forward(IDS, start=0, all_logits=True)
+    m.close()
+    assert not np.allclose(old, want, atol=1e-3)  # the change matters
+    m = cm.llm.load(cl, changed, cache="load", name="chg")  # the saved q_proj, not the folder's
+    stale = m.forward(IDS, start=0, all_logits=True)
+    m.close()
+    np.testing.assert_array_equal(stale, old)
+    m = cm.llm.load(cl, changed, cache="auto", name="chg")
+    try:
+        np.testing.assert_array_equal(m.forward(IDS, start=0, all_logits=True), want)
+    finally:
+        m.close()
+    m = cm.llm.load(cl, changed, cache="load", name="chg")  # auto saved the new one
+    try:
+        np.testing.assert_array_equal(m.forward(IDS, start=0, all_logits=True), want)
+    finally:
+        m.close()
+
+
+def test_cache_load_refuses_matrices_of_another_shape(cl, tmp_path, cache_dir):
+    small = dict(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, tokenizer=False)
+    a = build(tmp_path / "a", intermediate_size=96, **small)
+    b = build(tmp_path / "b", intermediate_size=128, **small)
+    cm.llm.load(cl, a, cache="save", name="shape").close()
+    m = None
+    try:
+        with pytest.raises(cm.CMatrixError, match=r"shape|intermediate"):
+            m = cm.llm.load(cl, b, cache="load", name="shape")
+            m.forward([1, 2, 3])
+    finally:
+        if m is not None:
+            m.close()
+
+
+# ---- generate -------------------------------------------------------------------------
+
+PROMPT = "How does the cache work?"
+
+
+def test_chat_template_is_used_by_default(model, tiny):
+    tok = model.tokenizer
+    assert tok.has_chat_template
+    hf = transformers.AutoTokenizer.from_pretrained(tiny)
+    messages = [{"role": "user", "content": PROMPT}]
+    rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<s><|user|>\n") and rendered.endswith("<|assistant|>\n")
+    want = hf.encode(rendered, add_special_tokens=False)
+    assert want == tok.encode(rendered, add_special_tokens=False)
+    chat = prompt_ids(model, PROMPT, None, None, None)
+    assert chat == want and chat.count(1) == 1 and chat[0] == 1  # one BOS, from the template
+    assert prompt_ids(model, None, None, messages, None) == want
+    plain = prompt_ids(model, PROMPT, None, None, False)
+    assert plain == tok.encode(PROMPT) == hf.encode(PROMPT) and plain[0] == 1 and plain.count(1) == 1
+    with_system = prompt_ids(model, PROMPT, None, None, None, system="Be brief.")
+    assert with_system == hf.encode(hf.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, *messages], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)
+    r = model.generate(PROMPT, max_new_tokens=2, stop_token_ids=[])
+    assert r.prompt_tokens == len(want)
+    r = model.generate(PROMPT, chat=False, max_new_tokens=2, stop_token_ids=[])
+    assert r.prompt_tokens == len(plain) < len(want)
+
+
+def test_without_a_chat_template_text_is_encoded_plainly(tiny, tmp_path):
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(tiny / f, tmp_path / f)
+    raw = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del raw["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(raw))
+    fake = SimpleNamespace(tokenizer=Tokenizer.from_dir(tmp_path))
+    assert not fake.tokenizer.has_chat_template
+    assert prompt_ids(fake, PROMPT, None, None, None) == fake.tokenizer.encode(PROMPT)
+    with pytest.raises(cm.InputError, match="no chat template"):
+        prompt_ids(fake, PROMPT, None, None, True)
+
+
+@pytest.fixture(scope="module")
+def greedy(model) -> GenerationResult:
+    """40 greedy tokens after PROMPT with nothing stopping them early."""
+    return model.generate(PROMPT, max_new_tokens=40, stop_token_ids=[])
+
+
+def test_greedy_generation_follows_argmax_and_streams(model, greedy):
+    assert greedy.stop_reason == "max_new_tokens" and len(greedy.token_ids) == 40
+    ids = prompt_ids(model, PROMPT, None, None, None)
+    seq = list(ids)
+    logits = model.forward(seq, start=0)
+    for _ in range(5):
+        seq.append(int(np.argmax(logits)))
+        logits = model.forward(seq[-1:])
+    assert greedy.token_ids[:5] == seq[len(ids):]
+    assert greedy.text == model.tokenizer.decode(greedy.token_ids)
+    chunks: list[str] = []
+    again = model.generate(PROMPT, max_new_tokens=40, stop_token_ids=[], stream=chunks.append)
+    assert again.token_ids == greedy.token_ids and again.text == greedy.text
+    assert "".join(chunks) == again.text and len(chunks) > 1 and all(chunks)
+    assert greedy.decode_steps == 39 and greedy.prompt_tokens == len(ids)
+
+
+def pick_stop(text: str) -> str:
+    """A 3-character piece of the middle of ``text`` without replacement characters."""
+    for i in range(len(text) // 3, len(text) - 3):
+        s = text[i:i + 3]
+        if "\ufffd" not in s and text.find(s) > 0:
+            return s
+    pytest.skip(f"no usable stop string in {text!r}")
+
+
+def test_stop_strings_cut_the_text_before_them(model, greedy):
+    stop = pick_stop(greedy.text)
+    want = greedy.text[:greedy.text.find(stop)]
+    chunks: list[str] = []
+    r = model.generate(PROMPT, max_new_tokens=40, stop_token_ids=[], stop_strings=["\x00never", stop],
+                       stream=chunks.append)
+    assert r.stop_reason == "stop_string"
+    assert r.text == want and stop not in r.text
+    assert "".join(chunks) == r.text
+    assert r.token_ids == greedy.token_ids[:len(r.token_ids)] and len(r.token_ids) < 40
+    assert stop in model.tokenizer.decode(r.token_ids)  # the last token completed the stop string
+
+
+def test_a_held_back_stop_prefix_is_streamed_at_the_end(model, greedy):
+    """The text's last character starts a stop string that never completes: it is held back while
+    generating, and must still reach the stream when generation ends."""
+    if not greedy.text:
+        pytest.skip("the greedy text is empty")
+    stop = greedy.text[-1] + "\x00never"
+    chunks: list[str] = []
+    r = model.generate(PROMPT, max_new_tokens=40, stop_token_ids=[], stop_strings=[stop],
+                       stream=chunks.append)
+    assert r.stop_reason == "max_new_tokens" and r.text == greedy.text
+    assert "".join(chunks) == greedy.text
+
+
+def test_stop_token_ids(model, greedy):
+    first = greedy.token_ids[0]
+    r = model.generate(PROMPT, max_new_tokens=40, stop_token_ids=[first])
+    assert (r.token_ids, r.text, r.stop_reason, r.decode_steps) == ([], "", "stop_token", 0)
+    third = greedy.token_ids[2]
+    if third not in greedy.token_ids[:2]:
+        r = model.generate(PROMPT, max_new_tokens=40, stop_token_ids=[third])
+        assert r.token_ids == greedy.token_ids[:2] and r.stop_reason == "stop_token"
+    # the default stop ids are the tokenizer's end-of-sequence ids
+    assert model.stop_ids() == {2}
+
+
+def test_max_new_tokens_zero(model):
+    r = model.generate(token_ids=IDS, max_new_tokens=0)
+    assert (r.token_ids, r.text, r.stop_reason, r.prompt_tokens) == ([], "", "max_new_tokens", len(IDS))
+    r = model.generate(token_ids=IDS, max_new_tokens=1, stop_token_ids=[])
+    assert len(r.token_ids) == 1 and r.decode_steps == 0 and r.stop_reason == "max_new_tokens"
+
+
+def test_seeded_sampling_is_reproducible(model):
+    opts = dict(token_ids=IDS, max_new_tokens=12, stop_token_ids=[], temperature=1.0, top_k=20)
+    a = model.generate(seed=3, **opts).token_ids
+    assert a == model.generate(seed=3, **opts).token_ids
+    assert len(a) == 12
+    greedy = model.generate(token_ids=IDS, max_new_tokens=12, stop_token_ids=[]).token_ids
+    samples = [model.generate(seed=s, **opts).token_ids for s in range(6)]
+    assert any(s != greedy for s in samples)
+    assert len({tuple(s) for s in samples}) > 1  # the seed matters
+    # top_k=1 is greedy whatever the temperature and seed
+    assert model.generate(seed=9, **{**opts, "top_k": 1}).token_ids == greedy
+
+
+def test_max_positions_stops_generation(short):
+    r = short.generate(token_ids=[5, 6, 7, 8, 9], max_new_tokens=20, stop_token_ids=[])
+    # positions 5, 6 and 7 are fed back; the token after position 7 is the last one
+    assert r.stop_reason == "max_positions" and len(r.token_ids) == 8 - 5 + 1
+    assert short.position == 8
+    r = short.generate(token_ids=list(range(8)), max_new_tokens=20, stop_token_ids=[])
+    assert r.stop_reason == "max_positions" and len(r.token_ids) == 1
+    refused(short.cluster, lambda: short.generate(token_ids=list(range(9))), r"the prompt has 9 tokens")
+
+
+def test_bad_generate_options_are_refused(cl, model):
+    for options, match in [
+        (dict(token_ids=IDS, max_new_tokens=-1), r"max_new_tokens: a non-negative integer, got -1"),
+        (dict(token_ids=IDS, max_new_tokens=2.0), r"max_new_tokens"),
+        (dict(token_ids=IDS, max_new_tokens=True), r"max_new_tokens"),
+        (dict(token_ids=IDS, stop_strings="stop"), r"stop_strings: a list of non-empty strings"),
+        (dict(token_ids=IDS, stop_strings=[""]), r"stop_strings"),
+        (dict(token_ids=IDS, stop_strings=[3]), r"stop_strings"),
+        (dict(prompt="hi", token_ids=IDS), r"give exactly one of prompt"),
+        (dict(), r"give exactly one of prompt"),
+        (dict(prompt="hi", messages=[{"role": "user", "content": "x"}]), r"give exactly one"),
+        (dict(token_ids=[]), r"the prompt has no tokens"),
+        (dict(token_ids=[VOCAB]), r"ids must lie in"),
+        (dict(token_ids=IDS, temperature=-1.0), r"temperature must be >= 0"),
+        (dict(token_ids=IDS, top_p=0.0), r"top_p"),
+        (dict(token_ids=IDS, seed=-2), r"seed"),
+    ]:
+        refused(cl, lambda options=options: model.generate(**options), match)
+
+
+@pytest.mark.parametrize("options", [dict(stop_strings=None), dict(stop_token_ids=5),
+                                     dict(stop_token_ids=["a"])], ids=["strings-None", "ids-int", "ids-str"])
+def test_malformed_stop_options_are_input_errors(cl, model, options):
+    refused(cl, lambda: model.generate(token_ids=IDS, max_new_tokens=2, **options), r"stop_")
+
+
+def test_summary_mentions_speed_and_traffic(model):
+    r = model.generate(token_ids=IDS, max_new_tokens=5, stop_token_ids=[])
+    text = r.summary()
+    assert "tokens/s" in text and "KiB/token" in text and "stop: max_new_tokens" in text
+    assert f"prefill: {len(IDS)} tokens" in text and "decode: 5 tokens" in text
+    assert r.decode_steps == 4 and r.prefill_seconds > 0 and r.decode_seconds > 0
+    assert r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0
+    assert r.bytes_per_token == 0 and r.prefill_bytes == 0  # one rank: nothing crosses ranks
+    empty = GenerationResult(text="", token_ids=[], prompt_tokens=0, stop_reason="max_new_tokens")
+    assert "0.00 tokens/s" in empty.summary()  # no division by zero
