@@ -28,7 +28,7 @@ def __getattr__(name: str):
     if name in ("nn", "llm"):
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cmatrix' has no attribute {name!r}")
 
 

@@ -23,6 +23,7 @@ from .runtime import Runtime, command
 
 @command("llm_load")
 def llm_load(rt: Runtime, h: dict, vectors: np.ndarray | None) -> None:
+    """Build this rank's part of decoder ``h["model"]`` from its resident weight blocks."""
     comm, decoder = rt.comm, None
     with rt.step("prepare"):
         if not comm.is_driver:
@@ -90,6 +91,7 @@ def llm_step(rt: Runtime, h: dict, x: np.ndarray | None) -> np.ndarray | None:
 
 @command("llm_free")
 def llm_free(rt: Runtime, h: dict, _: Any) -> None:
+    """Drop this rank's part of a decoder (its weight blocks are freed with their handles)."""
     with rt.step("free"):
         rt.models.pop(h["model"], None)
     rt.sync()

@@ -82,10 +82,13 @@ class Runtime:
         """Collective: every rank gets the sum of the float32 ``partial`` arrays; the same
         Allreduce carries each rank's failure flag, so it also does what :meth:`sync` does."""
         buffer = np.zeros(math.prod(shape) + 1, dtype=np.float32)
-        if self._failure is None and partial is not None:
+        if self._failure is None and partial is not None and partial.size == buffer.size - 1:
             buffer[:-1] = partial.ravel()
-        else:
+        else:  # this rank failed (or, a bug, computed the wrong shape): every rank stops here
             buffer[-1] = 1
+            if self._failure is None:
+                with self.step("sum"):
+                    raise CMatrixError(f"partial of {getattr(partial, 'shape', None)}, expected {shape}")
         self.comm.allreduce(buffer, "sum")
         if buffer[-1] != 0:
             self._fail()
@@ -119,6 +122,7 @@ class Runtime:
         self.blocks[ident] = x
 
     def free(self, ident: int) -> None:
+        self.models.pop(ident, None)  # a decoder's id (cmatrix.llm) is freed like a block's
         x = self.blocks.pop(ident, None)
         if x is not None and self._shared.get(id(x), 1) > 1:
             self._shared[id(x)] -= 1

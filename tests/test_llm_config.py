@@ -101,6 +101,10 @@ def test_rope_parameters_with_top_level_theta():
     (dict(vocab_size=0), r"vocab_size must be a positive integer"),
     (dict(num_hidden_layers=True), r"num_hidden_layers must be a positive integer"),
     (dict(intermediate_size="96"), r"intermediate_size must be a positive integer"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0}), r"factor must be a positive number"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": "abc"}), r"factor must be a positive number"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0,
+                        "original_max_position_embeddings": 64}), r"low_freq_factor != high_freq_factor"),
 ])
 def test_bad_configs_are_refused_naming_the_problem(changes, match):
     with pytest.raises(cm.InputError, match=match):
@@ -132,8 +136,13 @@ def test_defaults_biases_and_explicit_head_dim():
     assert cfg_of(model_type="qwen2").qkv_bias and not cfg_of(model_type="qwen2").o_bias
     c = cfg_of(attention_bias=True, mlp_bias=True)
     assert c.qkv_bias and c.o_bias and c.mlp_bias
-    c = cfg_of(model_type="mistral", attention_bias=True)
-    assert c.qkv_bias and not c.o_bias
+    # transformers builds Mistral without biases and Qwen2 with q/k/v biases only, whatever
+    # attention_bias/mlp_bias say
+    c = cfg_of(model_type="mistral", attention_bias=True, mlp_bias=True)
+    assert not (c.qkv_bias or c.o_bias or c.mlp_bias)
+    c = cfg_of(model_type="qwen2", attention_bias=True, mlp_bias=True)
+    assert c.qkv_bias and not (c.o_bias or c.mlp_bias)
+    assert cfg_of(num_key_value_heads=None).num_kv_heads == cfg_of().num_heads
     assert cfg_of(num_attention_heads=8, num_key_value_heads=2).group_size == 4
 
 
@@ -147,10 +156,14 @@ def test_defaults_biases_and_explicit_head_dim():
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0,
           num_hidden_layers=2), (4, 4)),
     (dict(model_type="llama", sliding_window=7, num_hidden_layers=3), (None, None, None)),
-    (dict(model_type="qwen2", sliding_window=6, num_hidden_layers=3,
+    (dict(model_type="qwen2", sliding_window=6, num_hidden_layers=3, use_sliding_window=True,
           layer_types=["sliding_attention", "full_attention", "sliding_attention"]), (6, None, 6)),
+    # as transformers: Qwen2 windows nothing without use_sliding_window; Mistral ignores layer_types
+    (dict(model_type="qwen2", sliding_window=6, num_hidden_layers=3,
+          layer_types=["sliding_attention", "full_attention", "sliding_attention"]), (None,) * 3),
     (dict(model_type="mistral", sliding_window=6, num_hidden_layers=2,
-          layer_types=["full_attention", "sliding_attention"]), (None, 6)),
+          layer_types=["full_attention", "sliding_attention"]), (6, 6)),
+    (dict(model_type="mistral", num_hidden_layers=2), (4096, 4096)),
 ])
 def test_sliding_windows_per_layer(changes, windows):
     assert cfg_of(**changes).windows == windows

@@ -9,6 +9,9 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+import argparse  # noqa: E402
+import io  # noqa: E402
+
 from llm_helpers import *  # noqa: E402 - fixtures and helpers shared by the llm tests
 
 # ---- checkpoint -----------------------------------------------------------------------
@@ -530,3 +533,70 @@ def test_summary_mentions_speed_and_traffic(model):
     assert r.bytes_per_token == 0 and r.prefill_bytes == 0  # one rank: nothing crosses ranks
     empty = GenerationResult(text="", token_ids=[], prompt_tokens=0, stop_reason="max_new_tokens")
     assert "0.00 tokens/s" in empty.summary()  # no division by zero
+
+
+# ---- found in review ------------------------------------------------------------------
+
+
+def test_a_dropped_model_is_freed_on_the_ranks(cl, tiny):
+    import gc
+
+    m = cm.llm.load(cl, tiny)
+    ident = m._id
+    assert ident in cl._rt.models
+    del m
+    gc.collect()
+    cl.replicate(np.ones((1, 1), dtype=np.float32))  # the next command carries the free
+    assert ident not in cl._rt.models
+
+
+def test_the_generate_command_refuses_bad_options_before_loading(cl, tiny, tmp_path):
+    from cmatrix.llm.run import add_arguments, run
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    no_tokenizer = copy_config(tiny, tmp_path / "no-tokenizer")
+    shutil.copy(tiny / "model.safetensors", no_tokenizer)
+    for extra in (["--top-p", "0"], ["--stop", ""], ["--max-new-tokens", "-1"]):
+        before = cl.stats()
+        assert run(cl, ap.parse_args(["--model", str(tiny), *extra]), out=io.StringIO()) == 2
+        assert cl.stats() == before, extra
+    before = cl.stats()
+    assert run(cl, ap.parse_args(["--model", str(no_tokenizer)]), out=io.StringIO()) == 2
+    assert cl.stats() == before
+
+
+def test_a_failing_chat_template_is_an_input_error(tiny, tmp_path):
+    folder = tmp_path / "bad-template"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] + 1 }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(cm.InputError, match="chat template failed: TypeError"):
+        Tokenizer.from_dir(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_system_needs_a_chat_prompt(cl, model):
+    refused(cl, lambda: model.generate("hi", system="be brief", chat=False), r"system: needs a text prompt")
+    refused(cl, lambda: model.generate(token_ids=[1, 2], system="be brief"), r"exactly one|system")
+
+
+def test_float_token_ids_are_refused(cl, model):
+    refused(cl, lambda: model.forward([1.7, 2.0], start=0), r"token_ids: integer token ids")
+    refused(cl, lambda: model.generate(token_ids=[1.7]), r"token_ids: a list of integer")
+
+
+def test_an_untied_checkpoint_without_lm_head_is_refused(cl, tiny, tmp_path):
+    folder = copy_config(tiny, tmp_path / "no-head")
+    weights = {k: v for k, v in tensors(tiny).items() if k != "lm_head.weight"}
+    safetensors_numpy.save_file(weights, str(folder / "model.safetensors"))
+    refused(cl, lambda: cm.llm.load(cl, folder), r"no lm_head.weight")
+
+
+def test_an_index_naming_a_missing_file_is_refused(cl, tiny, tmp_path):
+    folder = copy_config(tiny, tmp_path / "missing-shard")
+    shutil.copy(tiny / "model.safetensors", folder)
+    weight_map = {k: "model.safetensors" for k in tensors(tiny)}
+    weight_map["model.norm.weight"] = "model-2.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(cl, lambda: cm.llm.load(cl, folder), r"names 'model-2.safetensors', which is not there")

@@ -43,16 +43,15 @@ class Checkpoint:
     def _inside(self, file: str) -> Path:
         # Judged by the name, not by where symlinks lead: a hub cache links every file
         # of a snapshot to a blob outside the folder.
-        parts = Path(file).parts
-        if not isinstance(file, str) or not parts or Path(file).is_absolute() or ".." in parts:
+        if not isinstance(file, str) or not Path(file).parts or Path(file).is_absolute() \
+                or ".." in Path(file).parts:
             raise InputError(f"{self.path}: index names a file outside the model folder: {file!r}")
+        if not (self.path / file).is_file():
+            raise InputError(f"{self.path}: the index names {file!r}, which is not there")
         return self.path / file
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entry(name)["shape"])
 
     def check(self, name: str, shape: tuple[int, ...] | None = None) -> dict:
         """Refuse a missing tensor, one of another dtype than F32/F16/BF16, or of another shape."""

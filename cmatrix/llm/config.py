@@ -55,6 +55,7 @@ class DecoderConfig:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> DecoderConfig:
+        """Read ``config.json`` of a model folder; refuse what the decoder cannot run."""
         file = Path(path) / "config.json"
         try:
             raw = json.loads(file.read_text())
@@ -67,6 +68,7 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> DecoderConfig:
+        """The settings of a parsed ``config.json``; ``where`` names it in errors."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_TYPES:
             raise InputError(f"{where}: model_type {model_type!r} is not supported by cmatrix.llm "
@@ -83,7 +85,8 @@ class DecoderConfig:
             return value
 
         hidden, heads = positive("hidden_size"), positive("num_attention_heads")
-        kv_heads = positive("num_key_value_heads", heads)
+        kv_heads = positive("num_key_value_heads", heads) if raw.get("num_key_value_heads") is not None \
+            else heads
         head_dim = raw.get("head_dim") or (hidden // heads)
         if heads % kv_heads:
             raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of "
@@ -102,9 +105,12 @@ class DecoderConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_positions=positive("max_position_embeddings", 2048), rope_theta=theta,
             rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-            o_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)), windows=_windows(raw, model_type, layers),
+            # transformers: Llama reads attention_bias (q/k/v/o) and mlp_bias; Qwen2 always has
+            # q/k/v biases and nothing else; Mistral has none.
+            qkv_bias=model_type == "qwen2" or model_type == "llama" and bool(raw.get("attention_bias")),
+            o_bias=model_type == "llama" and bool(raw.get("attention_bias")),
+            mlp_bias=model_type == "llama" and bool(raw.get("mlp_bias")),
+            windows=_windows(raw, model_type, layers),
             bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
         )
 
@@ -144,19 +150,28 @@ def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
         missing = [k for k in needed if k not in scaling]
         if missing:
             raise InputError(f"{where}: rope scaling {kind!r} needs {', '.join(missing)}")
+        for k in needed:
+            v = scaling[k]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise InputError(f"{where}: rope scaling {k} must be a positive number, got {v!r}")
+        if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+            raise InputError(f"{where}: rope scaling llama3 needs low_freq_factor != high_freq_factor")
         if kind == "default":
             scaling = None
     return float(theta), scaling
 
 
 def _windows(raw: dict, model_type: str, layers: int) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+    """Per layer, the attention window as transformers applies it (None: the whole context)."""
+    window = raw.get("sliding_window", 4096 if model_type == "mistral" else None)
+    if model_type == "mistral":  # every layer, whatever layer_types says
+        return (int(window) if window else None,) * layers
+    if model_type == "qwen2" and not raw.get("use_sliding_window"):
+        return (None,) * layers
     types = raw.get("layer_types")
     if isinstance(types, list) and len(types) == layers:
         return tuple(window if t == "sliding_attention" and window else None for t in types)
-    if model_type == "mistral" and window:
-        return (int(window),) * layers
-    if model_type == "qwen2" and raw.get("use_sliding_window") and window:
+    if model_type == "qwen2" and window:
         first = int(raw.get("max_window_layers", 28))  # transformers' Qwen2Config default
         return tuple(int(window) if i >= first else None for i in range(layers))
     return (None,) * layers

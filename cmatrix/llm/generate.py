@@ -46,15 +46,38 @@ class GenerationResult:
                 f"(prefill {self.prefill_bytes / 1024:.1f} KiB) | stop: {self.stop_reason}")
 
 
+def check_options(max_new_tokens: int, stop_strings: Sequence[str] = (),
+                  stop_token_ids: Sequence[int] | None = None, **sampling: Any) -> SamplingOptions:
+    """Refuse bad generation options (before anything is loaded or sent); the sampling options."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens: a non-negative integer, got {max_new_tokens!r}")
+    if isinstance(stop_strings, str) or not isinstance(stop_strings, Sequence) \
+            or any(not isinstance(s, str) or not s for s in stop_strings):
+        raise InputError(f"stop_strings: a list of non-empty strings, got {stop_strings!r}")
+    if stop_token_ids is not None and (not isinstance(stop_token_ids, Sequence | set | frozenset) or any(
+            isinstance(t, bool) or not isinstance(t, int | np.integer) for t in stop_token_ids)):
+        raise InputError(f"stop_token_ids: a list of token ids, got {stop_token_ids!r}")
+    options = SamplingOptions(**sampling)
+    options.check()
+    return options
+
+
 def prompt_ids(model: Any, prompt: str | None, token_ids: Sequence[int] | None,
                messages: list[dict] | None, chat: bool | None, system: str | None = None) -> list[int]:
     """The prompt as token ids: given ids, a chat rendered with the model's template, or plain text."""
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise InputError("give exactly one of prompt (text), token_ids or messages")
+    if system is not None and token_ids is not None:
+        raise InputError("system: needs a text prompt and a chat template, not token_ids")
     if token_ids is not None:
+        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in token_ids):
+            raise InputError("token_ids: a list of integer token ids")
         return [int(t) for t in token_ids]
     tok = model.tokenizer
+    if system is not None and (messages is not None or chat is False or not tok.has_chat_template):
+        raise InputError("system: needs a text prompt and a chat template (the tokenizer has "
+                         f"{'one' if tok.has_chat_template else 'none'})")
     if messages is None and (chat is None and tok.has_chat_template or chat):
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]
@@ -81,16 +104,9 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     ``stop_strings`` (the text is cut before it). ``stream`` receives the new text as it
     is decoded.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens: a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(stop_strings, str) or not isinstance(stop_strings, Sequence) \
-            or any(not isinstance(s, str) or not s for s in stop_strings):
-        raise InputError(f"stop_strings: a list of non-empty strings, got {stop_strings!r}")
-    if stop_token_ids is not None and (not isinstance(stop_token_ids, Sequence | set | frozenset) or any(
-            isinstance(t, bool) or not isinstance(t, int | np.integer) for t in stop_token_ids)):
-        raise InputError(f"stop_token_ids: a list of token ids, got {stop_token_ids!r}")
-    sampler = Sampler(SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
-                                      repetition_penalty=repetition_penalty, seed=seed))
+    options = check_options(max_new_tokens, stop_strings, stop_token_ids, temperature=temperature,
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    sampler = Sampler(options)
     ids = prompt_ids(model, prompt, token_ids, messages, chat, system)
     if not ids:
         raise InputError("the prompt has no tokens")

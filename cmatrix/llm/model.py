@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ class DecoderModel:
         vectors["final_norm"] = self._read("final_norm")
         buffer, where = pack(vectors)
         self._id = cl._new_id()
+        # A model dropped without close() is freed on the ranks with the next command.
+        self._finalizer = weakref.finalize(self, cl._free_later, self._id)
         cl._run({"op": "llm_load", "model": self._id, "config": dataclasses.asdict(cfg),
                  "layers": layers, "lm_head": head.id, "qkv_counts": self._qkv_counts,
                  "gate_up_counts": self._gate_up_counts, "chunk": chunk,
@@ -139,7 +142,9 @@ class DecoderModel:
         0 starts a new sequence) and return float32 logits: (vocab,) of the last token, or
         (tokens, vocab) with ``all_logits``. Each rank extends its K/V cache."""
         cfg = self.config
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(token_ids).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"token_ids: integer token ids, got {ids.dtype} values")
         start = self.position if start is None else start
         if ids.size == 0:
             raise InputError("token_ids: empty")
@@ -155,7 +160,7 @@ class DecoderModel:
                              f"{cfg.max_positions}")
         if self._id is None:
             raise InputError("this model was closed")
-        x = np.ascontiguousarray(self.embeddings[ids])
+        x = np.ascontiguousarray(self.embeddings[ids.astype(np.int64)])
         self.position = start  # until the step succeeds, the ranks' caches end here at most
         logits = self.cluster._run({"op": "llm_step", "model": self._id, "shape": x.shape,
                                     "start": int(start), "all_logits": bool(all_logits),
@@ -197,6 +202,7 @@ class DecoderModel:
     def close(self) -> None:
         """Free the decoder's blocks and caches on every rank."""
         if self._id is not None and not self.cluster.closed:
+            self._finalizer.detach()
             self.cluster._run({"op": "llm_free", "model": self._id})
             for m in self._matrices:
                 self.cluster.free(m)
@@ -216,7 +222,10 @@ def _tensor_names(cfg: DecoderConfig, ckpt: Checkpoint) -> dict[str, tuple[str |
         "embed": ("model.embed_tokens.weight", (cfg.vocab_size, hid)),
         "final_norm": ("model.norm.weight", (hid,)),
     }
-    tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
+    tied = cfg.tie_word_embeddings
+    if not tied and "lm_head.weight" not in ckpt:
+        raise InputError(f"{ckpt.path}: no lm_head.weight, and config.json does not tie it to the "
+                         "embeddings (tie_word_embeddings)")
     names["lm_head"] = ("model.embed_tokens.weight" if tied else "lm_head.weight", (cfg.vocab_size, hid))
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."

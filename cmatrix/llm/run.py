@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import CMatrixError, InputError
@@ -53,10 +54,16 @@ def parse_list(text: str | None, kind: type) -> Any:
 
 def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
     """Load ``ns.model``, stream the answer to ``out`` (stdout), print the speed to stderr."""
+    from .generate import check_options
     from .model import load
+    from .tokenizer import Tokenizer
 
     out = out or sys.stdout
-    try:
+    try:  # everything that can be checked is checked before the weights move
+        check_options(ns.max_new_tokens, ns.stop, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                      repetition_penalty=ns.repetition_penalty, seed=ns.seed)
+        if (Path(ns.model) / "config.json").exists():  # else load() says what the folder lacks
+            Tokenizer.from_dir(ns.model)
         model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache)
         placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
                            for p in model.layout())

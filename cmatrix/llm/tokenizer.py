@@ -148,7 +148,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise InputError("this tokenizer has no chat template (no chat_template in tokenizer_config.json "
                              "and no chat_template.jinja); format the prompt yourself")
-        jinja2 = _require("jinja2")
+        _require("jinja2")
         try:
             if self._compiled is None or self._compiled[0] != self.chat_template:
                 self._compiled = (self.chat_template, _sandbox().from_string(self.chat_template))
@@ -156,7 +156,9 @@ class Tokenizer:
             context = {k: v for k, v in context.items() if v is not None}
             return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **context, **variables)
-        except jinja2.TemplateError as e:  # syntax errors and sandbox refusals both land here
+        except InputError:
+            raise
+        except Exception as e:  # syntax errors, sandbox refusals, and errors of the template's own code
             raise InputError(f"chat template failed: {type(e).__name__}: {e}") from e
 
     def stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
