@@ -102,3 +102,19 @@ def test_a_crashed_rank_ends_the_job_without_a_hang(tmp_path):
                timeout=120)
     assert r.returncode != 0, r
     assert "RECOVERED" not in r.stdout, r
+
+
+def test_a_restarted_job_loads_the_decoder_from_the_nodes_disks(tmp_path):
+    _need()
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from tiny_llama import build
+
+    path = build(tmp_path / "tiny", vocab_size=300, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tokenizer=False)
+    env = {"CMATRIX_CACHE_DIR": str(tmp_path / "cache")}
+    out = str(tmp_path / "logits.npy")
+    for mode in ("save", "load"):
+        r = mpirun(3, JOBS / "llm_cache_job.py", str(path), mode, out, env=env, timeout=180)
+        assert r.returncode == 0, r
+        assert f"llm-cache: {mode} ok on 3 ranks" in r.stdout, r
+    assert len(list((tmp_path / "cache").rglob("rank2.cmshard"))) == 2 * 4 + 1  # 4 per layer + LM head
