@@ -59,6 +59,7 @@ class RankDecoder:
         self.vectors, self.groups, self.chunk = vectors, groups, chunk
         self.scale = np.float32(cfg.head_dim ** -0.5)
         self.inv_freq = cfg.inv_freq()
+        self._angles: tuple = ((-1, 0), None, None)
         self.caches = [KVCache(groups, cfg.head_dim, cfg.max_positions) for _ in range(cfg.num_layers)]
 
     def _vec(self, name: str) -> np.ndarray | None:
@@ -81,6 +82,15 @@ class RankDecoder:
             out = out + bias
         return out
 
+    def _rotary(self, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the rotary angles of positions [start, start + t), shared by every layer."""
+        if self._angles[0] != (start, t):
+            positions = np.arange(start, start + t, dtype=np.float32)
+            freqs = positions[:, None] * self.inv_freq[None, :]
+            angles = np.concatenate([freqs, freqs], axis=-1)
+            self._angles = ((start, t), np.cos(angles), np.sin(angles))
+        return self._angles[1], self._angles[2]
+
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         half = x.shape[-1] // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -93,10 +103,7 @@ class RankDecoder:
             return np.zeros_like(x)
         h = self.norm(x, f"{i}.attn_norm")
         q, k, v = split_qkv(self._linear(h, self.layers[i]["qkv"], self._vec(f"{i}.qkv_bias")), self.cfg)
-        positions = np.arange(start, start + t, dtype=np.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]
-        angles = np.concatenate([freqs, freqs], axis=-1)
-        cos, sin = np.cos(angles), np.sin(angles)
+        cos, sin = self._rotary(start, t)
         q = self._rope(q, cos[:, None, None, :], sin[:, None, None, :])
         k = self._rope(k, cos[:, None, :], sin[:, None, :])
         keys, values = self.caches[i].extend(start, k, v)
