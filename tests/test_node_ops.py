@@ -29,13 +29,18 @@ F = torch.nn.functional
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=CASES)
-def dev(request) -> Device:
-    name, accel = request.param
+def device_for(case: tuple[str, bool]) -> Device:
+    """A Device on backend case (name, accel); an accelerated torch case must be on CUDA."""
+    name, accel = case
     be = backends.create(name, device_index=0, threads=1, accel=accel)
     if accel and name == "torch":
         assert be.device.startswith("cuda"), be.fallback
     return Device(be)
+
+
+@pytest.fixture(scope="module", params=CASES)
+def dev(request) -> Device:
+    return device_for(request.param)
 
 
 def given(rng, shape, dtype, scale=1.0, extra=None):

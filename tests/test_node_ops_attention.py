@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_backends import CASES
-from test_node_ops import TOL, close, down, given, t64
+from test_node_ops import TOL, close, device_for, down, given, t64
 
-from cmatrix import backends
 from cmatrix.backends.device import Device
 from cmatrix.dtypes import SUPPORTED
 
@@ -19,11 +18,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module", params=CASES)
 def dev(request) -> Device:
-    name, accel = request.param
-    be = backends.create(name, device_index=0, threads=1, accel=accel)
-    if accel and name == "torch":
-        assert be.device.startswith("cuda"), be.fallback
-    return Device(be)
+    return device_for(request.param)
 
 
 def rope_tables(positions, head_dim, base=10000.0):
