@@ -102,6 +102,8 @@ def test_rope_parameters_with_top_level_theta():
     (dict(num_hidden_layers=True), r"num_hidden_layers must be a positive integer"),
     (dict(intermediate_size="96"), r"intermediate_size must be a positive integer"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 0}), r"factor must be a positive number"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+     r"partial_rotary_factor is not supported"),
     (dict(rope_scaling={"rope_type": "linear", "factor": "abc"}), r"factor must be a positive number"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0,
                         "original_max_position_embeddings": 64}), r"low_freq_factor != high_freq_factor"),

@@ -600,3 +600,19 @@ def test_an_index_naming_a_missing_file_is_refused(cl, tiny, tmp_path):
     weight_map["model.norm.weight"] = "model-2.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     refused(cl, lambda: cm.llm.load(cl, folder), r"names 'model-2.safetensors', which is not there")
+
+
+def test_a_prompt_longer_than_the_context_is_refused(cl, short):
+    refused(cl, lambda: short.generate(token_ids=list(range(1, 10))), r"9 tokens; the model takes at most 8")
+
+
+def test_cli_lists_are_parsed_or_refused():
+    from cmatrix.llm.run import parse_list
+
+    assert parse_list("0.6,0.4", float) == [0.6, 0.4]
+    assert parse_list("[0.6, 0.4]", float) == [0.6, 0.4]
+    assert parse_list("torch", str) == "torch"
+    assert parse_list("torch, ggml", str) == ["torch", "ggml"]
+    assert parse_list(None, float) is None
+    with pytest.raises(cm.InputError, match="cannot read '0.5,x' as a comma-separated list"):
+        parse_list("0.5,x", float)

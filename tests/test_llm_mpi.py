@@ -118,3 +118,15 @@ def test_a_restarted_job_loads_the_decoder_from_the_nodes_disks(tmp_path):
         assert r.returncode == 0, r
         assert f"llm-cache: {mode} ok on 3 ranks" in r.stdout, r
     assert len(list((tmp_path / "cache").rglob("rank2.cmshard"))) == 2 * 4 + 1  # 4 per layer + LM head
+
+
+def test_generate_command_refuses_bad_cluster_options(tmp_path):
+    from conftest import job_env
+
+    from cmatrix import launch
+
+    cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(tmp_path),
+                             "--weights", "0.5"], None)
+    r = run_cmd(cmd, job_env(), timeout=120)
+    assert r.returncode == 2, r
+    assert "cmatrix generate:" in r.stderr and "weights" in r.stderr, r
