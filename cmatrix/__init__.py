@@ -4,13 +4,18 @@
     cl = cm.init()                       # rank 0 returns the Cluster; other ranks serve
     W = cl.shard(w, weights=[.5, .3, .2])
     y = cl.matmul(x, W)
+
+The package follows the data path: ``core`` (pure helpers), ``io`` (files), ``backends``
+(one per device kind), ``engine`` (MPI, the protocol, the driver), ``ops`` (every command,
+both halves), ``api`` (the Cluster facade and init), then ``compat`` (the seed's API),
+``llm``, ``nn`` and ``cli`` on top.
 """
 
-__version__ = "0.1.0"
-
-from .cluster import Cluster  # noqa: E402
-from .compat import cluster_matrix  # noqa: E402  (the seed's API)
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .api.cluster import Cluster
+from .api.session import init
+from .compat import cluster_matrix  # the seed's API
+from .errors import (
     CacheError,
     ClusterClosedError,
     CMatrixError,
@@ -18,9 +23,8 @@ from .errors import (  # noqa: E402
     RankError,
     RankFailure,
 )
-from .matrix import Matrix, ReplicatedMatrix, ShardedMatrix  # noqa: E402
-from .session import init  # noqa: E402
-from .store import convert_bin_matrix_to_pt  # noqa: E402
+from .io.store import convert_bin_matrix_to_pt
+from .ops.handles import Matrix, ReplicatedMatrix, ShardedMatrix
 
 
 def __getattr__(name: str):

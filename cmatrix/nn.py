@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .cluster import Cluster
+from .api.cluster import Cluster
+from .core import quant as q
+from .core.arrays import from_array
 from .errors import InputError
 
 
@@ -89,14 +91,11 @@ def _as_linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def _check(qualified: str, weight: torch.Tensor, cluster: Cluster, quant: str | None) -> None:
     """Refuse a layer that cannot be swapped, before any layer is."""
-    from . import quant as q
-    from .arrays import from_user
-
     if weight.is_meta:
         raise InputError(f"{qualified}: its weight is on the meta device (not loaded); load the model "
                          "first, e.g. without device_map/low_cpu_mem_usage")
     if quant is None:
-        cluster._check_dtype(from_user(weight[:0], qualified).dtype)
+        cluster.driver.check_dtype(from_array(weight[:0], qualified).dtype)
     else:
         q.check_kind(quant)
         q.check_row_length(weight.shape[1], quant, f"{qualified}: in_features")

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cmatrix import backends  # noqa: E402
-from cmatrix.dtypes import from_float32, to_float32  # noqa: E402
+from cmatrix.core.dtypes import from_float32, to_float32  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0")
 SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -83,7 +83,7 @@ def naive_opencl(m: int, n: int) -> tuple[float, str]:
     """Seconds per call of a textbook one-output-per-work-item kernel (float32), for scale."""
     import pyopencl as cl
 
-    from cmatrix.backends.ops_opencl import OpenCLBackend
+    from cmatrix.backends.opencl import OpenCLBackend
 
     backend = OpenCLBackend(threads=1, accel=False)
     rng = np.random.default_rng(0)

@@ -137,8 +137,8 @@ def copy_out(comm, a: np.ndarray, out: np.ndarray) -> None:
 
 
 def window_half(sizes: tuple[float, ...] = SIZES_MB) -> dict | None:
-    from cmatrix.comm import Comm
-    from cmatrix.plan import Plan, equal_weights
+    from cmatrix.core.plan import Plan, equal_weights
+    from cmatrix.engine.comm import Comm
 
     comm = Comm()
     rows = {}
@@ -214,7 +214,7 @@ def main() -> int:
     ap.add_argument("--cache-part", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--window-part", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from cmatrix.launch import command, environment, launched_by_mpiexec
+    from cmatrix.engine.launch import command, environment, launched_by_mpiexec
 
     if args.window_part:
         result = window_half(tuple(float(mb) for mb in args.sizes.split(",")))

@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--gemv-repeats", type=int, default=200)
     ap.add_argument("--cluster-part", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from cmatrix.launch import command, environment, launched_by_mpiexec
+    from cmatrix.engine.launch import command, environment, launched_by_mpiexec
 
     if args.cluster_part or launched_by_mpiexec():
         result = cmatrix_half(args.size, args.repeats, args.gemv_repeats)

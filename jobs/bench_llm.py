@@ -197,7 +197,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.tokens < 2 or args.prompt < 1:
         ap.error("--tokens must be >= 2 and --prompt >= 1")
-    from cmatrix.launch import command, environment, launched_by_mpiexec
+    from cmatrix.engine.launch import command, environment, launched_by_mpiexec
 
     settings = SMALL if args.small else FULL
     temp = None if args.dir else Path(tempfile.mkdtemp(prefix="bench_llm_", dir="/tmp"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cmatrix import launch
+from cmatrix.engine import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = Path(__file__).resolve().parent / "jobs"

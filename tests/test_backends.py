@@ -12,8 +12,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from cmatrix import backends, quant
-from cmatrix.dtypes import SUPPORTED, from_float32, promote, to_float32
+from cmatrix import backends
+from cmatrix.core import quant
+from cmatrix.core.dtypes import SUPPORTED, from_float32, promote, to_float32
 
 # Relative to |op(a)| @ |op(b)| per output element (the scale of a dot product's rounding).
 TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}

@@ -9,7 +9,8 @@ import pytest
 from test_single_rank import refused
 
 import cmatrix as cm
-from cmatrix import cache, writes
+from cmatrix.io import atomic as writes
+from cmatrix.io import shardfiles as cache
 
 rng = np.random.default_rng(11)
 
@@ -139,7 +140,7 @@ def test_shm_sink_writes_a_bin_file_others_can_read(cl, tmp_path):
     w, x = f32(12, 10), f32(4, 12)
     where = cl.matmul(x, cl.shard(w), out="shm:y")
     assert where == str(tmp_path / "shm" / "y.bin")
-    from cmatrix.binfmt import read_bin
+    from cmatrix.io.binfmt import read_bin
 
     data, dtype = read_bin(where)
     assert dtype == "float32"
@@ -187,7 +188,7 @@ def test_inconsistent_headers_are_corruption(tmp_path):
 
 
 def test_progress_bars_only_when_asked_or_on_a_terminal(monkeypatch):
-    from cmatrix import progress
+    from cmatrix.engine import progress
 
     monkeypatch.delenv("CMATRIX_PROGRESS", raising=False)
     assert not progress.wanted(1 << 40)  # pytest's stderr is not a terminal

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import JOBS, mpirun
 
-from cmatrix import cache
+from cmatrix.io import shardfiles as cache
 
 pytestmark = pytest.mark.mpi
 

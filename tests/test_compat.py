@@ -6,7 +6,10 @@ import pytest
 from conftest import has_torch
 
 import cmatrix as cm
-from cmatrix import compat, compat_setup
+from cmatrix.compat import matrix as compat
+from cmatrix.compat import setup as compat_setup
+from cmatrix.compat.values import as_matrix
+from cmatrix.io import sinks
 
 LISTS = (["127.0.0.1", "127.0.0.1"], [True, True], [0.5, 0.5], ["llama", "torch"])
 
@@ -67,10 +70,10 @@ def test_auto_set_up(setup):
 
 
 def test_matrices_are_2d_after_dropping_leading_ones():
-    assert compat._matrix(np.ones((1, 1, 3, 4), np.float32)).shape == (3, 4)
+    assert as_matrix(np.ones((1, 1, 3, 4), np.float32)).shape == (3, 4)
     for shape in [(5,), (2, 3, 4), (0, 3)]:
         with pytest.raises(cm.InputError, match="reshape in torch first"):
-            compat._matrix(np.ones(shape, np.float32))
+            as_matrix(np.ones(shape, np.float32))
     name = compat._default_name("/data/layers.0 gate.pt")
     assert name.startswith("layers.0_gate-") and name != compat._default_name("/data/1/layers.0 gate.pt")
     assert compat._default_name("/data/w.h5#/a") != compat._default_name("/data/w.h5#/b")
@@ -147,7 +150,7 @@ def test_disk_cache_save_then_load_and_shm_result(cl, tmp_path):
     x = np.ones((4, 2), np.float32)
     result = one(x).cluster_shard_operation(loaded, True, False, True, shm_name="seed_y")
     np.testing.assert_allclose(result.numpy(), x.T @ w)
-    written = compat.convert_bin_matrix_to_pt(str(cm.sinks.shm_dir() / "seed_y.bin"))
+    written = cm.convert_bin_matrix_to_pt(str(sinks.shm_dir() / "seed_y.bin"))
     np.testing.assert_allclose(written.numpy(), x.T @ w)
     torch.save(torch.from_numpy(w + 1), path)  # the file changed: the cache is stale now
     with pytest.raises(cm.CacheError, match="weight"):

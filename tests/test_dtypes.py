@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cmatrix import dtypes
+from cmatrix.core import dtypes
 from cmatrix.errors import InputError
 
 

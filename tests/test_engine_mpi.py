@@ -128,7 +128,7 @@ def test_refused_init_in_a_plain_script_ends_the_job(uncaught):
 
 
 def test_job_file_needs_to_exist_only_on_the_driver(tmp_path):
-    from cmatrix import launch
+    from cmatrix.engine import launch
 
     driver_dir, worker_dir = tmp_path / "driver", tmp_path / "worker"
     driver_dir.mkdir()

@@ -9,8 +9,8 @@ import pytest
 
 ggml = pytest.importorskip("ggml")
 
-from cmatrix import quant  # noqa: E402
 from cmatrix.backends import create  # noqa: E402
+from cmatrix.core import quant  # noqa: E402
 from cmatrix.errors import CMatrixError, InputError  # noqa: E402
 
 GGML_TYPE = {"q8_0": ggml.GGML_TYPE_Q8_0, "q4_0": ggml.GGML_TYPE_Q4_0}

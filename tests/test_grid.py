@@ -5,11 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from cmatrix.errors import InputError
-from cmatrix.grid import _assemble, _pack
-from cmatrix.gridplan import (
+from cmatrix.core.gridplan import (
     ALIGN,
     Grid,
+    assemble,
     choose_grid,
     elementwise_segment,
     grid_shares,
@@ -17,10 +16,12 @@ from cmatrix.gridplan import (
     layout,
     matmul_blocks,
     matmul_segment,
+    pack,
     split_2d,
     stored,
     views,
 )
+from cmatrix.errors import InputError
 
 
 @pytest.mark.parametrize("size, expected", [
@@ -170,7 +171,7 @@ def test_pack_and_views_round_trip_and_assemble():
         blocks[0][...] = x[rows, cols]
         blocks[1][...] = y[rows, cols]
 
-    buf, sizes = _pack(segments, fill)
+    buf, sizes = pack(segments, fill)
     assert buf.dtype == np.uint8 and len(buf) == sum(sizes)
     start, flat = 0, []
     for rank, size in enumerate(sizes):
@@ -181,4 +182,4 @@ def test_pack_and_views_round_trip_and_assemble():
         np.testing.assert_array_equal(ya, y[rows, cols])
         flat.append(xa.reshape(-1))
         start += size
-    np.testing.assert_array_equal(_assemble(np.concatenate(flat), split, "float32"), x)
+    np.testing.assert_array_equal(assemble(np.concatenate(flat), split, "float32"), x)

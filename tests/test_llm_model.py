@@ -268,13 +268,13 @@ def test_close_then_forward_fails_clearly(cl, tiny):
 def count_payloads(cl, monkeypatch) -> list[int]:
     """Bytes of array data the driver hands to each command (what travels on many ranks)."""
     sent: list[int] = []
-    run = cl._run
+    run = cl.driver.run
 
     def counting(header, payload=None):
         sent.append(int(getattr(payload, "nbytes", 0) or 0))
         return run(header, payload)
 
-    monkeypatch.setattr(cl, "_run", counting)
+    monkeypatch.setattr(cl.driver, "run", counting)
     return sent
 
 
@@ -543,11 +543,11 @@ def test_a_dropped_model_is_freed_on_the_ranks(cl, tiny):
 
     m = cm.llm.load(cl, tiny)
     ident = m._id
-    assert ident in cl._rt.models
+    assert ident in cl.driver.runtime.models
     del m
     gc.collect()
     cl.replicate(np.ones((1, 1), dtype=np.float32))  # the next command carries the free
-    assert ident not in cl._rt.models
+    assert ident not in cl.driver.runtime.models
 
 
 def test_the_generate_command_refuses_bad_options_before_loading(cl, tiny, tmp_path):

@@ -63,7 +63,7 @@ def test_generate_command_streams_what_transformers_generates(tmp_path):
     want = Tokenizer.from_file(str(path / "tokenizer.json")).decode([t for t in out if t != 2])
     from conftest import job_env
 
-    from cmatrix import launch
+    from cmatrix.engine import launch
 
     cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(path),
                              "--prompt", prompt, "--no-chat", "--max-new-tokens", "12",
@@ -77,7 +77,7 @@ def test_generate_command_streams_what_transformers_generates(tmp_path):
 def test_generate_command_refuses_a_missing_model(tmp_path):
     from conftest import job_env
 
-    from cmatrix import launch
+    from cmatrix.engine import launch
 
     cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(tmp_path / "none")],
                          None)
@@ -123,7 +123,7 @@ def test_a_restarted_job_loads_the_decoder_from_the_nodes_disks(tmp_path):
 def test_generate_command_refuses_bad_cluster_options(tmp_path):
     from conftest import job_env
 
-    from cmatrix import launch
+    from cmatrix.engine import launch
 
     cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(tmp_path),
                              "--weights", "0.5"], None)

@@ -14,9 +14,10 @@ from test_backends import CASES
 
 from cmatrix import backends
 from cmatrix.backends import host_ops
-from cmatrix.backends.base import NODE_OPS, Backend
+from cmatrix.backends.base import Backend
+from cmatrix.backends.catalog import NODE_OPS
 from cmatrix.backends.device import Block, Device
-from cmatrix.dtypes import SUPPORTED, from_float32, to_float32
+from cmatrix.core.dtypes import SUPPORTED, from_float32, to_float32
 from cmatrix.errors import CMatrixError, InputError
 
 torch = pytest.importorskip("torch")

@@ -11,7 +11,7 @@ from test_backends import CASES
 from test_node_ops import TOL, close, device_for, down, given, t64
 
 from cmatrix.backends.device import Device
-from cmatrix.dtypes import SUPPORTED
+from cmatrix.core.dtypes import SUPPORTED
 
 torch = pytest.importorskip("torch")
 

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("pyopencl")
 
-from cmatrix.backends import ops_opencl  # noqa: E402
-from cmatrix.dtypes import from_float32, to_float32  # noqa: E402
+from cmatrix.backends import opencl as ops_opencl  # noqa: E402
+from cmatrix.core.dtypes import from_float32, to_float32  # noqa: E402
 from cmatrix.errors import CMatrixError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_device_index_past_the_gpus_falls_back():
 
 def test_cpu_threads_limited():
     # PoCL reads its thread count once per process: check in a fresh one.
-    code = ("from cmatrix.backends.ops_opencl import OpenCLBackend as B; "
+    code = ("from cmatrix.backends.opencl import OpenCLBackend as B; "
             "b = B(threads=1, accel=False); print(b.device, b._device.max_compute_units)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=ROOT).stdout

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from cmatrix.core.plan import Plan, split_counts, validate_weights
 from cmatrix.errors import CMatrixError, InputError
-from cmatrix.plan import Plan, split_counts, validate_weights
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 7, 10, 97, 4096])

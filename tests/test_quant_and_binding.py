@@ -10,9 +10,10 @@ from conftest import job_env, run_cmd
 from test_single_rank import refused
 
 import cmatrix as cm
-from cmatrix import launch, quant
-from cmatrix.ops import _device_index
-from cmatrix.ranks import RankTable
+from cmatrix.core import quant
+from cmatrix.engine import launch
+from cmatrix.engine.ranks import RankTable
+from cmatrix.ops.setup import _device_index
 
 rng = np.random.default_rng(5)
 
@@ -50,22 +51,22 @@ def test_quantised_input_is_checked_before_data_moves(cl):
 def test_a_rank_without_a_dtype_is_refused_before_data_moves(cl):
     saved = cl.ranks
     row = saved[0]
-    cl.ranks = RankTable([type(row)(**{**row.__dict__, "dtypes": ("float32",)})])
+    cl.driver.ranks = RankTable([type(row)(**{**row.__dict__, "dtypes": ("float32",)})])
     try:
         W = cl.shard(np.ones((4, 4), np.float32))
         refused(cl, lambda: cl.shard(np.ones((4, 4), np.float16)), "cannot compute in float16")
         refused(cl, lambda: cl.matmul(np.ones((2, 4), np.float16), W), "cannot compute in float16")
     finally:
-        cl.ranks = saved
+        cl.driver.ranks = saved
 
 
 def test_devices_go_to_ranks_of_the_same_backend_in_local_order():
-    header = {"backends": ["torch", "numpy", "torch", "torch", "opencl"],
-              "accel": [True, True, False, True, True]}
+    names = ["torch", "numpy", "torch", "torch", "opencl"]
+    accel = [True, True, False, True, True]
     # world ranks 0-3 on one host, rank 4 alone on another
     peers = {r: (0, 1, 2, 3) for r in range(4)} | {4: (4,)}
     got = [_device_index(SimpleNamespace(local_peers=peers[r], local_rank=peers[r].index(r), rank=r),
-                         header) for r in range(5)]
+                         names, accel) for r in range(5)]
     assert got == [0, 0, 1, 1, 0]  # rank 2 has accel off, so rank 3 takes the second device
 
 
@@ -129,7 +130,7 @@ def test_a_backend_failure_names_the_operation_shapes_and_dtypes():
 
 
 def test_a_rank_that_cannot_hold_a_block_fails_the_shard_cleanly(cl, monkeypatch):
-    monkeypatch.setattr(cl._rt.backend.backend, "supports", lambda op, dtype, shape: False)
+    monkeypatch.setattr(cl.driver.runtime.backend.backend, "supports", lambda op, dtype, shape: False)
     with pytest.raises(cm.RankError, match="cannot hold a float32 block"):
         cl.shard(np.ones((4, 4), np.float32))
     monkeypatch.undo()

@@ -159,43 +159,43 @@ def test_kept_half_results_are_rounded_like_gathered_ones(cl):
 
 def test_nested_operations_are_refused_and_frees_deferred(cl, monkeypatch):
     W, V = cl.shard(f32(3, 3)), cl.shard(f32(3, 3))
-    original = cl._rt.backend.matmul
+    original = cl.driver.runtime.backend.matmul
 
     def finalizer_like(*args, **kwargs):  # what a __del__ running mid-command could do
         V.free()
         W.gather()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cl._rt.backend, "matmul", finalizer_like)
+    monkeypatch.setattr(cl.driver.runtime.backend, "matmul", finalizer_like)
     with pytest.raises(cm.RankError, match="another cluster operation is running"):
         cl.matmul(f32(2, 3), W)
 
     monkeypatch.undo()
-    assert V.freed and V.id in cl._rt.blocks  # deferred, not run inside the command
+    assert V.freed and V.id in cl.driver.runtime.blocks  # deferred, not run inside the command
     cl.matmul(f32(2, 3), W)
-    assert V.id not in cl._rt.blocks
+    assert V.id not in cl.driver.runtime.blocks
 
     def shutdown_inside(*args, **kwargs):
         cl.shutdown()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cl._rt.backend, "matmul", shutdown_inside)
+    monkeypatch.setattr(cl.driver.runtime.backend, "matmul", shutdown_inside)
     with pytest.raises(cm.RankError, match="cannot shut down while a cluster operation is running"):
         cl.matmul(f32(2, 3), W)
     assert not cl.closed
 
 
 def test_blocks_of_a_failed_command_are_freed(cl, monkeypatch):
-    from cmatrix import faults
+    from cmatrix.engine import faults
 
     monkeypatch.setitem(faults._FAULTS, ("shard", "upload", 0), "raise")
-    before = set(cl._rt.blocks)
+    before = set(cl.driver.runtime.blocks)
     with pytest.raises(cm.RankError, match="injected fault in shard/upload on rank 0"):
         cl.shard(f32(3, 3))
-    orphan = set(cl._rt.blocks) - before
+    orphan = set(cl.driver.runtime.blocks) - before
     assert len(orphan) == 1
     cl.matmul(f32(1, 3), cl.shard(f32(3, 3)))
-    assert not orphan & set(cl._rt.blocks)
+    assert not orphan & set(cl.driver.runtime.blocks)
 
 
 def test_handles_cannot_be_copied(cl):

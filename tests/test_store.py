@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmatrix import binfmt, dtypes, store
-from cmatrix.arrays import HostArray, from_user
+from cmatrix.core import dtypes
+from cmatrix.core.arrays import HostArray
 from cmatrix.errors import InputError
-from cmatrix.writes import atomic_path
+from cmatrix.io import binfmt, store
+from cmatrix.io.atomic import atomic_path
+from cmatrix.io.store import from_user
 
 ROOT = Path(__file__).resolve().parent.parent
 rng = np.random.default_rng(11)

@@ -12,10 +12,10 @@ from .base import Backend
 # name -> (module, class); modules are imported lazily so a missing optional
 # dependency only matters to the ranks that choose that backend.
 _MODULES = {
-    "numpy": ("ops_numpy", "NumpyBackend"),
-    "torch": ("ops_torch", "TorchBackend"),
-    "opencl": ("ops_opencl", "OpenCLBackend"),
-    "ggml": ("ops_ggml", "GGMLBackend"),
+    "numpy": ("numpy", "NumpyBackend"),
+    "torch": ("torch", "TorchBackend"),
+    "opencl": ("opencl", "OpenCLBackend"),
+    "ggml": ("ggml", "GGMLBackend"),
 }
 # "llama" is the seed's name for its GGML (llama.cpp) backend.
 ALIASES = {"cpu": "numpy", "blas": "numpy", "llama": "ggml", "pytorch": "torch", "cl": "opencl"}

@@ -2,9 +2,9 @@
 
 A backend owns the device memory of one rank: it uploads blocks (which then
 stay resident), computes on resident blocks, and downloads results as numpy
-storage of a logical dtype (see :mod:`cmatrix.dtypes`).
+storage of a logical dtype (see :mod:`cmatrix.core.dtypes`).
 
-Quantised weights (``q8_0``/``q4_0``, see :mod:`cmatrix.quant`) are rounded
+Quantised weights (``q8_0``/``q4_0``, see :mod:`cmatrix.core.quant`) are rounded
 on upload. A backend with quantised kernels (ggml) stores the blocks; every
 other backend stores their dequantised float32 values, so all ranks compute
 with the same numbers whatever their backend.
@@ -18,14 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import quant as q
-from ..dtypes import SUPPORTED, to_float32
-from . import host_ops
-
-#: node-side operations (dense operands only; see :mod:`cmatrix.backends.host_ops`)
-NODE_OPS = ("activation", "row_reduce", "softmax_finish", "rms_finish", "rope", "repeat_kv",
-            "attention", "transpose")
-OPS = ("matmul", "add", "sub", *NODE_OPS)
+from ..core import quant as q
+from ..core.dtypes import SUPPORTED, to_float32
+from .catalog import DENSE_OPS, NODE_OPS, NodeOp
 
 
 class Backend(ABC):
@@ -95,12 +90,10 @@ class Backend(ABC):
     def free(self, x: Any) -> None:  # noqa: B027 - resident memory is GC'd by default
         """Release the device memory of ``x``."""
 
-    # Node-side operations. The defaults run on the host: the block comes down as
-    # float32, a numpy float32 kernel (cmatrix.backends.host_ops) computes, and the result
-    # goes back up as float32. Backends with device kernels override them. Every 2-D
-    # block here is non-empty (the Device layer keeps empty blocks away), vectors are
-    # float32 numpy arrays, and a reduction along ``axis`` gives (and a per-slice vector
-    # has) one value per slice along the other axis, broadcast along ``axis``.
+    # Node-side operations (declared in .catalog). A backend with a device kernel for one
+    # defines a method of its name; the others run its numpy float32 host kernel: the
+    # blocks come down as float32 and the result goes back up as float32. Every block
+    # here is non-empty (the Device layer keeps empty blocks away).
 
     def _down32(self, x: Any) -> np.ndarray:
         """Resident ``x`` as float32 on the host (read only: it may be the resident array)."""
@@ -110,58 +103,13 @@ class Backend(ABC):
         """Host float32 ``values`` made resident."""
         return self.upload_dense(np.ascontiguousarray(values, dtype=np.float32), "float32")
 
-    def activation(self, x: Any, kind: str) -> Any:
-        """``kind`` ("silu", "gelu" (exact, erf), "gelu_tanh") of ``x``, computed in float32."""
-        return self._up32(host_ops.activation(self._down32(x), kind))
-
-    def row_reduce(self, x: Any, kind: str, axis: int, shift: np.ndarray | None = None) -> np.ndarray:
-        """Reduce ``x`` along ``axis`` to a float32 host vector of length ``x.shape[1 - axis]``.
-
-        ``kind``: "max"; "sumexp", the sum of exp(x - shift) (``shift`` one value per slice,
-        None for 0; a -inf shift counts as 0 so an all -inf slice sums to 0, not NaN);
-        "sumsq", the sum of squares (accumulated in at least float32).
-        """
-        return host_ops.row_reduce(self._down32(x), kind, axis, shift)
-
-    def softmax_finish(self, x: Any, shift: np.ndarray, total: np.ndarray, axis: int) -> Any:
-        """exp(x - shift) / total along ``axis`` (the last step of a softmax split across ranks);
-        a slice whose ``total`` is 0 (all -inf) gives zeros."""
-        return self._up32(host_ops.softmax_finish(self._down32(x), shift, total, axis))
-
-    def rms_finish(self, x: Any, mean_square: np.ndarray, weight: np.ndarray | None, eps: float,
-                   axis: int) -> Any:
-        """x / sqrt(mean_square + eps) * weight: RMSNorm along ``axis``; ``weight`` (length
-        ``x.shape[axis]``) is broadcast across the slices, None for no scaling."""
-        return self._up32(host_ops.rms_finish(self._down32(x), mean_square, weight, eps, axis))
-
-    def rope(self, x: Any, cos: np.ndarray, sin: np.ndarray, head_dim: int,
-             interleaved: bool = False) -> Any:
-        """Rotary position embedding of whole heads side by side in ``x`` (rows, heads * head_dim);
-        ``cos``/``sin`` are (rows, head_dim // 2). Pairs are (i, i + head_dim/2) (Hugging Face
-        rotate_half) or, ``interleaved``, (2i, 2i + 1) (GPT-J / Meta)."""
-        return self._up32(host_ops.rope(self._down32(x), cos, sin, head_dim, interleaved))
-
-    def repeat_kv(self, x: Any, head_dim: int, n_rep: int) -> Any:
-        """(rows, kv * head_dim) -> (rows, kv * n_rep * head_dim), each head repeated n_rep times
-        in place (output head h is input head h // n_rep, as Hugging Face ``repeat_kv``)."""
-        return self._up32(host_ops.repeat_kv(self._down32(x), head_dim, n_rep))
-
-    def attention(self, q: Any, k: Any, v: Any, head_dim: int, scale: float,
-                  mask: np.ndarray | None = None, causal: bool = False) -> Any:
-        """Scaled dot-product attention of q (Sq, H * head_dim) over k, v (Sk, Hkv * head_dim);
-        query head h uses kv head h // (H // Hkv).
-
-        scores = q_h k^T * scale (+ ``mask``, a float32 (Sq, Sk) host array that may hold
-        -inf); ``causal`` lets query i see keys j <= i + (Sk - Sq) (bottom-right aligned, as
-        decoding with a KV cache). Softmax in float32. A query row that sees no key at all
-        gives zeros, not NaN. Result (Sq, H * head_dim).
-        """
-        q32, k32, v32 = self._down32(q), self._down32(k), self._down32(v)
-        return self._up32(host_ops.attention(q32, k32, v32, head_dim, scale, mask, causal))
-
-    def transpose(self, x: Any) -> Any:
-        """A resident, contiguous transposed copy of ``x`` (its values exactly)."""
-        return self._up32(host_ops.transpose(self._down32(x)))
+    def run_node_op(self, op: NodeOp, handles: list[Any], params: tuple) -> Any:
+        """Node op ``op`` on resident ``handles``: this backend's kernel, else the host's."""
+        kernel = getattr(self, op.name, None)
+        if kernel is not None:
+            return kernel(*handles, *params)
+        out = op.host(*(self._down32(h) for h in handles), *params)
+        return self._up32(out) if op.returns == "block" else out
 
     def supports(self, op: str, dtype: str, shape: tuple[int, ...]) -> bool:
         """Whether this backend can run ``op`` on an operand of ``dtype`` and ``shape``.
@@ -169,7 +117,7 @@ class Backend(ABC):
         ``dtype`` is a dense dtype or a quantisation (``q8_0``/``q4_0``); for a
         quantisation ``shape[-1]`` is the length of a row of blocks.
         """
-        if op not in OPS:
+        if op not in DENSE_OPS and op not in NODE_OPS:
             return False
         if dtype in q.KINDS:
             return op == "matmul" and len(shape) >= 1 and shape[-1] % q.BLOCK == 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import formats_safetensors as st
-from ..dtypes import to_float32
+from ..core.dtypes import to_float32
 from ..errors import InputError
+from ..io import safetensors as st
 
 _LOGICAL = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 

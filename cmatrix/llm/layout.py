@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .. import quant as q
+from ..core import quant as q
 from ..errors import InputError
 from .config import DecoderConfig
 

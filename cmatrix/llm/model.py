@@ -9,7 +9,7 @@
 Every rank holds whole KV groups of each layer's attention (and keeps their
 K/V cache), rows of each MLP and rows of the LM head, in proportion to its
 share. Embeddings stay on the driver. Per token and layer, only (tokens, hidden)
-arrays travel: see :mod:`cmatrix.ops_llm`.
+arrays travel: see :mod:`cmatrix.llm.commands`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import progress
+from ..core.plan import validate_weights
+from ..engine import progress
 from ..errors import InputError
-from ..plan import validate_weights
 from .checkpoint import Checkpoint
+from .commands import LlmFree, LlmLoad, LlmStep
 from .config import DecoderConfig
 from .layout import check_quant, fuse_gate_up, fuse_qkv, group_step, mlp_chunk, pack
 
@@ -96,13 +97,12 @@ class DecoderModel:
         self._vocab_counts = list(head.counts)
         vectors["final_norm"] = self._read("final_norm")
         buffer, where = pack(vectors)
-        self._id = cl._new_id()
+        d = cl.driver
+        self._id = d.new_id()
         # A model dropped without close() is freed on the ranks with the next command.
-        self._finalizer = weakref.finalize(self, cl._free_later, self._id)
-        cl._run({"op": "llm_load", "model": self._id, "config": dataclasses.asdict(cfg),
-                 "layers": layers, "lm_head": head.id, "qkv_counts": self._qkv_counts,
-                 "gate_up_counts": self._gate_up_counts, "chunk": chunk,
-                 "vectors": where, "vectors_size": buffer.size}, buffer)
+        self._finalizer = weakref.finalize(self, d.free_later, self._id)
+        d.run(LlmLoad(self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
+                      tuple(self._gate_up_counts), chunk, where, buffer.size), buffer)
 
     def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
         """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""
@@ -162,9 +162,8 @@ class DecoderModel:
             raise InputError("this model was closed")
         x = np.ascontiguousarray(self.embeddings[ids.astype(np.int64)])
         self.position = start  # until the step succeeds, the ranks' caches end here at most
-        logits = self.cluster._run({"op": "llm_step", "model": self._id, "shape": x.shape,
-                                    "start": int(start), "all_logits": bool(all_logits),
-                                    "vocab_counts": self._vocab_counts}, x)
+        logits = self.cluster.driver.run(LlmStep(self._id, x.shape, int(start), bool(all_logits),
+                                                 tuple(self._vocab_counts)), x)
         self.position = start + ids.size
         return logits if all_logits else logits[0]
 
@@ -203,7 +202,7 @@ class DecoderModel:
         """Free the decoder's blocks and caches on every rank."""
         if self._id is not None and not self.cluster.closed:
             self._finalizer.detach()
-            self.cluster._run({"op": "llm_free", "model": self._id})
+            self.cluster.driver.run(LlmFree(self._id))
             for m in self._matrices:
                 self.cluster.free(m)
         self._id, self._matrices = None, []

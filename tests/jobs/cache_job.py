@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 import cmatrix as cm
-from cmatrix import cache, ops
+from cmatrix.io import shardfiles as cache
+from cmatrix.ops import placement
 
 mode, weights, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
 cl = cm.init(weights=weights)
-ops.BAND_BYTES = 8 << 10  # several bands even for these small matrices (the driver decides)
+placement.BAND_BYTES = 8 << 10  # several bands even for these small matrices (the driver decides)
 rng = np.random.default_rng(7)
 w1 = rng.standard_normal((96, 130), dtype=np.float32)
 w2 = rng.standard_normal((70, 40)).astype(np.float16)

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 
 import cmatrix as cm
-from cmatrix import quant
-from cmatrix.dtypes import bf16_to_float32, float32_to_bf16
+from cmatrix.core import quant
+from cmatrix.core.dtypes import bf16_to_float32, float32_to_bf16
 
 try:
     import torch

@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 import cmatrix as cm
-from cmatrix.dtypes import bf16_to_float32, float32_to_bf16
+from cmatrix.core.dtypes import bf16_to_float32, float32_to_bf16
 
 try:  # the Open MPI test environment has no torch
     import torch

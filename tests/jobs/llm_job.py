@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cmatrix as cm
-from cmatrix import quant as qz
+from cmatrix.core import quant as qz
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
 from tiny_llama import build  # noqa: E402

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from cmatrix.comm import Comm
-from cmatrix.plan import Plan
+from cmatrix.core.plan import Plan
+from cmatrix.engine.comm import Comm
 
 comm = Comm()
 rng = np.random.default_rng(3)

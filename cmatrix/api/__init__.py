@@ -1,0 +1,2 @@
+"""The public face of the package: the :class:`Cluster` facade and the session
+(``init()``, the serve-or-drive decision)."""

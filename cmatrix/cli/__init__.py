@@ -1,0 +1,143 @@
+"""The ``cmatrix`` command.
+
+    mpirun -n 4 python -m cmatrix run jobs/matmul.py     # rank 0 runs the job, others serve
+    cmatrix launch -n 4 jobs/matmul.py                   # the same, mpiexec chosen for you
+    mpirun -n 4 python -m cmatrix doctor                 # each rank's device, memory, fallbacks
+    cmatrix convert w.bin w.pt [--dtype float32]         # between .bin .npy .pt .h5 .safetensors
+    mpirun -n 2 python -m cmatrix generate --model DIR --prompt "..."   # text from a Llama-family model
+
+A file path may name one array of a file after '#': weights.h5#/layer0/w.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import subprocess
+import sys
+import traceback
+
+
+def _run(job: str, job_args: list[str]) -> int:
+    """Rank 0 runs the job as a script (``__main__``, its folder first on ``sys.path``, as
+    ``python job.py`` would); workers never read it: it need only exist on the driver."""
+    from ..api import session
+
+    with session.driving() as cl:
+        if not os.path.isfile(job):
+            print(f"cmatrix run: job file not found: {job}", file=sys.stderr)
+            cl.exit_status = 2
+            return 2
+        sys.argv = [job, *job_args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(job)))
+        try:
+            runpy.run_path(job, run_name="__main__")
+        except SystemExit as exc:
+            cl.exit_status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            cl.exit_status = 1
+        sys.stdout.flush()
+        return cl.exit_status
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    """Every rank parses the same arguments; rank 0 drives, the others serve."""
+    from ..api import session
+    from ..errors import CMatrixError
+    from ..llm.run import parse_list, run
+
+    with session.driving() as cl:
+        try:
+            cl.configure(parse_list(ns.weights, float), parse_list(ns.backends, str))
+        except CMatrixError as exc:
+            print(f"cmatrix generate: {exc}", file=sys.stderr)
+            cl.exit_status = 2
+            return 2
+        cl.exit_status = run(cl, ns)
+        return cl.exit_status
+
+
+def _launch(n: int, hostfile: str | None, job: str, job_args: list[str]) -> int:
+    from ..engine import launch
+
+    argv = [sys.executable, "-m", "cmatrix", "run", job, *job_args]
+    return subprocess.call(launch.command(n, argv, hostfile), env=launch.environment())
+
+
+def _convert(src: str, dst: str, dtype: str | None) -> int:
+    from ..errors import CMatrixError
+    from ..io import store
+
+    try:
+        host = store.load_as(src, dtype, arg="src")
+        path = store.save(dst, host)
+    except CMatrixError as exc:
+        print(f"cmatrix convert: {exc}", file=sys.stderr)
+        return 2
+    shape = "x".join(str(d) for d in host.shape)
+    print(f"wrote {path} ({host.dtype}, {shape}, {host.data.nbytes / 2**20:.1f} MiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cmatrix", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job script under mpirun (rank 0 drives)")
+    run.add_argument("job")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    lau = sub.add_parser("launch", help="start mpiexec from this environment and run a job")
+    lau.add_argument("-n", "--ranks", type=int, default=None,
+                     help="number of ranks (default: lines in the hostfile, else 2)")
+    lau.add_argument("--hostfile", default=None, help="one line per device slot")
+    lau.add_argument("job")
+    lau.add_argument("args", nargs=argparse.REMAINDER)
+    doc = sub.add_parser("doctor", help="show each rank's host, device, memory and fallbacks "
+                         "(alone, or under mpirun for every rank)")
+    doc.add_argument("--backends", default=None,
+                     help="backend for all ranks, or a comma-separated list with one per rank")
+    doc.add_argument("--accel", default=None, help="true/false, for all ranks or one per rank")
+    con = sub.add_parser("convert", help="copy a matrix between file formats (.bin .npy .pt .h5 "
+                         ".safetensors), optionally to another dtype")
+    con.add_argument("src", help="source file, optionally FILE#KEY")
+    con.add_argument("dst", help="destination file, optionally FILE#KEY (.h5, .pt, .safetensors)")
+    con.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                     help="element type to write (default: the source's)")
+    gen = sub.add_parser("generate", help="generate text with a Llama-family model across the ranks")
+    from ..llm.run import add_arguments
+
+    add_arguments(gen)
+    ns = parser.parse_args(argv)
+    if ns.command == "generate":
+        return _generate(ns)
+    if ns.command == "convert":
+        return _convert(ns.src, ns.dst, ns.dtype)
+    if ns.command == "run":
+        return _run(ns.job, ns.args)
+    if ns.command == "doctor":
+        from . import doctor
+
+        return doctor.main(ns.backends, ns.accel)
+    n = ns.ranks
+    if n is None:
+        n = _hostfile_slots(ns.hostfile) if ns.hostfile else 2
+    return _launch(n, ns.hostfile, ns.job, ns.args)
+
+
+def _hostfile_slots(path: str) -> int:
+    """Count device slots: one per line, or ``host:k`` / ``host slots=k``."""
+    slots = 0
+    with open(path) as f:
+        for raw in f:
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "slots=" in line:
+                slots += int(line.split("slots=", 1)[1].split()[0])
+            elif ":" in line:
+                slots += int(line.rsplit(":", 1)[1])
+            else:
+                slots += 1
+    return slots

@@ -1,0 +1,237 @@
+"""The seed's API (``cluster_matrix``) as a thin layer over the native one.
+
+Scripts written for the seed run unchanged under ``mpirun`` (see
+docs/seed-migration.md for each call's native equivalent)::
+
+    A = cluster_matrix(matrix_file_path=x, node_IP_list=ips, CPU_GPU_select_list=gpu,
+                       node_percentages=pct, back_end_select_list=be,
+                       split_matrix=False, auto_set_up=[1, "save"])
+    B = cluster_matrix(matrix_file_path="w.pt", ..., split_matrix=True, dim=1,
+                       auto_set_up=[1, "load"])
+    y = A.cluster_shard_operation(B, True, False, True)      # op(A) @ op(B) as a tensor
+
+``auto_set_up=[system, action]``: system 1 keeps split matrices resident
+(``split_matrix=True`` -> sharded along ``dim``, else replicated on every
+rank); system 2 is grid mode (both operands in 2-D blocks at each operation,
+see docs/grid-mode.md). Actions: ``"save"`` sends (a split matrix is also
+written to each node's disk cache), ``"load"`` reuses the node caches,
+``"saveC"``/``"loadC"`` are the seed's RAM-only variants (kept resident under
+``matrix_name`` for this job, never written to disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..core.arrays import HostArray, to_user
+from ..core.checks import check_axis
+from ..errors import CacheError, InputError
+from ..io import sinks, store
+from ..io.store import from_user
+from ..ops.handles import Matrix, ShardedMatrix, deliver
+from . import setup
+from .nodeops import SeedNodeOps
+from .values import as_matrix, as_tensor
+
+SYSTEMS = (1, 2)
+ACTIONS = ("save", "load", "saveC", "loadC", "auto")
+OPERATIONS = ("mul", "add", "sub")
+
+#: matrices kept with "saveC", by name, for "loadC" in the same job
+_in_ram: dict[str, Matrix] = {}
+
+
+def _parse_setup(auto_set_up: Any) -> tuple[int, str]:
+    if auto_set_up is None:
+        return 1, "save"
+    if isinstance(auto_set_up, (list, tuple)) and len(auto_set_up) == 2 and \
+            auto_set_up[0] in SYSTEMS and auto_set_up[1] in ACTIONS:
+        return int(auto_set_up[0]), str(auto_set_up[1])
+    raise InputError(f"auto_set_up: expected [system, action] with system 1 (split/full) or 2 (grid) "
+                     f"and action one of {', '.join(map(repr, ACTIONS))}, e.g. [1, 'save']; "
+                     f"got {auto_set_up!r}")
+
+
+def _default_name(data: Any) -> str | None:
+    """A cache name for a file: its stem plus a hash of its full path and key, so that
+    ``layers/0/gate.pt`` and ``layers/1/gate.pt`` never share a cache entry."""
+    if isinstance(data, (str, os.PathLike)):
+        path, _, key = str(data).partition("#")
+        stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(path).stem).strip(".")[:150] or "matrix"
+        where = f"{Path(path).expanduser().resolve()}#{key}"
+        return f"{stem}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
+    return None
+
+
+class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its scripts run unchanged
+    """A matrix on the cluster, created the seed's way (see the module docstring)."""
+
+    def __init__(self, matrix_file_path: Any, node_IP_list: list[str], CPU_GPU_select_list: list[bool],  # noqa: N803
+                 node_percentages: list[float], back_end_select_list: list[str],  # noqa: N803
+                 split_matrix: bool = False, dim: int = 0, auto_set_up: Any = None,
+                 matrix_name: str | None = None) -> None:
+        self.cluster, self.node_percentages = setup.connect(
+            node_IP_list, CPU_GPU_select_list, node_percentages, back_end_select_list)
+        self.node_IP_list = list(node_IP_list)
+        self.split_matrix = bool(split_matrix)
+        self.dim = check_axis(dim, "dim") if split_matrix else dim
+        self.system, self.action = _parse_setup(auto_set_up)
+        self.matrix_name = matrix_name if matrix_name is not None else _default_name(matrix_file_path)
+        self.handle: Matrix | None = None
+        self._host: HostArray | None = None
+        if self.system == 2:
+            if self.action != "save":
+                raise InputError(f"auto_set_up: grid mode (system 2) keeps no blocks between operations, "
+                                 f"so there is nothing to {self.action!r}; use [2, 'save']")
+            self._host = as_matrix(matrix_file_path)
+        elif self.action == "loadC":
+            self.handle = self._from_ram()
+        else:
+            self.handle = self._place(matrix_file_path)
+        if self.action == "saveC":
+            self._to_ram()
+
+    @classmethod
+    def _wrap(cls, parent: cluster_matrix, handle: Matrix) -> cluster_matrix:
+        """A result kept on the cluster (``send_back=False``), shaped like a system 1 matrix."""
+        obj = cls.__new__(cls)
+        obj.cluster, obj.node_percentages = parent.cluster, parent.node_percentages
+        obj.node_IP_list, obj.system, obj.action = parent.node_IP_list, 1, "save"
+        obj.split_matrix = isinstance(handle, ShardedMatrix)
+        obj.dim = handle.axis if obj.split_matrix else 0
+        obj.matrix_name, obj.handle, obj._host = None, handle, None
+        return obj
+
+    # ---- placement --------------------------------------------------------------------
+
+    def _place(self, data: Any) -> Matrix:
+        cl, name = self.cluster, self.matrix_name
+        if not self.split_matrix:
+            return cl.replicate(as_matrix(data), name=name)
+        if self.action == "load" and name is None:
+            raise InputError("matrix_name: auto_set_up [1, 'load'] reads the shards the nodes cached under "
+                             "a name; pass matrix_name='...' (a file path gives one by default)")
+        if self.action in ("save", "load", "auto") and name is not None:
+            # "load" without data takes shape, dtype and checksums from the cache's manifest;
+            # with data, the shards' checksums are compared against it (a changed file is stale).
+            weight = None if data is None and self.action == "load" else as_matrix(data)
+            return cl.shard(weight, name=name, weights=self.node_percentages, axis=self.dim,
+                            cache=self.action)
+        # "saveC", or a tensor without a name: sent and kept resident, not cached on disk
+        # (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
+        return cl.shard(as_matrix(data), name=name, weights=self.node_percentages, axis=self.dim)
+
+    def _to_ram(self) -> None:
+        if self.matrix_name is None:
+            raise InputError("matrix_name: auto_set_up [.., 'saveC'] keeps the matrix in RAM under a "
+                             "name for a later 'loadC'; pass matrix_name='...'")
+        _in_ram[self.matrix_name] = self.handle if self.handle is not None else self._host
+
+    def _from_ram(self) -> Matrix:
+        held = _in_ram.get(self.matrix_name or "")
+        if held is None or (isinstance(held, Matrix) and held.freed):
+            raise CacheError(f"loadC: no matrix named {self.matrix_name!r} is held in RAM by this job; "
+                             "create it first with auto_set_up [1, 'saveC'] (RAM is not kept between "
+                             "jobs: use 'save'/'load' for the disk cache)", [])
+        want_split = isinstance(held, ShardedMatrix)
+        if want_split != self.split_matrix or (want_split and held.axis != self.dim):
+            raise CacheError(f"loadC: {self.matrix_name!r} was saved with split_matrix={want_split}"
+                             + (f", dim={held.axis}" if want_split else "")
+                             + f"; this call asks split_matrix={self.split_matrix}, dim={self.dim}", [])
+        return held
+
+    # ---- the seed's operations --------------------------------------------------------------
+
+    def cluster_shard_operation(self, other: cluster_matrix, TransposeA: bool, TransposeB: bool,  # noqa: N803
+                                send_back: bool = True, op: str = "mul",
+                                shm_name: str | None = None, inner: bool = False,
+                                grid: tuple[int, int] | None = None) -> Any:
+        """``op(A) @ op(B)`` ("mul"), or shard-wise ``op(A) ± op(B)`` ("add"/"sub"), where
+        A is this matrix, B is ``other`` and op transposes when its flag is set.
+
+        System 1: for "mul" B must be split; its pieces of the result are joined
+        along the result's columns (B split along op(B)'s columns) or summed (B
+        split along the inner dimension). "add"/"sub" need both split alike.
+        System 2 (both grid mode): the grid product (``inner=True``: the variant
+        that splits the inner dimension and sums partial products; ``grid``: the
+        p x q shape, default the most square) or grid elementwise operation.
+        ``send_back=True`` returns a torch tensor; False keeps the result on the
+        cluster and returns a cluster_matrix whose :meth:`send_back` fetches it.
+        ``shm_name`` also writes the result to ``/dev/shm/cmatrix/NAME.bin``.
+        """
+        if op not in OPERATIONS:
+            raise InputError(f"op: expected one of {', '.join(map(repr, OPERATIONS))}, got {op!r}")
+        if not isinstance(other, cluster_matrix):
+            raise InputError(f"B: expected a cluster_matrix, got {type(other).__name__}")
+        if shm_name is not None and not send_back:
+            raise InputError("shm_name: the result is written when it is sent back; pass it to "
+                             "send_back(shm_name=...) of the kept result instead")
+        ta, tb = bool(TransposeA), bool(TransposeB)
+        if (self.system == 2) != (other.system == 2):
+            raise InputError("grid mode: both matrices must be created with auto_set_up [2, ...]")
+        out = f"shm:{shm_name}" if shm_name is not None else (None if send_back else "keep")
+        if self.system != 2 and (inner or grid is not None):
+            raise InputError("inner, grid: options of grid mode (auto_set_up [2, ...]) only")
+        if self.system == 2:
+            if not send_back:
+                raise InputError("send_back: grid mode results are assembled on the driver; pass True")
+            cl = self.cluster
+            if op == "mul":
+                result = cl.grid_matmul(self._host, other._host, ta, tb, grid=grid, inner=bool(inner),
+                                        weights=self.node_percentages, out=out)
+            else:
+                if inner:
+                    raise InputError(f"inner: {op} has no inner dimension; it is split in 2-D blocks")
+                fn = cl.grid_add if op == "add" else cl.grid_sub
+                result = fn(self._host, other._host, ta, tb, grid=grid, weights=self.node_percentages,
+                            out=out)
+            return self._returned(result, shm_name)
+        if op == "mul":
+            if not other.split_matrix:
+                raise InputError("B: in system 1 the second matrix must be split (split_matrix=True)")
+            result = self.cluster.matmul(self.handle, other.handle, ta, tb, out=out)
+        else:
+            if not (self.split_matrix and other.split_matrix):
+                raise InputError(f"{op}: both matrices must be split (split_matrix=True); it is "
+                                 "performed shard-wise, C_i = A_i {} B_i".format("+" if op == "add" else "-"))
+            fn = self.cluster.add if op == "add" else self.cluster.sub
+            result = fn(self.handle, other.handle, out=out, transpose_a=ta, transpose_b=tb)
+        if not send_back:
+            return cluster_matrix._wrap(self, result)
+        return self._returned(result, shm_name)
+
+    @staticmethod
+    def _returned(result: Any, shm_name: str | None) -> Any:
+        if shm_name is not None:  # the file is the result; read it back as the seed's callers expect
+            return store.convert_bin_matrix_to_pt(result)
+        return as_tensor(result)
+
+    def send_back(self, shm_name: str | None = None) -> Any:
+        """The whole matrix on the driver as a torch tensor (and in /dev/shm with ``shm_name``)."""
+        if self._host is not None:
+            data = to_user(self._host.data, self._host.dtype, self._host.kind)
+            return as_tensor(data)
+        if shm_name is None:
+            return as_tensor(self.handle.gather())
+        sink = sinks.parse(f"shm:{shm_name}")
+        host = from_user(self.handle.gather(), "result")
+        path = deliver(sink, "send_back", host.data, host.dtype, host.kind)
+        return store.convert_bin_matrix_to_pt(path)
+
+    def convert_bin_matrix_to_pt(self, path: str | os.PathLike,
+                                 pt_path: str | os.PathLike | None = None) -> Any:
+        """A ``.bin`` result file as a torch tensor (also saved as ``pt_path`` when given)."""
+        return store.convert_bin_matrix_to_pt(path, pt_path)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.handle.shape if self.handle is not None else self._host.shape
+
+    def __repr__(self) -> str:
+        where = repr(self.handle) if self.handle is not None else f"grid-mode {self._host.shape}"
+        return f"<cluster_matrix {self.matrix_name or ''} system {self.system}: {where}>"
+

@@ -1,0 +1,183 @@
+"""Per-rank state and the protocol that keeps every rank in step.
+
+Every command runs the same rank half on every rank (see :mod:`.protocol`). Work
+that can fail runs inside ``rt.step(...)``; ``rt.sync()`` follows each such step
+before the next collective, so a failure on any rank
+makes every rank leave the command at the same point: the driver raises
+:class:`RankError` naming the ranks, workers go back to waiting. No rank is
+left inside a collective its peers abandoned.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from ..errors import CMatrixError, RankError, RankFailure
+from . import faults, progress
+from .protocol import RANK_HALVES, Header, decode
+
+
+class Abandoned(Exception):  # noqa: N818 - control flow, never seen by users
+    """Worker side: some rank failed, every rank dropped the command."""
+
+
+class Runtime:
+    """One rank's communicator, backend and resident blocks."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.backend: Any = None
+        self.backend_name = "none"
+        self.blocks: dict[int, Any] = {}
+        #: handles sharing one block (a cache reused in memory): id(block) -> count
+        self._shared: dict[int, int] = {}
+        #: cached matrices resident here: name -> (block, header of its cache file)
+        self.named: dict[str, tuple[Any, dict]] = {}
+        #: decoders loaded by cmatrix.llm: model id -> this rank's part (see cmatrix.llm.commands)
+        self.models: dict[int, Any] = {}
+        #: what the previous command left for this one (see :meth:`hand_on`)
+        self.handed: Any = None
+        self._handing: Any = None
+        self.op = ""
+        self._failure: RankFailure | None = None
+
+    @contextmanager
+    def step(self, phase: str) -> Iterator[None]:
+        """Run a step that may fail; the failure is reported at the next sync."""
+        try:
+            yield
+            faults.check(self.op, phase, self.comm.rank)
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = RankFailure(
+                    rank=self.comm.rank, host=self.comm.host, backend=self.backend_name,
+                    op=self.op, phase=phase, error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                )
+
+    def sync(self) -> None:
+        """Collective: continue only if every rank's steps so far succeeded."""
+        if not self.comm.any_failed(self._failure is not None):
+            return
+        self._fail()
+
+    def sum_checked(self, partial: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        """Collective: every rank gets the sum of the float32 ``partial`` arrays; the same
+        Allreduce carries each rank's failure flag, so it also does what :meth:`sync` does."""
+        buffer = np.zeros(math.prod(shape) + 1, dtype=np.float32)
+        if self._failure is None and partial is not None and partial.size == buffer.size - 1:
+            buffer[:-1] = partial.ravel()
+        else:  # this rank failed (or, a bug, computed the wrong shape): every rank stops here
+            buffer[-1] = 1
+            if self._failure is None:
+                with self.step("sum"):
+                    raise CMatrixError(f"partial of {getattr(partial, 'shape', None)}, expected {shape}")
+        self.comm.allreduce(buffer, "sum")
+        if buffer[-1] != 0:
+            self._fail()
+        return buffer[:-1].reshape(shape)
+
+    def _fail(self) -> None:
+        reports = self.comm.gather_objects(self._failure)
+        self._failure = None
+        if self.comm.is_driver:
+            raise RankError([r for r in reports if r is not None])
+        raise Abandoned
+
+    def block(self, ident: int) -> Any:
+        try:
+            return self.blocks[ident]
+        except KeyError:
+            raise CMatrixError(f"matrix #{ident} is not resident on this rank") from None
+
+    def store(self, ident: int, x: Any) -> None:
+        self.blocks[ident] = x
+
+    def progress(self, total_bytes: int, desc: str) -> Any:
+        """A progress bar on the driver (see :mod:`.progress`); a silent stand-in elsewhere."""
+        if not self.comm.is_driver:
+            return progress.NoBar()
+        return progress.bar(total_bytes, desc)
+
+    def alias(self, ident: int, x: Any) -> None:
+        """Let handle ``ident`` share the resident block ``x``; freed when its last handle is."""
+        self._shared[id(x)] = self._shared.get(id(x), 1) + 1
+        self.blocks[ident] = x
+
+    def free(self, ident: int) -> None:
+        self.models.pop(ident, None)  # a decoder's id (cmatrix.llm) is freed like a block's
+        x = self.blocks.pop(ident, None)
+        if x is not None and self._shared.get(id(x), 1) > 1:
+            self._shared[id(x)] -= 1
+            return
+        self._shared.pop(id(x), None)
+        for name in [n for n, (b, _) in self.named.items() if b is x]:
+            del self.named[name]
+        if x is not None and self.backend is not None:
+            try:
+                self.backend.free(x)
+            except Exception as exc:  # freeing is best effort; never stalls the cluster
+                print(f"cmatrix rank {self.comm.rank}: free #{ident} failed: {exc}", file=sys.stderr)
+
+    def hand_on(self, value: Any) -> None:
+        """Leave ``value`` for the next command only (as :attr:`handed`); dropped after it."""
+        self._handing = value
+
+    def execute(self, header: Header, payload: Any = None, frees: Sequence[int] = ()) -> Any:
+        """Run ``header``'s rank half here, freeing ``frees`` before it (or after, where the
+        header says so: a block it reuses may be among them)."""
+        self.op = header.op
+        self.handed, self._handing = self._handing, None
+        if not header.frees_first:
+            try:
+                return RANK_HALVES[self.op](self, header, payload)
+            finally:
+                for ident in frees:
+                    self.free(ident)
+        for ident in frees:
+            self.free(ident)
+        return RANK_HALVES[self.op](self, header, payload)
+
+
+def serve(rt: Runtime) -> int:
+    """Worker loop: run the driver's commands until it shuts down; return its status."""
+    while True:
+        message = rt.comm.recv_header()
+        if message["op"] == "shutdown":
+            return int(message.get("status", 0))
+        try:
+            header, frees = decode(message)
+            rt.execute(header, None, frees)
+        except Abandoned:
+            continue
+        except BaseException:
+            # Outside a step: this rank can no longer follow the protocol.
+            print(f"cmatrix rank {rt.comm.rank} ({rt.comm.host}): fatal error in "
+                  f"{rt.op!r}, aborting the job", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            rt.comm.abort(1)
+
+
+def default_threads(local_size: int) -> int:
+    """BLAS/backend threads per rank: CMATRIX_THREADS, else a fair share of the host.
+
+    A rank the launcher bound to a subset of cores uses those; an unbound rank
+    gets its share of all cores among the ranks on its host.
+    """
+    env = os.environ.get("CMATRIX_THREADS")
+    if env:
+        return max(1, int(env))
+    total = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if allowed < total:
+        return max(1, allowed)
+    return max(1, total // max(1, local_size))

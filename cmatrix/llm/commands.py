@@ -1,0 +1,127 @@
+"""The decoder's commands, both halves: ``llm_load``, ``llm_step`` and ``llm_free``
+(the driver's handle that issues them: :mod:`cmatrix.llm.model`).
+
+``llm_load`` builds each rank's :class:`~cmatrix.llm.layers.RankDecoder` from weight
+blocks already resident (sent by ``shard``) and one broadcast of the small vectors.
+``llm_step`` runs every layer for a few new tokens: the embeddings are broadcast
+once, each block ends with one Allreduce of a (tokens, hidden) array (which also
+carries the ranks' failure flags), and the logits come back by vocabulary slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..core.plan import Plan
+from ..engine.protocol import Header, on_ranks
+from ..engine.runtime import Runtime
+from ..errors import CMatrixError
+from .config import DecoderConfig
+from .layers import RankDecoder
+from .layout import unpack
+
+
+@dataclass(frozen=True)
+class LlmLoad(Header, op="llm_load"):
+    model: int
+    config: dict                        # DecoderConfig's fields
+    layers: tuple[dict[str, int], ...]  # per layer: the resident blocks' ids by part
+    lm_head: int
+    qkv_counts: tuple[int, ...]
+    gate_up_counts: tuple[int, ...]
+    chunk: int                          # MLP rows per unit of the split
+    vectors: dict[str, tuple[int, int]]  # norms and biases: where each lies in the broadcast buffer
+    vectors_size: int
+
+
+@dataclass(frozen=True)
+class LlmStep(Header, op="llm_step"):
+    model: int
+    shape: tuple[int, int]              # the new tokens' embeddings, (tokens, hidden)
+    start: int                          # position of the first new token
+    all_logits: bool
+    vocab_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LlmFree(Header, op="llm_free"):
+    model: int
+
+
+@on_ranks(LlmLoad)
+def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> None:
+    """Build this rank's part of decoder ``h.model`` from its resident weight blocks."""
+    comm, decoder = rt.comm, None
+    with rt.step("prepare"):
+        if not comm.is_driver:
+            vectors = np.empty(h.vectors_size, dtype=np.float32)
+    rt.sync()
+    comm.bcast(vectors)
+    with rt.step("load"):
+        cfg = DecoderConfig(**h.config)
+        found = unpack(vectors, h.vectors)
+        qkv_plan, gate_up_plan = Plan(0, h.qkv_counts), Plan(0, h.gate_up_counts)
+        mine = {}
+        for name, v in found.items():
+            if name.endswith(".qkv_bias"):
+                v = v[qkv_plan.block(comm.rank)]
+            elif name.endswith(".gate_up_bias"):
+                v = v[gate_up_plan.block(comm.rank)]
+            mine[name] = v.copy()
+        layers = [{part: rt.block(ident) for part, ident in ids.items()} for ids in h.layers]
+        unit = (cfg.group_size + 2) * cfg.head_dim
+        decoder = RankDecoder(cfg, rt.backend, layers, rt.block(h.lm_head), mine,
+                              groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk)
+    rt.sync()
+    rt.models[h.model] = decoder  # only once every rank has its part
+
+
+@on_ranks(LlmStep)
+def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | None:
+    """Run ``x`` (tokens, hidden) through every layer from position ``start``; return the
+    logits of the last token (or of every token) to the driver."""
+    comm = rt.comm
+    model = None
+    with rt.step("prepare"):
+        model = rt.models.get(h.model)
+        if model is None:
+            raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
+        if not comm.is_driver:
+            x = np.empty(h.shape, dtype=np.float32)
+    rt.sync()
+    comm.bcast(x)
+    shape = h.shape
+    total = None
+    for i in range(model.cfg.num_layers):
+        partial = None
+        with rt.step("attention"):
+            if i:
+                model.add(x, total, f"{i - 1}.down_bias")
+            partial = model.attention(i, x, h.start)
+        total = rt.sum_checked(partial, shape)
+        partial = None
+        with rt.step("mlp"):
+            model.add(x, total, f"{i}.o_bias")
+            partial = model.mlp(i, x)
+        total = rt.sum_checked(partial, shape)
+    part = full = None
+    with rt.step("logits"):
+        model.add(x, total, f"{model.cfg.num_layers - 1}.down_bias")
+        rows = x if h.all_logits else x[-1:]
+        part = np.ascontiguousarray(model.logits(rows), dtype=np.float32)
+        if comm.is_driver:
+            full = np.empty((rows.shape[0], model.cfg.vocab_size), dtype=np.float32)
+    rt.sync()
+    comm.gather_blocks(part, full, Plan(1, h.vocab_counts))
+    return full
+
+
+@on_ranks(LlmFree)
+def _llm_free(rt: Runtime, h: LlmFree, _: Any) -> None:
+    """Drop this rank's part of a decoder (its weight blocks are freed with their handles)."""
+    with rt.step("free"):
+        rt.models.pop(h.model, None)
+    rt.sync()
