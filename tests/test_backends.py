@@ -7,10 +7,9 @@ dtype, or to the quantisation grid), so the tolerance only covers arithmetic.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
+from backend_cases import CASES
 
 from cmatrix import backends
 from cmatrix.core import quant
@@ -21,30 +20,6 @@ TOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
 # ggml multiplies quantised weights with activations rounded to q8_0 (8 bits per value).
 QUANT_TOL = 1.2e-2
 
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def _cuda() -> bool:
-    if not _installed("torch"):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-CASES = [
-    pytest.param(("numpy", True), id="numpy"),
-    pytest.param(("torch", False), id="torch-cpu",
-                 marks=pytest.mark.skipif(not _installed("torch"), reason="torch not installed")),
-    pytest.param(("torch", True), id="torch-cuda",
-                 marks=pytest.mark.skipif(not _cuda(), reason="no CUDA/ROCm device here")),
-    pytest.param(("opencl", True), id="opencl",
-                 marks=pytest.mark.skipif(not _installed("pyopencl"), reason="pyopencl not installed")),
-    pytest.param(("ggml", True), id="ggml",
-                 marks=pytest.mark.skipif(not _installed("ggml"), reason="ggml-python not installed")),
-]
 
 SHAPES = [(1, 37, 5), (13, 7, 29), (33, 64, 17), (2, 96, 130)]  # (m, k, n)
 

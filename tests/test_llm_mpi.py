@@ -6,14 +6,17 @@ import json
 import sys
 
 import pytest
+from backend_cases import need
 from conftest import JOBS, ROOT, mpirun, run_cmd
 
 pytestmark = pytest.mark.mpi
 
 
-def _need(*modules):
-    for m in ("torch", "transformers", "tokenizers", *modules):
+def _need(*backend_names):
+    """The reference (transformers on torch) and the backends the job runs on."""
+    for m in ("transformers", "tokenizers"):
         pytest.importorskip(m)
+    need("torch", *backend_names)
 
 
 @pytest.mark.parametrize("n, weights, names", [
@@ -23,7 +26,7 @@ def _need(*modules):
     (4, [0.4, 0.3, 0.2, 0.1], ["torch", "numpy", "ggml", "opencl"]),
 ])
 def test_decoder_matches_transformers(n, weights, names, tmp_path):
-    _need(*(("ggml", "pyopencl") if names and "ggml" in names else ()))
+    _need(*(names or ()))
     r = mpirun(n, JOBS / "llm_job.py", str(tmp_path), json.dumps(weights), json.dumps(names), timeout=300)
     assert r.returncode == 0, r
     assert f"llm: 12 checks, 0 failures on {n} ranks" in r.stdout, r
@@ -36,7 +39,7 @@ def test_decoder_matches_transformers(n, weights, names, tmp_path):
     ("q4_0", ["ggml", "ggml"], 1),
 ])
 def test_quantised_decoder(quant, names, checks, tmp_path):
-    _need("ggml")
+    _need(*names)
     r = mpirun(2, JOBS / "llm_job.py", str(tmp_path), "[0.5, 0.5]", json.dumps(names), quant, timeout=300)
     assert r.returncode == 0, r
     assert f"llm: {checks} checks, 0 failures on 2 ranks" in r.stdout, r

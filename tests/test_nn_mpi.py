@@ -4,6 +4,7 @@ mpiexec jobs: uneven shares with a zero, mixed backends."""
 import json
 
 import pytest
+from backend_cases import need
 from conftest import JOBS, mpirun
 
 pytestmark = pytest.mark.mpi
@@ -16,8 +17,7 @@ pytestmark = pytest.mark.mpi
 ])
 def test_shard_linears_gives_the_unmodified_outputs(n, weights, names):
     pytest.importorskip("transformers")
-    for module in ("torch", "pyopencl", "ggml") if names else ("torch",):
-        pytest.importorskip(module)
+    need("torch", *(names or ()))
     args = [json.dumps(weights)] + ([json.dumps(names)] if names else [])
     r = mpirun(n, JOBS / "nn_job.py", *args, timeout=240)
     assert r.returncode == 0, r

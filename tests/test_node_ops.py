@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_backends import CASES
+from backend_cases import CASES
 
 from cmatrix import backends
 from cmatrix.backends import host_ops

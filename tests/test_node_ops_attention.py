@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_backends import CASES
+from backend_cases import CASES
 from test_node_ops import TOL, close, device_for, down, given, t64
 
 from cmatrix.backends.device import Device

@@ -4,6 +4,7 @@ real mpiexec jobs: every layout, shares with a zero, mixed backends."""
 import json
 
 import pytest
+from backend_cases import need
 from conftest import JOBS, mpirun
 
 pytestmark = pytest.mark.mpi
@@ -22,9 +23,8 @@ def test_node_ops_match_numpy(n, weights):
 
 
 def test_node_ops_on_four_backends():
-    for module in ("torch", "pyopencl", "ggml"):
-        pytest.importorskip(module)
     names = ["torch", "numpy", "ggml", "opencl"]
+    need(*names)
     r = mpirun(4, JOBS / "node_ops_job.py", json.dumps([0.4, 0.3, 0.2, 0.1]), json.dumps(names), timeout=300)
     assert r.returncode == 0, r
     assert "0 failures on 4 ranks" in r.stdout, r

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from backend_cases import need
 from conftest import job_env, run_cmd
 from test_single_rank import refused
 
@@ -71,6 +72,7 @@ def test_devices_go_to_ranks_of_the_same_backend_in_local_order():
 
 
 def test_doctor_without_mpirun_shows_device_memory_and_fallback():
+    need("torch")
     r = run_cmd([sys.executable, "-m", "cmatrix", "doctor", "--backends", "torch"], timeout=120)
     assert r.returncode == 0, r
     assert "memory" in r.stdout and "GiB" in r.stdout, r
@@ -81,7 +83,7 @@ def test_doctor_without_mpirun_shows_device_memory_and_fallback():
 
 @pytest.mark.mpi
 def test_doctor_under_mpirun_reports_every_rank():
-    pytest.importorskip("ggml")
+    need("ggml")
     argv = [sys.executable, "-m", "cmatrix", "doctor", "--backends", "numpy,ggml", "--accel", "true,false"]
     r = run_cmd(launch.command(2, argv, None), job_env(), timeout=180)
     assert r.returncode == 0, r

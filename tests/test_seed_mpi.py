@@ -4,6 +4,7 @@ weights, node ops through cluster_matrix, and the cluster lists' errors on sever
 import json
 
 import pytest
+from backend_cases import need
 from conftest import JOBS, mpirun
 
 pytestmark = pytest.mark.mpi
@@ -16,10 +17,7 @@ pytestmark = pytest.mark.mpi
     (["llama", "torch", "opencl", "llama"], [0.35, 0.35, 0.15, 0.15], True),
 ])
 def test_seed_api_matches_torch(backends, shares, plain):
-    pytest.importorskip("torch")
-    for name, module in (("llama", "ggml"), ("opencl", "pyopencl")):
-        if name in backends:
-            pytest.importorskip(module)
+    need("torch", *backends)
     n = len(backends)
     r = mpirun(n, JOBS / "seed_api_job.py", json.dumps(backends), json.dumps(shares), plain=plain,
                timeout=240)

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from backend_cases import need
 from conftest import JOBS, ROOT, mpirun
 
 pytestmark = pytest.mark.mpi
@@ -58,9 +59,7 @@ def _data(tmp_path, rng):
     (["llama", "torch", "opencl", "llama"], [0.35, 0.35, 0.15, 0.15]),  # the seed's own lists
 ])
 def test_seed_readme_blocks_match_torch(tmp_path, backends, percentages):
-    pytest.importorskip("torch")
-    for module in ("pyopencl", "ggml"):
-        pytest.importorskip(module)
+    need("torch", *backends)
     (tmp_path / "data").mkdir()
     data = _data(tmp_path / "data", np.random.default_rng(len(backends)))
     env = {"CMATRIX_CACHE_DIR": str(tmp_path / "cache"), "CMATRIX_SHM_DIR": str(tmp_path / "shm")}

@@ -1,7 +1,8 @@
 """Every matmul/add/sub path against a float64 numpy reference.
 
 Run: mpiexec -n N python -m cmatrix run tests/jobs/correctness.py '[w0, w1, ...]' ['["numpy", ...]']
-(the optional second argument gives one backend per rank). Exits non-zero listing every mismatch.
+(the optional second argument gives one backend per rank). Prints
+"correctness: K checks, 0 failures on N ranks"; exits non-zero listing every failure.
 """
 
 import itertools
@@ -9,6 +10,7 @@ import json
 import sys
 
 import numpy as np
+from tally import Tally
 
 import cmatrix as cm
 from cmatrix.core import quant
@@ -27,8 +29,7 @@ rng = np.random.default_rng(cl.size)
 # Relative to |op(a)| @ |op(b)|: float32 accumulation plus rounding of the output
 # (the same per-dtype tolerances as the backend conformance suite).
 RTOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2, "quant": 1.2e-2}
-failures: list[str] = []
-checks = 0
+t = Tally("correctness", cl)
 
 
 def make(shape, dtype):
@@ -44,27 +45,8 @@ def make(shape, dtype):
     return x, x.astype(np.float64)
 
 
-def as_f64(y):
-    if torch is not None and isinstance(y, torch.Tensor):
-        return y.float().numpy().astype(np.float64)
-    return np.asarray(y, dtype=np.float64)
-
-
 def check(label, got, ref, scale, dtype, kind):
-    global checks
-    checks += 1
-    is_torch = torch is not None and isinstance(got, torch.Tensor)
-    if is_torch != (kind == "torch"):
-        failures.append(f"{label}: expected a {kind} result, got {type(got).__name__}")
-        return
-    got = as_f64(got)
-    if got.shape != ref.shape:
-        failures.append(f"{label}: shape {got.shape} != {ref.shape}")
-        return
-    bad = np.abs(got - ref) > RTOL[dtype] * scale + 1e-30
-    if bad.any():
-        worst = np.max(np.abs(got - ref) / (scale + 1e-30))
-        failures.append(f"{label}: {int(bad.sum())} of {bad.size} off, worst rel {worst:.2e}")
+    t.close(label, got, ref, RTOL[dtype], scale, kind)
 
 
 dtype_list = ["float32", "float16"] + (["bfloat16"] if torch is not None else [])
@@ -101,8 +83,8 @@ before = cl.stats()["bytes_moved"]
 check("replicated a", cl.matmul(X, W_cols), ref, scale, "float32", "numpy")
 moved = cl.stats()["bytes_moved"] - before
 result_share = ref.shape[0] * (w.shape[1] - W_cols.counts[0]) * 4  # float32 columns off rank 0
-if moved != result_share:
-    failures.append(f"replicated a: moved {moved} bytes, expected only the result ({result_share})")
+t.check("replicated a", moved == result_share,
+        f"moved {moved} bytes, expected only the result ({result_share})")
 W_rows = cl.shard(w, axis=0)
 H = cl.shard(x, axis=1, weights=list(np.array(W_rows.counts) / 40))
 check("sharded a, inner split", cl.matmul(H, W_rows), ref, scale, "float32", "numpy")
@@ -133,13 +115,11 @@ for dtype in dtype_list:
 # (3*255 -> 764 in bfloat16) would give 2 or 4 instead of 3.
 if torch is not None:
     for dtype in ("float16", "bfloat16"):
-        checks += 1
         a = torch.tensor([[3.0, -3.0]], dtype=getattr(torch, dtype))
         B = cl.shard(torch.tensor([[255.0], [254.0]], dtype=getattr(torch, dtype)), axis=0,
                      weights=weights)
         got = float(cl.matmul(a, B)[0, 0])
-        if got != 3.0:
-            failures.append(f"cancelling partials {dtype}: got {got}, expected 3")
+        t.check(f"cancelling partials {dtype}", got == 3.0, f"got {got}, expected 3")
         B.free()
 
 # Quantised weights: blocks along the contracted axis, split either way (whole blocks per rank).
@@ -150,22 +130,16 @@ for kind, (axis, tb) in itertools.product(quant.KINDS, itertools.product((0, 1),
     quant_axis = 1 if tb else 0
     W = cl.shard(w, weights=weights, axis=axis, quant=kind, quant_axis=quant_axis)
     label = f"{kind} axis={axis} transpose_b={tb}"
-    if axis == quant_axis and any(c % quant.BLOCK for c in W.counts):
-        failures.append(f"{label}: counts {W.counts} split a block")
+    if axis == quant_axis:
+        t.check(label, not any(c % quant.BLOCK for c in W.counts), f"counts {W.counts} split a block")
     values = quant.roundtrip(w, kind, quant_axis).astype(np.float64)
-    checks += 1
-    if not np.array_equal(np.asarray(W.gather()), values.astype(np.float32)):
-        failures.append(f"{label}: gathered weight differs from its dequantised values")
+    t.check(label, np.array_equal(np.asarray(W.gather()), values.astype(np.float32)),
+            "gathered weight differs from its dequantised values")
     w_op, x64 = (values.T if tb else values), x.astype(np.float64)
     check(label, cl.matmul(x, W, transpose_b=tb), x64 @ w_op, np.abs(x64) @ np.abs(w_op), "quant", "numpy")
-    try:
-        cl.matmul(x if tb else x[:, :70], W, transpose_b=not tb)
-        failures.append(f"{label}: the wrong transpose was accepted")
-    except cm.InputError:
-        pass
+    wrong = x if tb else x[:, :70]
+    t.refused(f"{label} wrong transpose", "transpose_b",
+              lambda W=W, wrong=wrong, tb=tb: cl.matmul(wrong, W, transpose_b=not tb))
     W.free()
 
-for f in failures:
-    print("MISMATCH", f)
-print(f"{checks} checks, {len(failures)} mismatches on {cl.size} ranks")
-sys.exit(1 if failures else 0)
+t.finish()

@@ -4,7 +4,7 @@ Run: mpiexec -n N python -m cmatrix run tests/jobs/grid_job.py [WEIGHTS] [GRID] 
 Each of WEIGHTS ('[w0, ...]'), GRID ('[p, q]') and BACKENDS ('["numpy", ...]') is JSON or
 "null". With "faults" the job first makes one call per item of CMATRIX_FAULT (grid_matmul
 or grid_elementwise items) and expects each to raise a RankError naming that rank and step. Prints
-"grid: C checks, F mismatches on N ranks" and exits non-zero listing every mismatch.
+"grid: C checks, F failures on N ranks" and exits non-zero listing every failure.
 """
 
 import itertools
@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 import numpy as np
+from tally import Tally
 
 import cmatrix as cm
 from cmatrix.core.dtypes import bf16_to_float32, float32_to_bf16
@@ -35,8 +36,8 @@ print(cl.ranks)
 rng = np.random.default_rng(cl.size)
 # Relative to |op(a)| @ |op(b)| (or |a| + |b|): float32 accumulation plus rounding of the output.
 RTOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
-failures: list[str] = []
-checks = 0
+t = Tally("grid", cl)
+refused = t.refused
 
 
 def make(shape, dtype, kind="numpy"):
@@ -50,49 +51,8 @@ def make(shape, dtype, kind="numpy"):
     return (torch.from_numpy(x) if kind == "torch" else x), exact
 
 
-def as_f64(y):
-    if torch is not None and isinstance(y, torch.Tensor):
-        return y.float().numpy().astype(np.float64)
-    return np.asarray(y, dtype=np.float64)
-
-
 def check(label, got, ref, scale, dtype, kind, out_dtype=None):
-    global checks
-    checks += 1
-    is_torch = torch is not None and isinstance(got, torch.Tensor)
-    if is_torch != (kind == "torch"):
-        failures.append(f"{label}: expected a {kind} result, got {type(got).__name__}")
-        return
-    if out_dtype is not None:
-        have = str(got.dtype).replace("torch.", "")
-        if have != out_dtype:
-            failures.append(f"{label}: result dtype {have}, expected {out_dtype}")
-    got = as_f64(got)
-    if got.shape != ref.shape:
-        failures.append(f"{label}: shape {got.shape} != {ref.shape}")
-        return
-    bad = np.abs(got - ref) > RTOL[dtype] * scale + 1e-30
-    if bad.any():
-        worst = np.max(np.abs(got - ref) / (scale + 1e-30))
-        failures.append(f"{label}: {int(bad.sum())} of {bad.size} off, worst rel {worst:.2e}")
-
-
-def refused(label, fragment, call):
-    """call() must raise InputError containing ``fragment`` with nothing sent."""
-    global checks
-    checks += 1
-    before = cl.stats()
-    try:
-        call()
-    except cm.InputError as err:
-        if fragment not in str(err):
-            failures.append(f"refused {label}: message {str(err)!r} lacks {fragment!r}")
-    except Exception as err:  # noqa: BLE001 - reported as a mismatch
-        failures.append(f"refused {label}: raised {type(err).__name__}: {err}")
-    else:
-        failures.append(f"refused {label}: not refused")
-    if cl.stats() != before:
-        failures.append(f"refused {label}: moved data or sent a command: {before} -> {cl.stats()}")
+    t.close(label, got, ref, RTOL[dtype], scale, kind, out_dtype)
 
 
 def matmul_case(label, a, a64, b, b64, ta, tb, inner, dtype, kind, out_dtype, **kw):
@@ -107,14 +67,13 @@ if expect_faults:  # each injected failure: a RankError naming its rank, then th
              "grid_elementwise": lambda: cl.grid_add(x, x, grid=grid)}
     for item in os.environ["CMATRIX_FAULT"].split(","):
         op, phase, rank = item.split(":")[:3]
-        checks += 1
         try:
             calls[op]()
-            failures.append(f"fault {item}: no RankError")
+            t.check(f"fault {item}", False, "no RankError")
         except cm.RankError as err:
             got = [(f.op, f.phase, f.rank) for f in err.failures]
-            if got != [(op, phase, int(rank))] or "InjectedFault" not in str(err):
-                failures.append(f"fault {item}: unexpected report {err}")
+            t.check(f"fault {item}", got == [(op, phase, int(rank))] and "InjectedFault" in str(err),
+                    f"unexpected report {err}")
             print("CAUGHT", err.failures[0].headline())
 
 dtype_list = ["float32", "float16"] + (["bfloat16"] if torch is not None else [])
@@ -180,13 +139,11 @@ before = cl.stats()["bytes_moved"]
 matmul_case("bytes", x, x64, x, x64, False, False, False, "float32", "numpy", "float32",
             weights=[1.0 / size] * size)
 moved = cl.stats()["bytes_moved"] - before
-checks += 1
-if size == 1 and moved != 0:
-    failures.append(f"bytes: a one-rank cluster moved {moved} bytes")
+if size == 1:
+    t.check("bytes", moved == 0, f"a one-rank cluster moved {moved} bytes")
 if size == 4 and grid in (None, [2, 2]):
     expected = 3 * (8 * 16 + 16 * 8) * 4 + 3 * 8 * 8 * 4  # blocks out, result blocks back
-    if moved != expected:
-        failures.append(f"bytes: moved {moved}, expected {expected}")
+    t.check("bytes", moved == expected, f"moved {moved}, expected {expected}")
 
 # File sinks.
 with tempfile.TemporaryDirectory() as tmp:
@@ -204,8 +161,8 @@ with tempfile.TemporaryDirectory() as tmp:
         where = cl.grid_sub(a, a, grid=grid, out=f"h5:{tmp}/r.h5#/d")
         with h5py.File(f"{tmp}/r.h5", "r") as f:
             check("h5 sink", f["d"][()], np.zeros((5, 4)), np.abs(a64), "float32", "numpy")
-            if where != f"{tmp}/r.h5#/d" or f["d"].attrs["operation"] != "grid_sub":
-                failures.append(f"h5 sink: wrote {where} with {dict(f['d'].attrs)}")
+            t.check("h5 sink", where == f"{tmp}/r.h5#/d" and f["d"].attrs["operation"] == "grid_sub",
+                    f"wrote {where} with {dict(f['d'].attrs)}")
 
 # Validation on the driver before anything moves; the cluster stays usable.
 a, a64 = make((4, 6), "float32")
@@ -230,7 +187,4 @@ refused("cluster matrix", "gather()", lambda: cl.grid_matmul(A, b))
 A.free()
 matmul_case("after refusals", a, a64, b, b64, False, False, True, "float32", "numpy", "float32")
 
-for f in failures:
-    print("MISMATCH", f)
-print(f"grid: {checks} checks, {len(failures)} mismatches on {cl.size} ranks")
-sys.exit(1 if failures else 0)
+t.finish()

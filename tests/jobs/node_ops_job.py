@@ -9,6 +9,7 @@ import math
 import sys
 
 import numpy as np
+from tally import Tally
 
 import cmatrix as cm
 
@@ -16,34 +17,13 @@ weights = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
 names = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
 cl = cm.init(weights=weights, backends=names)
 rng = np.random.default_rng(11)
-checks, failures = 0, []
+t = Tally("node-ops", cl)
 erf = np.vectorize(math.erf)
+refused = t.refused
 
 
 def expect(name, got, want, rtol=2e-5):
-    global checks
-    checks += 1
-    got = np.asarray(got, dtype=np.float64)
-    scale = max(np.abs(want).max(), 1.0)
-    if got.shape != want.shape:
-        failures.append(f"{name}: shape {got.shape} != {want.shape}")
-    elif not np.all(np.isfinite(got)) or np.abs(got - want).max() > rtol * scale:
-        failures.append(f"{name}: max error {np.nanmax(np.abs(got - want)):.3g}")
-
-
-def refused(name, fragment, call):
-    global checks
-    checks += 1
-    before = cl.stats()["bytes_moved"]
-    try:
-        call()
-    except cm.InputError as exc:
-        if fragment not in str(exc):
-            failures.append(f"{name}: message lacks {fragment!r}: {exc}")
-        if cl.stats()["bytes_moved"] != before:
-            failures.append(f"{name}: data moved before the refusal")
-        return
-    failures.append(f"{name}: not refused")
+    t.close(name, got, want, rtol)
 
 
 def softmax(x, axis):
@@ -115,8 +95,7 @@ for layout, make in layouts.items():
            np.repeat(x64.reshape(7, 6, D), 3, axis=1).reshape(7, 18 * D))
     if isinstance(m, cm.Matrix):  # results kept where they were computed, then chained
         kept = cl.softmax(cl.silu(m, out="keep"), axis=1, out="keep")
-        if type(kept) is not type(m):
-            failures.append(f"keep/{layout}: a {type(m).__name__} gave a {type(kept).__name__}")
+        t.check(f"keep/{layout}", type(kept) is type(m), f"a {type(m).__name__} gave a {type(kept).__name__}")
         expect(f"keep chain/{layout}", kept.gather(), softmax(x64 / (1 + np.exp(-x64)), 1))
         kept.free()
         m.free()
@@ -137,8 +116,9 @@ expect("attention causal (decode: Sq < Sk)", cl.attention(q, k, v, D, causal=Tru
 expect("attention boolean mask", cl.attention(q, k, v, D, mask=np.isfinite(mask)),
        attention(q64, k64, v64, D, scale, np.where(np.isfinite(mask), 0.0, -np.inf)))
 Q, K, V = cl.shard(q, axis=1, align=2 * D), cl.shard(k, axis=1, align=D), cl.shard(v, axis=1, align=D)
-if Q.counts != tuple(2 * c for c in K.counts):  # the weights of every run here split heads alike
-    failures.append(f"q split {Q.counts} is not k's {K.counts} in groups of two heads")
+# the weights of every run here split heads alike
+t.check("q split", Q.counts == tuple(2 * c for c in K.counts),
+        f"{Q.counts} is not k's {K.counts} in groups of two heads")
 expect("attention on sharded heads", cl.attention(Q, K, V, D, causal=True, out="keep").gather(),
        attention(q64, k64, v64, D, scale, causal=True))
 qkv_self = rng.standard_normal((6, 2 * D)).astype(np.float32)
@@ -163,7 +143,4 @@ if cl.size > 1:
         refused("rope on split heads", "not in whole heads", lambda: cl.rope(odd, np.arange(7), D))
     odd.free()
 
-print(f"node-ops: {checks} checks, {len(failures)} failures on {cl.size} ranks")
-for f in failures:
-    print("FAIL", f)
-sys.exit(1 if failures else 0)
+t.finish()

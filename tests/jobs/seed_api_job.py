@@ -10,15 +10,15 @@ import json
 import sys
 
 import torch
+from tally import Tally
 
-import cmatrix as cm
 from cmatrix import cluster_matrix
 
 BACKENDS = json.loads(sys.argv[1])
 SHARES = json.loads(sys.argv[2])
 N = len(BACKENDS)
 IPS = ["127.0.0.1"] * N
-checks, failures = 0, []
+t = Tally("seed-api")
 torch.manual_seed(5)
 
 
@@ -31,36 +31,12 @@ def make(data, split=False, dim=1, setup=(1, "save"), name=None, **lists):
 
 
 def expect(name, got, want, rtol=1e-4):
-    global checks
-    checks += 1
-    if not isinstance(got, torch.Tensor):
-        failures.append(f"{name}: came back as {type(got).__name__}, not a torch tensor")
-        return
-    got, want = got.double(), want.double()
-    scale = max(want.abs().max().item(), 1.0)
-    if got.shape != want.shape:
-        failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
-    elif (got - want).abs().max().item() > rtol * scale:
-        failures.append(f"{name}: max error {(got - want).abs().max().item():.3g}")
+    t.close(name, got, want, rtol, kind="torch")
 
 
 first = make(torch.ones(2, 2))  # starts the cluster: the other ranks serve from here on
-cl = first.cluster
-
-
-def refused(name, fragment, call):
-    global checks
-    checks += 1
-    before = cl.stats()["bytes_moved"]
-    try:
-        call()
-    except cm.InputError as exc:
-        if fragment not in str(exc):
-            failures.append(f"{name}: message lacks {fragment!r}: {exc}")
-        if cl.stats()["bytes_moved"] != before:
-            failures.append(f"{name}: data moved before the refusal")
-        return
-    failures.append(f"{name}: not refused")
+cl = t.cl = first.cluster
+refused = t.refused
 
 
 # ---- errors of the cluster lists (item 2 of the issue) --------------------------------------
@@ -165,7 +141,4 @@ three_heads = make(q[:, : 3 * D])
 refused("attention heads", "multiple of the key/value heads",
         lambda: three_heads.cluster_flash_attn(Kc, Vc, D))
 
-print(f"seed-api: {checks} checks, {len(failures)} failures on {N} ranks")
-for f in failures:
-    print("FAIL", f)
-sys.exit(1 if failures else 0)
+t.finish(N)

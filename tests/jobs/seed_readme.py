@@ -16,6 +16,7 @@ import os
 import sys
 
 import torch
+from tally import Tally
 
 from cmatrix import InputError, cluster_matrix
 
@@ -23,19 +24,12 @@ DATA = sys.argv[1]
 CONFIG = json.loads(sys.argv[2])
 N = len(CONFIG["backends"])
 LOCAL = "127.0.0.1"
-checks, failures = 0, []
+t = Tally("seed-readme")
 
 
 def expect(name, got, want, rtol=1e-4):
     """got (a tensor from the cluster) against want (computed here in float64)."""
-    global checks
-    checks += 1
-    got, want = torch.as_tensor(got).double(), want.double()
-    scale = want.abs().max().item() or 1.0
-    if got.shape != want.shape:
-        failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
-    elif (got - want).abs().max().item() > rtol * scale:
-        failures.append(f"{name}: max error {(got - want).abs().max().item():.3g} (scale {scale:.3g})")
+    t.close(name, torch.as_tensor(got), want, rtol, scale=want.abs().max().item() or 1.0)
 
 
 def path(name):
@@ -57,11 +51,10 @@ try:
     cluster_matrix(matrix_file_path=path("mlp_gate.pt"), node_IP_list=IP_list,
                    CPU_GPU_select_list=CPU_GPU_select_list, node_percentages=percentages,
                    back_end_select_list=backend_select_list, split_matrix=True, dim=1)
-    failures.append("the seed's own IP_list was accepted for a local job")
+    t.check("the seed's own IP_list", False, "accepted for a local job")
 except InputError as exc:
-    checks += 1
-    if "node_IP_list" not in str(exc):
-        failures.append(f"IP_list error does not name node_IP_list: {exc}")
+    t.check("the seed's own IP_list", "node_IP_list" in str(exc),
+            f"the error does not name node_IP_list: {exc}")
 
 # ---- replaced: the cluster lists, for this job's N local ranks --------------------------
 IP_list = [LOCAL] * N
@@ -175,9 +168,7 @@ v_flat = x.cluster_shard_operation(v, True, False, True)
 x_ref = layer.rms_norm(input_token_embeddings, input_layernorm_weight).double().unsqueeze(0)
 for name, got in (("q", q_flat), ("k", k_flat), ("v", v_flat)):
     expect(f"{name}_flat", got, x_ref @ torch.load(path(f"{name}.pt")).double())
-    checks += 1
-    if not isinstance(got, torch.Tensor):
-        failures.append(f"{name}_flat came back as {type(got).__name__}, not a torch tensor")
+    t.check(f"{name}_flat", isinstance(got, torch.Tensor), f"came back as {type(got).__name__}, not a tensor")
 
 # Both matrices of an ADD are split: A by columns, B (stored transposed) by rows.
 A_data, B_data = torch.load(path("add_A.pt")), torch.load(path("add_B.pt"))
@@ -210,9 +201,8 @@ try:
     single = N == 1
 except InputError as exc:  # one node listed, N ranks started: refused, naming both
     single = False
-    checks += 1
-    if N == 1 or f"this job runs {N} MPI rank" not in str(exc):
-        failures.append(f"single-PC mode on {N} ranks: unexpected error {exc}")
+    t.check(f"single-PC mode on {N} ranks", N > 1 and f"this job runs {N} MPI rank" in str(exc),
+            f"unexpected error {exc}")
 if single:
     single_B = on_cluster(mlp_gate_path, True, 1, "saveC", "single_B")
     A_T = torch.load(big_test_matrix_pathA_T)
@@ -234,7 +224,4 @@ result_pt = big_new_matrixC.convert_bin_matrix_to_pt(output_file)  # replaced: t
 
 expect("convert_bin_matrix_to_pt", result_pt, A_data.double() + B_data.double().T)
 
-print(f"seed-readme: {checks} checks, {len(failures)} failures on {N} ranks")
-for f in failures:
-    print("FAIL", f)
-sys.exit(1 if failures else 0)
+t.finish(N)
