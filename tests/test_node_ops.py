@@ -165,6 +165,45 @@ def test_rms_norm_split_across_ranks(dev, dtype, axis, weighted):
 
 
 @pytest.mark.parametrize("dtype", SUPPORTED)
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_split_across_ranks(dev, dtype, axis, affine):
+    """sum, then the sum of squares about the mean, over two blocks (each an allreduce), then
+    layer_finish on each block: torch's layer_norm, also for a slice far from zero."""
+    rng = np.random.default_rng(11 + axis + 2 * affine)
+    length, eps = 24, 1e-5
+    shape = (5, length) if axis == 1 else (length, 5)
+    x32 = rng.standard_normal(shape).astype(np.float32)
+    x32[(3, slice(None)) if axis == 1 else (slice(None), 3)] += 300  # E[x^2] - E[x]^2 would cancel
+    x32[(4, slice(None)) if axis == 1 else (slice(None), 4)] = 2  # a constant slice: eps keeps it finite
+    stored = from_float32(x32, dtype)
+    x64 = to_float32(stored, dtype).astype(np.float64)
+    weight = (rng.standard_normal(length) + 1).astype(np.float32) if affine else None
+    bias = rng.standard_normal(length).astype(np.float32) if affine else None
+    parts, at = _split(stored, axis, 10), 10
+    blocks = [dev.upload(p, dtype) for p in parts]
+    total = sum(dev.row_reduce(b, "sum", axis) for b in blocks)
+    close(total.astype(np.float64), x64.sum(axis=axis), np.abs(x64).sum(axis=axis))
+    mean = total / np.float32(length)
+    centred = sum(dev.row_reduce(b, "sumsq", axis, shift=mean) for b in blocks)
+    exact = ((x64 - np.expand_dims(mean, axis)) ** 2).sum(axis=axis)
+    close(centred.astype(np.float64), exact, exact + 1e-6)
+    variance = centred / np.float32(length)
+    halves = [(None, None)] * 2 if not affine else [(weight[:at], bias[:at]), (weight[at:], bias[at:])]
+    got = np.concatenate([down(dev, dev.layer_finish(b, mean, variance, w, c, eps, axis))
+                          for b, (w, c) in zip(blocks, halves, strict=True)], axis=axis)
+    t = t64(x64) if axis == 1 else t64(x64).T
+    ref = F.layer_norm(t, (length,), None if weight is None else t64(weight),
+                       None if bias is None else t64(bias), eps).numpy()
+    ref = ref if axis == 1 else ref.T
+    # the float32 mean of a slice far from zero is off by up to half an ulp of |x|, which the
+    # normalisation scales by 1 / std: the bound is relative to |x| / std (times |weight|)
+    std = np.sqrt(x64.var(axis=axis, keepdims=True) + eps)
+    w_abs = 1 if weight is None else np.abs(np.expand_dims(weight.astype(np.float64), 1 - axis))
+    close(got, ref, np.abs(x64) / std * w_abs + np.abs(ref) + 1)
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED)
 @pytest.mark.parametrize("shape", [(1, 7), (5, 3), (33, 64)])
 def test_transpose(dev, dtype, shape):
     rng = np.random.default_rng(shape[0])

@@ -82,6 +82,9 @@ for _h in range(4):                 # query head h reads key/value head h // 2, 
     _np.testing.assert_allclose(o[:, 64 * _h:64 * _h + 64], _p @ k[:, 64 * (_h // 2):64 * (_h // 2) + 64],
                                 rtol=1e-4, atol=1e-5)
 _np.testing.assert_array_equal(kk[:, 64:128], k[:, :64])
+_c = h - h.mean(axis=1, keepdims=True)
+_np.testing.assert_allclose(ln, _c / _np.sqrt((_c ** 2).mean(axis=1, keepdims=True) + 1e-5),
+                            rtol=1e-4, atol=1e-5)
 print("README-NODE-OPS-OK")
 """
     _run_block(tmp_path, "cl.rope(", checks, "README-NODE-OPS-OK")

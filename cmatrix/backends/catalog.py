@@ -1,8 +1,8 @@
 """Every operation a backend runs, declared once.
 
 ``DENSE_OPS`` (matmul, add, sub) each backend implements itself. ``NODE_OPS`` are the
-node-side operations on resident blocks (activations, the pieces of a softmax and an
-RMSNorm split across ranks, rotary embeddings, grouped-query repeat, attention,
+node-side operations on resident blocks (activations, the pieces of a softmax, an
+RMSNorm and a LayerNorm split across ranks, rotary embeddings, grouped-query repeat, attention,
 transpose). Each row of that table gives:
 
 * ``check``: the operation's signature, run by :class:`~cmatrix.backends.device.Device`
@@ -99,17 +99,17 @@ def _activation(x: Any, kind: str) -> Call:
 
 def _row_reduce(x: Any, kind: str, axis: int, shift: np.ndarray | None = None) -> Call:
     """``x`` reduced along ``axis`` to a float32 host vector of length ``x.shape[1 - axis]``:
-    "max"; "sumexp", the sum of exp(x - shift) (``shift`` one value per slice, None for 0;
-    a -inf shift counts as 0 so an all -inf slice sums to 0, not NaN); "sumsq", the sum of
-    squares. An empty block gives the identity (-inf for max, 0 for the sums)."""
+    "max"; "sum"; "sumexp", the sum of exp(x - shift); "sumsq", the sum of (x - shift)**2
+    (``shift`` one value per slice, None for 0; a -inf shift counts as 0 so an all -inf
+    slice sums to 0, not NaN). An empty block gives the identity (-inf for max, else 0)."""
     if kind not in host_ops.REDUCTIONS:
         raise InputError(f"row_reduce: unknown kind {kind!r}; one of {', '.join(host_ops.REDUCTIONS)}")
     axis = _axis("row_reduce", axis)
     _matrix("row_reduce", "x", x)
     n = x.shape[1 - axis]
     if shift is not None:
-        if kind != "sumexp":
-            raise InputError(f"row_reduce: shift applies to sumexp only, not {kind}")
+        if kind not in ("sumexp", "sumsq"):
+            raise InputError(f"row_reduce: shift applies to sumexp and sumsq only, not {kind}")
         shift = _vector("row_reduce", "shift", shift, n)
     identity = np.full(n, -np.inf if kind == "max" else 0.0, dtype=np.float32)
     return Call((kind, axis, shift), (n,), f"row_reduce {kind} along axis {axis} of {x.dtype} {x.shape}",
@@ -137,6 +137,22 @@ def _rms_finish(x: Any, mean_square: np.ndarray, weight: np.ndarray | None, eps:
         weight = _vector("rms_finish", "weight", weight, x.shape[axis])
     return Call((mean_square, weight, float(eps), axis), x.shape,
                 f"rms_finish along axis {axis} of {x.dtype} {x.shape}")
+
+
+def _layer_finish(x: Any, mean: np.ndarray, variance: np.ndarray, weight: np.ndarray | None,
+                  bias: np.ndarray | None, eps: float, axis: int) -> Call:
+    """(x - mean) / sqrt(variance + eps) * weight + bias: LayerNorm along ``axis`` (``mean``
+    and ``variance`` one value per slice; ``weight`` and ``bias`` of length ``x.shape[axis]``
+    or None)."""
+    axis = _axis("layer_finish", axis)
+    _matrix("layer_finish", "x", x)
+    n = x.shape[1 - axis]
+    mean = _vector("layer_finish", "mean", mean, n)
+    variance = _vector("layer_finish", "variance", variance, n)
+    weight = None if weight is None else _vector("layer_finish", "weight", weight, x.shape[axis])
+    bias = None if bias is None else _vector("layer_finish", "bias", bias, x.shape[axis])
+    return Call((mean, variance, weight, bias, float(eps), axis), x.shape,
+                f"layer_finish along axis {axis} of {x.dtype} {x.shape}")
 
 
 def _rope(x: Any, cos: np.ndarray, sin: np.ndarray, head_dim: int, interleaved: bool = False) -> Call:
@@ -204,6 +220,7 @@ NODE_OPS: dict[str, NodeOp] = {op.name: op for op in (
     NodeOp("row_reduce", 1, _row_reduce, host_ops.row_reduce, returns="vector"),
     NodeOp("softmax_finish", 1, _softmax_finish, host_ops.softmax_finish),
     NodeOp("rms_finish", 1, _rms_finish, host_ops.rms_finish),
+    NodeOp("layer_finish", 1, _layer_finish, host_ops.layer_finish),
     NodeOp("rope", 1, _rope, host_ops.rope),
     NodeOp("repeat_kv", 1, _repeat_kv, host_ops.repeat_kv),
     NodeOp("attention", 3, _attention, host_ops.attention),

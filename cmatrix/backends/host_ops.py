@@ -1,7 +1,7 @@
 """Node-side operations as numpy float32 kernels on the host (no MPI, no device).
 
 These are the default implementations behind :class:`cmatrix.backends.base.Backend`'s
-node operations (activations, the pieces of a split softmax and RMSNorm, rotary
+node operations (activations, the pieces of a split softmax, RMSNorm and LayerNorm, rotary
 embeddings, grouped-query repeat, attention, transpose). Every function takes
 float32 numpy arrays, never writes into its inputs (a numpy backend's download is
 the resident array itself) and returns new float32 arrays.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-REDUCTIONS = ("max", "sumexp", "sumsq")
+REDUCTIONS = ("max", "sum", "sumexp", "sumsq")
 
 # erfc(z) = t * exp(-z^2 + h(t)) with t = 1 / (1 + z / 2), z >= 0: h is smooth on t in (0, 1]
 # and is held as a degree-16 Chebyshev series in u = 2t - 1. The coefficients are a
@@ -85,15 +85,18 @@ def safe_shift(shift: np.ndarray | None) -> np.ndarray | float:
 
 
 def row_reduce(x: np.ndarray, kind: str, axis: int, shift: np.ndarray | None = None) -> np.ndarray:
-    """max / sum of exp(x - shift) / sum of squares of ``x`` along ``axis`` (float32 vector)."""
+    """max / sum / sum of exp(x - shift) / sum of (x - shift)**2 of ``x`` along ``axis``
+    (a float32 vector; sums accumulate in float64)."""
     if kind == "max":
         return np.max(x, axis=axis).astype(np.float32, copy=False)
+    if kind == "sum":
+        return np.sum(x, axis=axis, dtype=np.float64).astype(np.float32)
+    s = safe_shift(shift)
+    shifted = x - (np.expand_dims(s, axis) if isinstance(s, np.ndarray) else s)
     if kind == "sumexp":
-        s = safe_shift(shift)
-        e = np.exp(x - (np.expand_dims(s, axis) if isinstance(s, np.ndarray) else s))
-        return np.sum(e, axis=axis, dtype=np.float64).astype(np.float32)
+        return np.sum(np.exp(shifted), axis=axis, dtype=np.float64).astype(np.float32)
     if kind == "sumsq":
-        x64 = x.astype(np.float64)
+        x64 = shifted.astype(np.float64)
         return np.einsum("ij,ij->j" if axis == 0 else "ij,ij->i", x64, x64).astype(np.float32)
     raise ValueError(f"unknown reduction {kind!r}; one of {', '.join(REDUCTIONS)}")
 
@@ -112,6 +115,19 @@ def rms_finish(x: np.ndarray, mean_square: np.ndarray, weight: np.ndarray | None
     y = x * np.expand_dims(inv, axis)
     if weight is not None:
         y = y * np.expand_dims(weight.astype(np.float32, copy=False), 1 - axis)
+    return y.astype(np.float32, copy=False)
+
+
+def layer_finish(x: np.ndarray, mean: np.ndarray, variance: np.ndarray, weight: np.ndarray | None,
+                 bias: np.ndarray | None, eps: float, axis: int) -> np.ndarray:
+    """(x - mean) / sqrt(variance + eps) * weight + bias: LayerNorm along ``axis`` (weight and
+    bias run along ``axis``; None: no scaling, no shift)."""
+    inv = (1.0 / np.sqrt(variance.astype(np.float32) + np.float32(eps))).astype(np.float32)
+    y = (x - np.expand_dims(mean.astype(np.float32), axis)) * np.expand_dims(inv, axis)
+    if weight is not None:
+        y = y * np.expand_dims(weight.astype(np.float32, copy=False), 1 - axis)
+    if bias is not None:
+        y = y + np.expand_dims(bias.astype(np.float32, copy=False), 1 - axis)
     return y.astype(np.float32, copy=False)
 
 

@@ -138,14 +138,16 @@ class TorchBackend(Backend):
 
     def row_reduce(self, x: torch.Tensor, kind: str, axis: int,
                    shift: np.ndarray | None = None) -> np.ndarray:
-        """max / sumexp / sumsq of ``x`` along ``axis``, reduced on the device in float32."""
+        """max / sum / sumexp / sumsq of ``x`` along ``axis``, reduced on the device in float32."""
         xf = x.float()
         if kind == "max":
             out = xf.amax(dim=axis)
+        elif kind == "sum":
+            out = xf.sum(dim=axis)
         elif kind == "sumexp":
             out = torch.exp(xf if shift is None else xf - self._shift(shift, axis)).sum(dim=axis)
         elif kind == "sumsq":
-            out = xf.square().sum(dim=axis)
+            out = (xf if shift is None else xf - self._shift(shift, axis)).square().sum(dim=axis)
         else:
             raise ValueError(f"unknown reduction {kind!r}")
         return out.cpu().numpy()
@@ -162,6 +164,15 @@ class TorchBackend(Backend):
         """x / sqrt(mean_square + eps) * weight on the device, in float32."""
         y = x.float() * torch.rsqrt(self._vec(mean_square) + eps).unsqueeze(axis)
         return y if weight is None else y * self._vec(weight).unsqueeze(1 - axis)
+
+    def layer_finish(self, x: torch.Tensor, mean: np.ndarray, variance: np.ndarray, weight: np.ndarray | None,
+                     bias: np.ndarray | None, eps: float, axis: int) -> torch.Tensor:
+        """(x - mean) / sqrt(variance + eps) * weight + bias on the device, in float32."""
+        inverse = torch.rsqrt(self._vec(variance) + eps).unsqueeze(axis)
+        y = (x.float() - self._vec(mean).unsqueeze(axis)) * inverse
+        if weight is not None:
+            y = y * self._vec(weight).unsqueeze(1 - axis)
+        return y if bias is None else y + self._vec(bias).unsqueeze(1 - axis)
 
     def rope(self, x: torch.Tensor, cos: np.ndarray, sin: np.ndarray, head_dim: int,
              interleaved: bool = False) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Node-side operations on resident matrices: activations, softmax, RMSNorm, rotary
-embeddings and grouped-query repeat (attention: :mod:`.attention`). Both halves here.
+"""Node-side operations on resident matrices: activations, softmax, RMSNorm, LayerNorm,
+rotary embeddings and grouped-query repeat (attention: :mod:`.attention`). Both halves here.
 
 Every operation takes a :class:`ShardedMatrix` (each rank works on its own block), a
 :class:`ReplicatedMatrix` (every rank computes the whole, the result stays replicated)
@@ -8,9 +8,9 @@ afterwards). Results follow ``out=`` as for matmul: ``None`` returns them to the
 ``"keep"`` leaves them where they were computed (same layout as the input),
 ``"h5:..."``/``"shm:..."`` write a file.
 
-Softmax and RMSNorm along the split axis of a sharded matrix combine per-rank statistics
-with two (softmax) or one (RMSNorm) allreduce of one value per row; along the other axis
-they need no communication.
+Softmax, RMSNorm and LayerNorm along the split axis of a sharded matrix combine per-rank
+statistics with one allreduce of one value per row each (two for softmax and LayerNorm,
+one for RMSNorm); along the other axis they need no communication.
 
 Each function is one row of :data:`FUNCTIONS`: its parameters (a frozen dataclass that
 travels in the ``nodeop`` header) and its rank half. Adding one means a row there, its
@@ -81,6 +81,13 @@ class RmsNorm:
 
 
 @dataclass(frozen=True)
+class LayerNorm:
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    eps: float
+
+
+@dataclass(frozen=True)
 class Rope:
     positions: np.ndarray
     inv_freq: np.ndarray
@@ -131,6 +138,20 @@ def _rms_norm(rt: Runtime, h: NodeOp) -> Any:
                                                        h.axis))
 
 
+def _layer_norm(rt: Runtime, h: NodeOp) -> Any:
+    n = h.shape[h.axis]
+    mean = (_statistic(rt, h, "sum", "sum") / n).astype(np.float32)
+    # centred in a second pass: E[x^2] - E[x]^2 would cancel for rows far from zero
+    variance = (_statistic(rt, h, "sumsq", "sum", mean) / n).astype(np.float32)
+    weight, bias = h.params.weight, h.params.bias
+    if h.across:
+        mine = Plan(h.axis, h.counts).block(rt.comm.rank)
+        weight = None if weight is None else weight[mine]
+        bias = None if bias is None else bias[mine]
+    return _computed(rt, lambda: rt.backend.layer_finish(rt.block(h.x), mean, variance, weight, bias,
+                                                         h.params.eps, h.axis))
+
+
 def _rope(rt: Runtime, h: NodeOp) -> Any:
     p = h.params
 
@@ -159,6 +180,7 @@ FUNCTIONS: dict[str, Function] = {
     "activation": Function(Activation, _activation),
     "softmax": Function(Softmax, _softmax),
     "rms_norm": Function(RmsNorm, _rms_norm),
+    "layer_norm": Function(LayerNorm, _layer_norm),
     "rope": Function(Rope, _rope),
     "repeat_kv": Function(RepeatKv, _repeat_kv),
 }
@@ -205,8 +227,8 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> np.ndarray:
 
 
 class NodeOpMethods:
-    """``Cluster.silu``, ``gelu``, ``softmax``, ``rms_norm``, ``rope``, ``repeat_kv``; the
-    one hook used is ``driver``."""
+    """``Cluster.silu``, ``gelu``, ``softmax``, ``rms_norm``, ``layer_norm``, ``rope``,
+    ``repeat_kv``; the one hook used is ``driver``."""
 
     driver: Driver
 
@@ -233,9 +255,18 @@ class NodeOpMethods:
         axis = check_axis(axis, "axis")
         m = _loaded(m)
         w = None if weight is None else _vector(weight, m.shape[axis], "weight")
-        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-            raise InputError(f"eps: a finite number >= 0, got {eps!r}")
-        return run(self.driver, m, RmsNorm(w, float(eps)), axis=axis, out=out)
+        return run(self.driver, m, RmsNorm(w, _eps(eps)), axis=axis, out=out)
+
+    def layer_norm(self, m: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5, axis: int = 1,
+                   out: str | None = None) -> Any:
+        """``(x - mean) / sqrt(var + eps) * weight + bias`` along ``axis`` (1: each row, as
+        torch's LayerNorm over the last dimension; the variance is the biased one).
+        ``weight``, ``bias``: vectors of length ``shape[axis]``, or None."""
+        axis = check_axis(axis, "axis")
+        m = _loaded(m)
+        w = None if weight is None else _vector(weight, m.shape[axis], "weight")
+        b = None if bias is None else _vector(bias, m.shape[axis], "bias")
+        return run(self.driver, m, LayerNorm(w, b, _eps(eps)), axis=axis, out=out)
 
     def rope(self, m: Any, positions: Sequence[int] | Any, head_dim: int,
              theta: float = 10000.0, interleaved: bool = False, inv_freq: Any = None,
@@ -290,6 +321,12 @@ def _vector(x: Any, length: int, arg: str) -> np.ndarray:
     if not np.all(np.isfinite(v)):
         raise InputError(f"{arg}: contains NaN or infinity")
     return v
+
+
+def _eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise InputError(f"eps: a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def _loaded(m: Any) -> Any:

@@ -36,6 +36,14 @@ def rms(x, w, eps, axis):
     return out if w is None else out * (w if axis == 1 else w[:, None])
 
 
+def layer_norm(x, w, b, eps, axis):
+    centred = x - x.mean(axis=axis, keepdims=True)
+    out = centred / np.sqrt((centred ** 2).mean(axis=axis, keepdims=True) + eps)
+    if w is not None:
+        out = out * (w if axis == 1 else w[:, None])
+    return out if b is None else out + (b if axis == 1 else b[:, None])
+
+
 def rope(x, pos, d, theta=10000.0, interleaved=False):
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
     ang = pos[:, None] * inv[None, :]
@@ -71,6 +79,7 @@ D = 8
 x = rng.standard_normal((7, 6 * D)).astype(np.float32)
 x64 = x.astype(np.float64)
 w_row = rng.standard_normal(x.shape[1]).astype(np.float32)
+b_row = rng.standard_normal(x.shape[1]).astype(np.float32)
 layouts = {
     "array": lambda: x,
     "rows": lambda: cl.shard(x, axis=0),
@@ -87,6 +96,9 @@ for layout, make in layouts.items():
         expect(f"softmax axis {axis}/{layout}", cl.softmax(m, axis=axis), softmax(x64, axis))
     expect(f"rms_norm/{layout}", cl.rms_norm(m, w_row, eps=1e-5), rms(x64, w_row, 1e-5, 1))
     expect(f"rms_norm axis 0/{layout}", cl.rms_norm(m, axis=0), rms(x64, None, 1e-6, 0))
+    expect(f"layer_norm/{layout}", cl.layer_norm(m, w_row, b_row), layer_norm(x64, w_row, b_row, 1e-5, 1))
+    expect(f"layer_norm axis 0/{layout}", cl.layer_norm(m, axis=0, eps=1e-3),
+           layer_norm(x64, None, None, 1e-3, 0))
     pos = np.arange(3, 3 + x.shape[0])
     for inter in (False, True):
         expect(f"rope interleaved={inter}/{layout}", cl.rope(m, pos, D, interleaved=inter),
@@ -128,6 +140,9 @@ expect("self-attention causal (prefill)", cl.attention(qkv_self, qkv_self, qkv_s
 # Refusals, before anything moves.
 refused("rms weight length", "weight: expected a vector of length 48", lambda: cl.rms_norm(x, w_row[:5]))
 refused("softmax axis", "axis: must be 0", lambda: cl.softmax(x, axis=2))
+refused("layer_norm bias length", "bias: expected a vector of length 48",
+        lambda: cl.layer_norm(x, None, b_row[:3]))
+refused("layer_norm eps", "eps: a finite number", lambda: cl.layer_norm(x, eps=-1.0))
 refused("gelu form", "approximate", lambda: cl.gelu(x, approximate="fast"))
 refused("rope head_dim", "head_dim", lambda: cl.rope(x, np.arange(7), 7))
 refused("rope theta", "theta: a finite number > 0", lambda: cl.rope(x, np.arange(7), D, theta=0.0))
