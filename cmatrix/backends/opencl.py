@@ -205,7 +205,7 @@ class OpenCLBackend(Backend):
 
     def download(self, x: CLArray, dtype: str) -> np.ndarray:
         """Device block -> C-contiguous host storage of ``dtype`` (narrowed on the host,
-        nearest-even like :func:`cmatrix.dtypes.from_float32`)."""
+        nearest-even like :func:`cmatrix.core.dtypes.from_float32`)."""
         host = np.empty(x.shape, dtype=STORAGE[x.dtype])
         if host.nbytes:
             cl.enqueue_copy(self.queue, host, x.buffer, is_blocking=True)

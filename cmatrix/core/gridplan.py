@@ -1,4 +1,4 @@
-"""Pure planning for grid mode (see :mod:`cmatrix.grid`): no MPI, no backends.
+"""Pure planning for grid mode (see :mod:`cmatrix.ops.grid`): no MPI, no backends.
 
 Every rank can rebuild the same plan from the command header: the p x q grid
 of ranks, how a matrix's rows and columns are cut among grid rows and grid

@@ -1,7 +1,7 @@
-"""Grid mode's transfers (mixed into :class:`cmatrix.comm.Comm`; MPI types and
+"""Grid mode's transfers (mixed into :class:`cmatrix.engine.comm.Comm`; MPI types and
 operations come from it, so comm.py stays the only module importing mpi4py).
 
-Grid mode (cmatrix.grid) packs every rank's blocks into one flat buffer on
+Grid mode (cmatrix.ops.grid) packs every rank's blocks into one flat buffer on
 the driver, in rank order, and moves it with one Scatterv; results come
 back with Gatherv, or (inner-dimension variant) are first summed within
 each grid row on a sub-communicator made once per grid shape and cached.

@@ -14,7 +14,7 @@ checksum), written only after every rank's file is in place. A shard file is
 
 ``CACHE_DIR`` is ``$CMATRIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/cmatrix``, else
 ``~/.cache/cmatrix``. Nothing here touches MPI: the commands in
-:mod:`.ops_cache` call these functions on each rank.
+:mod:`cmatrix.ops.cache` and :mod:`cmatrix.ops.placement` call these functions on each rank.
 """
 
 from __future__ import annotations

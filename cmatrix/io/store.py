@@ -3,7 +3,7 @@
 Supported formats, by suffix:
 
 * ``.npy``: one array (never unpickled; bfloat16 cannot be stored)
-* ``.bin``: one array in cmatrix's own layout (:mod:`cmatrix.binfmt`)
+* ``.bin``: one array in cmatrix's own layout (:mod:`cmatrix.io.binfmt`)
 * ``.pt`` / ``.pth``: a torch tensor or a (nested) dict of tensors (needs torch;
   loaded with ``weights_only=True``, so no pickled code ever runs)
 * ``.h5`` / ``.hdf5``: datasets in an HDF5 file (needs h5py)
@@ -12,7 +12,7 @@ Supported formats, by suffix:
 A path may name one array of a file that holds several after ``#``:
 ``weights.h5#/layer0/w``, ``model.safetensors#model.embed.weight``,
 ``state.pt#layer.weight``. Without a key, a file holding exactly one array
-gives that array. Every write is atomic (:mod:`cmatrix.writes`).
+gives that array. Every write is atomic (:mod:`cmatrix.io.atomic`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Shares. ``weights`` (default: the cluster's) are per-rank shares as everywhere
 in cmatrix. Rows are cut among grid rows in proportion to each grid row's total
 share (the sum over its ranks), columns (or the inner dimension) among grid
 columns in proportion to each grid column's total share, with the same
-largest-remainder rounding as :func:`cmatrix.plan.split_counts`. This gives
+largest-remainder rounding as :func:`cmatrix.core.plan.split_counts`. This gives
 every rank exactly its share when the shares are of product form
 (w[i*q + j] == r[i] * c[j], equal shares included) and approximates them
 otherwise. A grid row or column whose total share is 0 gets no rows or columns;
