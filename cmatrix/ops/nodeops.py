@@ -184,6 +184,8 @@ FUNCTIONS: dict[str, Function] = {
     "rope": Function(Rope, _rope),
     "repeat_kv": Function(RepeatKv, _repeat_kv),
 }
+#: a function's name by the class of its parameters
+_NAMES = {f.params: name for name, f in FUNCTIONS.items()}
 
 
 @on_ranks(NodeOp)
@@ -350,7 +352,7 @@ def run(d: Driver, m: Any, params: Any, axis: int | None, out: str | None, widen
     ``axis``: the axis the function reduces over (None for element-wise ones). ``widen``:
     the result has ``widen`` times the columns (repeat_kv).
     """
-    fn = next(name for name, f in FUNCTIONS.items() if isinstance(params, f.params))
+    fn = _NAMES[type(params)]
     sink = sinks.parse(out)
     temporary = None
     if isinstance(m, Matrix):
