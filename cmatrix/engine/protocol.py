@@ -55,7 +55,11 @@ class Header:
 
     @classmethod
     def from_wire(cls, fields: dict[str, Any]) -> Header:
-        return cls(**fields)
+        # The driver built these fields through __init__; filling the instance directly
+        # keeps a worker's per-command cost low (a frozen dataclass sets fields one by one).
+        header = object.__new__(cls)
+        header.__dict__.update(fields)
+        return header
 
     def created(self) -> list[int]:
         """Ids of the blocks this command creates (see ``CREATES``)."""

@@ -10,7 +10,7 @@ An ``a`` already resident in the right layout is not sent at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -58,8 +58,7 @@ class Matmul(Header, op="matmul"):
     CREATES = ("keep_id",)
 
 
-@dataclass(frozen=True)
-class _PlacedA:
+class _PlacedA(NamedTuple):
     """How op(a) reaches the ranks, decided on the driver."""
 
     payload: np.ndarray | None
