@@ -13,7 +13,7 @@ both halves), ``api`` (the Cluster facade and init), then ``compat`` (the seed's
 
 from ._version import __version__
 from .api.cluster import Cluster
-from .api.session import init
+from .api.session import claim_ranks, init
 from .compat import cluster_matrix  # the seed's API
 from .errors import (
     CacheError,
@@ -25,6 +25,8 @@ from .errors import (
 )
 from .io.store import convert_bin_matrix_to_pt
 from .ops.handles import Matrix, ReplicatedMatrix, ShardedMatrix
+
+claim_ranks()  # under mpirun -n N python script.py, worker ranks serve from here on
 
 
 def __getattr__(name: str):

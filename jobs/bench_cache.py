@@ -245,9 +245,10 @@ def main() -> int:
             cache_table(result)
     if args.part in ("all", "window"):
         print(f"B. shared window: {args.ranks} ranks x 1 thread ...", flush=True)
+        # every rank runs the window part itself: cmatrix must not turn the workers into servers
         result = launch(command(args.ranks, [sys.executable, os.path.abspath(__file__), "--window-part",
                                              f"--sizes={args.sizes}"]),
-                        env)
+                        {**env, "CMATRIX_EVERY_RANK": "1"})
         failed |= result is None
         if result:
             window_table(result)

@@ -150,3 +150,21 @@ def test_nothing_runs_after_shutdown():
     assert r.returncode == 0, r
     assert "CLOSED matmul the cluster was shut down" in r.stdout, r
     assert "CLOSED init init(): this job's cluster was already shut down" in r.stdout, r
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_plain_mpirun_runs_the_prologue_on_the_driver_only(n, tmp_path):
+    """Under mpirun -n N python script.py, worker ranks start serving when they import cmatrix,
+    so a prologue that writes files never runs on them (it used to race with the driver's)."""
+    r = mpirun(n, JOBS / "prologue_race.py", str(tmp_path), plain=True)
+    assert r.returncode == 0, r
+    assert r.stdout.count("PROLOGUE ") == 1, r
+    assert f"race: ok on {n} ranks" in r.stdout, r
+
+
+def test_every_rank_opt_out_lets_each_rank_run_the_script(tmp_path):
+    script = tmp_path / "every.py"
+    script.write_text("import cmatrix\nprint('RAN', flush=True)\n")
+    r = mpirun(3, script, plain=True, env={"CMATRIX_EVERY_RANK": "1"})
+    assert r.returncode == 0, r
+    assert r.stdout.count("RAN") == 3, r

@@ -11,11 +11,13 @@ driver's status, so the code after it runs on the driver alone.
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from .. import ops  # noqa: F401  (registers every command family's rank half)
+from ..engine import launch
 from ..engine.driver import Driver
 from ..engine.runtime import Runtime, serve
 from ..errors import ClusterClosedError
@@ -34,6 +36,18 @@ def connect() -> Runtime:
 
         _runtime = Runtime(Comm())
     return _runtime
+
+
+def claim_ranks() -> None:
+    """Run when cmatrix is imported. Under a launch of N ranks (``mpirun -n N python
+    script.py``) a worker rank starts serving here, so it never runs the rest of the script
+    (a prologue that writes files would otherwise run on every rank), and the driver starts
+    its cluster, so the workers are released however the script ends. Without an MPI
+    launcher nothing happens until ``init()``. ``CMATRIX_EVERY_RANK=1`` turns this off, for
+    programs that run their own MPI code on every rank."""
+    rank = launch.launcher_rank()
+    if rank is not None and os.environ.get("CMATRIX_EVERY_RANK", "") != "1":
+        driver_cluster()
 
 
 def world_size() -> int:

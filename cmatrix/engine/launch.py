@@ -12,9 +12,22 @@ from pathlib import Path
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_STEP_ID")
 
 
+#: where MPICH's hydra, Open MPI, PMIx and Slurm put a process's rank
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
 def launched_by_mpiexec() -> bool:
     """Whether this process was started by an MPI launcher (as opposed to plain python)."""
     return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as its MPI launcher set it, before MPI starts; None without one."""
+    for var in _RANK_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def mpiexec() -> str:

@@ -1,4 +1,5 @@
-"""Every rank runs this (plain mpiexec): bcast_shared and gather_shared against the MPI calls."""
+"""Every rank runs this (plain mpiexec, CMATRIX_EVERY_RANK=1): bcast_shared and gather_shared
+against the MPI calls."""
 
 import numpy as np
 
