@@ -14,7 +14,7 @@ both halves), ``api`` (the Cluster facade and init), then ``compat`` (the seed's
 from ._version import __version__
 from .api.cluster import Cluster
 from .api.session import claim_ranks, init
-from .compat import cluster_matrix  # the seed's API
+from .compat import check_combined_result_values, cluster_matrix, cluster_zmq  # the seed's API
 from .errors import (
     CacheError,
     ClusterClosedError,
@@ -41,5 +41,5 @@ def __getattr__(name: str):
 __all__ = [
     "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",
     "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError", "CacheError",
-    "convert_bin_matrix_to_pt", "cluster_matrix",
+    "convert_bin_matrix_to_pt", "cluster_matrix", "cluster_zmq", "check_combined_result_values",
 ]

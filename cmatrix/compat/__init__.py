@@ -4,5 +4,7 @@ its node-side operations, ``values`` how it takes and gives data."""
 
 from ..io.store import convert_bin_matrix_to_pt
 from .matrix import cluster_matrix
+from .setup import cluster_zmq
+from .values import check_combined_result_values
 
-__all__ = ["cluster_matrix", "convert_bin_matrix_to_pt"]
+__all__ = ["cluster_matrix", "cluster_zmq", "check_combined_result_values", "convert_bin_matrix_to_pt"]

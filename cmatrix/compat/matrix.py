@@ -67,20 +67,61 @@ def _default_name(data: Any) -> str | None:
     return None
 
 
-class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its scripts run unchanged
-    """A matrix on the cluster, created the seed's way (see the module docstring)."""
+def _old_positional(zmq: Any, ips: Any, accel: Any, pct: Any, backends_: Any, split: Any, dim: Any
+                    ) -> tuple:
+    """The earlier call form, ``cluster_matrix(path, node_IP_list, CPU_GPU_select_list,
+    node_percentages, back_end_select_list, split_matrix, dim)`` passed by position, lands one
+    parameter to the right of the current one (``cluster_zmq_object`` came second later):
+    shift it back, as the seed does."""
+    if not isinstance(zmq, (list, tuple)):
+        return zmq, ips, accel, pct, backends_, split, dim
+    if isinstance(backends_, bool):  # split_matrix (and dim) were positional too
+        return None, list(zmq), ips, accel, pct, backends_, (split if isinstance(split, int) else 0)
+    return None, list(zmq), ips, accel, pct, split, dim
 
-    def __init__(self, matrix_file_path: Any, node_IP_list: list[str], CPU_GPU_select_list: list[bool],  # noqa: N803
-                 node_percentages: list[float], back_end_select_list: list[str],  # noqa: N803
-                 split_matrix: bool = False, dim: int = 0, auto_set_up: Any = None,
-                 matrix_name: str | None = None) -> None:
+
+class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its scripts run unchanged
+    """A matrix on the cluster, created the seed's way (see the module docstring).
+
+    The cluster is ``cluster_zmq_object`` (``cluster_zmq(IP_list)``), or made from
+    ``node_IP_list``; the lists left out take its defaults (an even split, "llama", the
+    accelerator on). ``matrix_labeling`` ('a'/'b': grid mode's operand) is accepted and not
+    needed. ``save_bin_matrix=False`` keeps a named matrix off the nodes' disks.
+    """
+
+    def __init__(self, matrix_file_path: Any, cluster_zmq_object: Any = None,
+                 node_IP_list: list[str] | None = None, CPU_GPU_select_list: list[bool] | None = None,  # noqa: N803
+                 node_percentages: list[float] | None = None,
+                 back_end_select_list: list[str] | None = None, split_matrix: bool = False, dim: int = 0,
+                 matrix_name: str | None = None, matrix_labeling: str = "", auto_set_up: Any = None,
+                 save_bin_matrix: bool = True) -> None:
+        (cluster_zmq_object, node_IP_list, CPU_GPU_select_list, node_percentages, back_end_select_list,
+         split_matrix, dim) = _old_positional(cluster_zmq_object, node_IP_list, CPU_GPU_select_list,
+                                              node_percentages, back_end_select_list, split_matrix, dim)
+        if matrix_labeling not in ("", "a", "b"):
+            raise InputError(f"matrix_labeling: '', 'a' or 'b' (grid mode's operands), "
+                             f"got {matrix_labeling!r}")
+        if cluster_zmq_object is None:
+            if node_IP_list is None:
+                raise InputError("pass cluster_zmq_object=cluster_zmq(IP_list), or node_IP_list=[...] "
+                                 "with one host per rank")
+            cluster_zmq_object = setup.cluster_zmq(node_IP_list)
+        elif not isinstance(cluster_zmq_object, setup.cluster_zmq):
+            raise InputError(f"cluster_zmq_object: expected cluster_zmq(IP_list), got "
+                             f"{type(cluster_zmq_object).__name__}")
+        z = cluster_zmq_object
+        self.cluster_zmq_object = z
         self.cluster, self.node_percentages = setup.connect(
-            node_IP_list, CPU_GPU_select_list, node_percentages, back_end_select_list)
-        self.node_IP_list = list(node_IP_list)
+            z.node_IP_list,
+            z.default_CPU_GPU_select_list if CPU_GPU_select_list is None else CPU_GPU_select_list,
+            z.default_node_percentages if node_percentages is None else node_percentages,
+            z.default_back_end_select_list if back_end_select_list is None else back_end_select_list)
+        self.node_IP_list = list(z.node_IP_list)
         self.split_matrix = bool(split_matrix)
         self.dim = check_axis(dim, "dim") if split_matrix else dim
         self.system, self.action = _parse_setup(auto_set_up)
-        self.matrix_name = matrix_name if matrix_name is not None else _default_name(matrix_file_path)
+        self.matrix_labeling, self.save_bin_matrix = matrix_labeling, bool(save_bin_matrix)
+        self.matrix_name = matrix_name or _default_name(matrix_file_path)
         self.handle: Matrix | None = None
         self._host: HostArray | None = None
         if self.system == 2:
@@ -100,6 +141,8 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         """A result kept on the cluster (``send_back=False``), shaped like a system 1 matrix."""
         obj = cls.__new__(cls)
         obj.cluster, obj.node_percentages = parent.cluster, parent.node_percentages
+        obj.cluster_zmq_object, obj.matrix_labeling = parent.cluster_zmq_object, ""
+        obj.save_bin_matrix = False
         obj.node_IP_list, obj.system, obj.action = parent.node_IP_list, 1, "save"
         obj.split_matrix = isinstance(handle, ShardedMatrix)
         obj.dim = handle.axis if obj.split_matrix else 0
@@ -115,14 +158,17 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         if self.action == "load" and name is None:
             raise InputError("matrix_name: auto_set_up [1, 'load'] reads the shards the nodes cached under "
                              "a name; pass matrix_name='...' (a file path gives one by default)")
-        if self.action in ("save", "load", "auto") and name is not None:
-            # "load" without data takes shape, dtype and checksums from the cache's manifest;
-            # with data, the shards' checksums are compared against it (a changed file is stale).
-            weight = None if data is None and self.action == "load" else as_matrix(data)
+        cached = self.action in ("load", "auto") or (self.action == "save" and self.save_bin_matrix)
+        if cached and name is not None:
+            # "load" without data (or with the path of a file that is no longer here: the seed
+            # loads by the name a path gives) takes shape, dtype and checksums from the cache's
+            # manifest; with data, the shards' checksums are compared (a changed file is stale).
+            gone = isinstance(data, (str, os.PathLike)) and not os.path.exists(store.split_spec(data)[0])
+            weight = None if (data is None or gone) and self.action == "load" else as_matrix(data)
             return cl.shard(weight, name=name, weights=self.node_percentages, axis=self.dim,
                             cache=self.action)
-        # "saveC", or a tensor without a name: sent and kept resident, not cached on disk
-        # (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
+        # "saveC", save_bin_matrix=False, or a tensor without a name: sent and kept resident, not
+        # cached on disk (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
         return cl.shard(as_matrix(data), name=name, weights=self.node_percentages, axis=self.dim)
 
     def _to_ram(self) -> None:
@@ -146,10 +192,11 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
 
     # ---- the seed's operations --------------------------------------------------------------
 
-    def cluster_shard_operation(self, other: cluster_matrix, TransposeA: bool, TransposeB: bool,  # noqa: N803
-                                send_back: bool = True, op: str = "mul",
+    def cluster_shard_operation(self, other: cluster_matrix, TransposeA: bool = False,  # noqa: N803
+                                TransposeB: bool = False, send_back: bool = True, op: str = "mul",  # noqa: N803
                                 shm_name: str | None = None, inner: bool = False,
-                                grid: tuple[int, int] | None = None) -> Any:
+                                grid: tuple[int, int] | None = None, *, send_back_result: bool | None = None,
+                                operation: str | None = None) -> Any:
         """``op(A) @ op(B)`` ("mul"), or shard-wise ``op(A) ± op(B)`` ("add"/"sub"), where
         A is this matrix, B is ``other`` and op transposes when its flag is set.
 
@@ -162,7 +209,19 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         ``send_back=True`` returns a torch tensor; False keeps the result on the
         cluster and returns a cluster_matrix whose :meth:`send_back` fetches it.
         ``shm_name`` also writes the result to ``/dev/shm/cmatrix/NAME.bin``.
+        ``send_back_result`` and ``operation`` are the seed's names of ``send_back`` and ``op``.
+        Single-node mode (one node, a product with B not split) returns the result whatever
+        ``send_back`` says, as the seed does.
         """
+        if send_back_result is not None:
+            send_back = send_back_result
+        if operation is not None:
+            op = operation
+        if not isinstance(other, cluster_matrix):
+            raise InputError(f"B: expected a cluster_matrix, got {type(other).__name__}")
+        if len(self.node_IP_list) == 1 and op == "mul" and self.system == other.system == 1 \
+                and not other.split_matrix:
+            send_back = True
         if op not in OPERATIONS:
             raise InputError(f"op: expected one of {', '.join(map(repr, OPERATIONS))}, got {op!r}")
         if not isinstance(other, cluster_matrix):
@@ -191,9 +250,12 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
                             out=out)
             return self._returned(result, shm_name)
         if op == "mul":
+            b = other.handle
             if not other.split_matrix:
-                raise InputError("B: in system 1 the second matrix must be split (split_matrix=True)")
-            result = self.cluster.matmul(self.handle, other.handle, ta, tb, out=out)
+                if len(self.node_IP_list) > 1:
+                    raise InputError("B: in system 1 the second matrix must be split (split_matrix=True)")
+                b = b.gather()  # one node holds everything: B is split (trivially) for this product
+            result = self.cluster.matmul(self.handle, b, ta, tb, out=out)
         else:
             if not (self.split_matrix and other.split_matrix):
                 raise InputError(f"{op}: both matrices must be split (split_matrix=True); it is "
@@ -222,10 +284,12 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         path = deliver(sink, "send_back", host.data, host.dtype, host.kind)
         return store.convert_bin_matrix_to_pt(path)
 
-    def convert_bin_matrix_to_pt(self, path: str | os.PathLike,
+    def convert_bin_matrix_to_pt(self, path: str | os.PathLike, force_2d: bool = True,
                                  pt_path: str | os.PathLike | None = None) -> Any:
-        """A ``.bin`` result file as a torch tensor (also saved as ``pt_path`` when given)."""
-        return store.convert_bin_matrix_to_pt(path, pt_path)
+        """A ``.bin`` result file as a torch tensor (also saved as ``pt_path`` when given);
+        ``force_2d`` (the seed's default) folds leading dimensions into the rows."""
+        tensor = store.convert_bin_matrix_to_pt(path, pt_path)
+        return tensor.reshape(-1, tensor.shape[-1]) if force_2d and tensor.dim() > 2 else tensor
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -77,6 +77,41 @@ def match_hosts(ip_list: Sequence[str], hosts: Sequence[dict]) -> None:
                          "List rank i's host (name or address) as entry i, in hostfile order.")
 
 
+def even_percentages(n: int) -> list[float]:
+    """The seed's default split: whole percent each, the remainder one by one to the first nodes."""
+    base, remainder = divmod(100, n)
+    return [(base + (1 if i < remainder else 0)) / 100 for i in range(n)]
+
+
+class cluster_zmq:  # noqa: N801 - the seed's name, kept so its scripts run unchanged
+    """The seed's cluster object, ``cluster_zmq(IP_list)``: the node list (entry i names rank
+    i's host, checked against the ranks MPI started, as ``node_IP_list`` is) and the per-node
+    defaults a ``cluster_matrix`` takes for the lists it omits: an even split (whole percent,
+    as the seed rounds it), the GGML backend ("llama") and the accelerator on. Nothing here
+    opens a socket: MPI carries everything."""
+
+    def __init__(self, node_IP_list: Any) -> None:  # noqa: N803
+        ips = _as_list(node_IP_list, "node_IP_list")
+        n = len(ips)
+        if n == 0:
+            raise InputError("node_IP_list: empty; list one host per rank")
+        self.default_node_percentages = even_percentages(n)
+        self.default_back_end_select_list = ["llama"] * n
+        self.default_CPU_GPU_select_list = [True] * n
+        self.node_IP_list, _, _, _ = check_lists(ips, self.default_CPU_GPU_select_list,
+                                                 self.default_node_percentages,
+                                                 self.default_back_end_select_list, session.world_size())
+        self.num_nodes = n
+        self.cluster = session.driver_cluster()  # a worker serves here, then exits
+        match_hosts(self.node_IP_list, _hosts(self.cluster))
+
+    def cleanup(self) -> None:
+        """The seed closed its sockets here; MPI ends with the job, so there is nothing to do."""
+
+    def __repr__(self) -> str:
+        return f"<cluster_zmq {len(self.node_IP_list)} node(s): {self.node_IP_list}>"
+
+
 def connect(ips: Any, accel: Any, percentages: Any, backends_: Any) -> tuple[Cluster, list[float]]:
     """The job's cluster, started on first use with these backends and accelerator flags.
 

@@ -30,3 +30,31 @@ def as_tensor(x: Any) -> Any:
     except ImportError:
         return x
     return torch.from_numpy(x)
+
+
+def check_combined_result_values(c_ref_path: Any, combined: Any) -> bool:
+    """The seed's check of a cluster result against a reference (a tensor or a ``.pt`` path):
+    prints the shapes, dtypes and differences, and whether they agree within the seed's
+    per-dtype tolerances; returns that verdict (the seed returned nothing)."""
+    import torch
+
+    ref = c_ref_path if torch.is_tensor(c_ref_path) else torch.load(c_ref_path, weights_only=True)
+    if not torch.is_tensor(combined):
+        combined = torch.from_numpy(combined)
+    if tuple(ref.shape) != tuple(combined.shape):
+        print(f"Shape mismatch! Reference: {tuple(ref.shape)}, combined: {tuple(combined.shape)}")
+        return False
+    print(f"Shapes match: {tuple(ref.shape)}; reference {ref.dtype}, combined {combined.dtype}")
+    rtol, atol = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2),
+                  torch.float64: (1e-6, 1e-6)}.get(combined.dtype, (1e-3, 1e-3))
+    ref32, got32 = ref.to(torch.float32), combined.to(device=ref.device, dtype=torch.float32)
+    diff = (ref32 - got32).abs()
+    rel = diff / ref32.abs().clamp_min(1e-12)
+    print(f"Max absolute difference:  {diff.max().item():.6e}")
+    print(f"Mean absolute difference: {diff.mean().item():.6e}")
+    print(f"Max relative difference:  {rel.max().item():.6e}")
+    bad = int((diff.isnan() | (diff > atol + rtol * got32.abs())).sum().item())
+    ok = bad == 0
+    print(f"{'Results match' if ok else 'Results differ'} within rtol={rtol} atol={atol}: "
+          f"{bad}/{ref32.numel()} elements outside")
+    return ok

@@ -78,6 +78,13 @@ for m, k, n in ((32, 32, 32), (17, 40, 9), (5, 64, 33)):
     expect(f"grid add {m}x{k}", GA.cluster_shard_operation(GAT, False, True, True, "add"), 2 * ga.double())
     expect(f"grid sub {m}x{k}", GA.cluster_shard_operation(GAT, False, True, True, "sub"), 0 * ga.double())
 refused("grid with system 1", "both matrices must be created", lambda: A.cluster_shard_operation(GB, 0, 0, 1))
+b_full = torch.randn(40, 7)
+B_full = make(b_full)
+if N == 1:  # single-node mode: B need not be split, and the result comes back whatever send_back says
+    expect("single node, B not split", A.cluster_shard_operation(B_full, True, False, False),
+           a.double().T @ b_full.double())
+else:
+    refused("B not split", "must be split", lambda: A.cluster_shard_operation(B_full, True, False, True))
 refused("inner in system 1", "grid mode", lambda: A.cluster_shard_operation(W_inner, 1, 1, 1, inner=True))
 
 # ---- node ops through cluster_matrix ---------------------------------------------------------
