@@ -37,7 +37,7 @@ demo-llm: $(STAMP)
 		$(if $(MODEL),--model "$(MODEL)")
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cmatrix jobs tests
+	$(VENV)/bin/ruff check cmatrix jobs tests seedcompat
 
 test: lint test-mpich test-openmpi
 

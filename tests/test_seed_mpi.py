@@ -23,3 +23,15 @@ def test_seed_api_matches_torch(backends, shares, plain):
                timeout=240)
     assert r.returncode == 0, r
     assert f"0 failures on {n} ranks" in r.stdout, r
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_seed_scripts_in_the_cluster_zmq_form(n, tmp_path):
+    """The seed's own test scripts as written (cluster_zmq, cluster_matrix_v1, a prologue that
+    writes files), only IPs and paths changed, under plain mpirun on 1, 2 and 4 ranks."""
+    need("torch", "ggml")
+    env = {"CMATRIX_CACHE_DIR": str(tmp_path / "cache")}
+    r = mpirun(n, JOBS / "seed_zmq_scripts.py", str(tmp_path), env=env, plain=True, timeout=240)
+    assert r.returncode == 0, r
+    checks = 9 if n == 1 else 8
+    assert f"seed-zmq: {checks} checks, 0 failures on {n} ranks" in r.stdout, r

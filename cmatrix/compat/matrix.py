@@ -197,8 +197,10 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
                                 shm_name: str | None = None, inner: bool = False,
                                 grid: tuple[int, int] | None = None, *, send_back_result: bool | None = None,
                                 operation: str | None = None) -> Any:
-        """``op(A) @ op(B)`` ("mul"), or shard-wise ``op(A) ± op(B)`` ("add"/"sub"), where
-        A is this matrix, B is ``other`` and op transposes when its flag is set.
+        """``op(A) @ op(B)`` ("mul"), or shard-wise ``A ± B`` ("add"/"sub"), where A is this
+        matrix, B is ``other`` and op transposes when its flag is set. For add/sub the flags
+        apply only when A and B differ in shape (B stored transposed): operands of one shape
+        are added as they are, as the seed's README means ``(B, False, True, True, "add")``.
 
         System 1: for "mul" B must be split; its pieces of the result are joined
         along the result's columns (B split along op(B)'s columns) or summed (B
@@ -230,6 +232,12 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
             raise InputError("shm_name: the result is written when it is sent back; pass it to "
                              "send_back(shm_name=...) of the kept result instead")
         ta, tb = bool(TransposeA), bool(TransposeB)
+        if op != "mul" and tuple(self.shape) == tuple(other.shape):
+            # The seed's flags on add/sub described how its GGML path laid B out (its README
+            # and tests pass TransposeB=True for A + B): operands of one shape are added as
+            # they are, so nothing transposes a square operand behind the user's back. Only
+            # when the shapes agree after transposing (B stored transposed) do the flags apply.
+            ta = tb = False
         if (self.system == 2) != (other.system == 2):
             raise InputError("grid mode: both matrices must be created with auto_set_up [2, ...]")
         out = f"shm:{shm_name}" if shm_name is not None else (None if send_back else "keep")

