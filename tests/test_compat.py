@@ -112,8 +112,8 @@ def test_single_node_mode_with_and_without_send_back(cl):
     assert again.handle is B.handle
     with pytest.raises(cm.CacheError, match="was saved with split_matrix=True, dim=1"):
         one(None, split=True, dim=0, setup=(1, "loadC"), name="single_w")
-    with pytest.raises(cm.CacheError, match="no matrix named 'nothing'"):
-        one(None, split=True, setup=(1, "loadC"), name="nothing")
+    with pytest.raises(cm.CacheError, match="cache 'nothing': no saved copy"):
+        one(None, split=True, setup=(1, "loadC"), name="nothing")  # not in RAM, not on disk
 
 
 @pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
@@ -131,8 +131,10 @@ def test_operation_errors(cl):
         one(w, split=True, dim=1, setup=(1, "load"))
     unnamed = one(w, split=True, dim=1, setup=(1, "save"))  # a tensor without a name: sent, not cached
     assert not unnamed.handle.cached
-    with pytest.raises(cm.InputError, match="grid mode"):
-        one(w, setup=(2, "saveC"), name="g")
+    kept = one(w, setup=(2, "saveC"), name="g")  # grid operands stay on the driver, under their name
+    assert one(None, setup=(2, "loadC"), name="g")._host is kept._host
+    with pytest.raises(cm.CacheError, match="no grid matrix named 'h'"):
+        one(None, setup=(2, "load"), name="h")
     with pytest.raises(cm.InputError, match="already runs back_end_select_list"):
         cm.cluster_matrix(matrix_file_path=w, node_IP_list=["127.0.0.1"], CPU_GPU_select_list=[True],
                           node_percentages=[1], back_end_select_list=["torch"])

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.mpi
     (["numpy", "numpy", "numpy"], [0.0, 0.5, 0.5], True),   # the driver holds nothing
     (["llama", "torch", "opencl", "llama"], [0.35, 0.35, 0.15, 0.15], True),
 ])
-def test_seed_api_matches_torch(backends, shares, plain):
+def test_seed_api_matches_torch(backends, shares, plain, tmp_path):
     need("torch", *backends)
     n = len(backends)
     r = mpirun(n, JOBS / "seed_api_job.py", json.dumps(backends), json.dumps(shares), plain=plain,
-               timeout=240)
+               env={"CMATRIX_CACHE_DIR": str(tmp_path / "cache")}, timeout=240)
     assert r.returncode == 0, r
     assert f"0 failures on {n} ranks" in r.stdout, r
 
@@ -35,3 +35,13 @@ def test_seed_scripts_in_the_cluster_zmq_form(n, tmp_path):
     assert r.returncode == 0, r
     checks = 9 if n == 1 else 8
     assert f"seed-zmq: {checks} checks, 0 failures on {n} ranks" in r.stdout, r
+
+
+def test_loadc_in_a_later_job_reads_the_nodes_disks(tmp_path):
+    need("torch", "ggml")
+    env = {"CMATRIX_CACHE_DIR": str(tmp_path / "cache")}
+    for mode in ("saveC", "loadC"):
+        r = mpirun(2, JOBS / "seed_loadc.py", mode, env=env, plain=True, timeout=120)
+        assert r.returncode == 0, r
+        assert f"loadc: {mode} ok on 2 ranks" in r.stdout, r
+    assert list((tmp_path / "cache").rglob("rank1.cmshard")), "saveC wrote nothing to the nodes' disks"

@@ -15,8 +15,11 @@ docs/seed-migration.md for each call's native equivalent)::
 rank); system 2 is grid mode (both operands in 2-D blocks at each operation,
 see docs/grid-mode.md). Actions: ``"save"`` sends (a split matrix is also
 written to each node's disk cache), ``"load"`` reuses the node caches,
-``"saveC"``/``"loadC"`` are the seed's RAM-only variants (kept resident under
-``matrix_name`` for this job, never written to disk).
+``"saveC"``/``"loadC"`` also keep the matrix under ``matrix_name`` for this job, and
+``"loadC"`` falls back to the disk cache in a later job (the seed kept those shards on
+the nodes' disks too). Grid mode holds its operands on the driver and sends their blocks
+at each operation: ``[2, "load"]`` reads the file again, or takes the matrix a
+``[2, "save"]`` of this job kept under its name.
 """
 
 from __future__ import annotations
@@ -125,10 +128,12 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         self.handle: Matrix | None = None
         self._host: HostArray | None = None
         if self.system == 2:
-            if self.action != "save":
-                raise InputError(f"auto_set_up: grid mode (system 2) keeps no blocks between operations, "
-                                 f"so there is nothing to {self.action!r}; use [2, 'save']")
-            self._host = as_matrix(matrix_file_path)
+            if matrix_file_path is None and self.action in ("load", "loadC"):
+                self._host = self._grid_kept()
+            else:
+                self._host = as_matrix(matrix_file_path)
+            if self.matrix_name:
+                _in_ram[self.matrix_name] = self._host
         elif self.action == "loadC":
             self.handle = self._from_ram()
         else:
@@ -158,7 +163,8 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         if self.action == "load" and name is None:
             raise InputError("matrix_name: auto_set_up [1, 'load'] reads the shards the nodes cached under "
                              "a name; pass matrix_name='...' (a file path gives one by default)")
-        cached = self.action in ("load", "auto") or (self.action == "save" and self.save_bin_matrix)
+        saving = self.action in ("save", "saveC") and self.save_bin_matrix
+        cached = saving or self.action in ("load", "auto")
         if cached and name is not None:
             # "load" without data (or with the path of a file that is no longer here: the seed
             # loads by the name a path gives) takes shape, dtype and checksums from the cache's
@@ -166,9 +172,9 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
             gone = isinstance(data, (str, os.PathLike)) and not os.path.exists(store.split_spec(data)[0])
             weight = None if (data is None or gone) and self.action == "load" else as_matrix(data)
             return cl.shard(weight, name=name, weights=self.node_percentages, axis=self.dim,
-                            cache=self.action)
-        # "saveC", save_bin_matrix=False, or a tensor without a name: sent and kept resident, not
-        # cached on disk (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
+                            cache="save" if self.action == "saveC" else self.action)
+        # save_bin_matrix=False, or a tensor without a name: sent and kept resident, not cached on
+        # disk (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
         return cl.shard(as_matrix(data), name=name, weights=self.node_percentages, axis=self.dim)
 
     def _to_ram(self) -> None:
@@ -177,12 +183,23 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
                              "name for a later 'loadC'; pass matrix_name='...'")
         _in_ram[self.matrix_name] = self.handle if self.handle is not None else self._host
 
+    def _grid_kept(self) -> HostArray:
+        held = _in_ram.get(self.matrix_name or "")
+        if not isinstance(held, HostArray):
+            raise CacheError(f"auto_set_up [2, {self.action!r}]: no grid matrix named {self.matrix_name!r} "
+                             "was kept by this job; pass its file (grid mode sends the blocks at each "
+                             "operation, nothing stays on the nodes)", [])
+        return held
+
     def _from_ram(self) -> Matrix:
         held = _in_ram.get(self.matrix_name or "")
         if held is None or (isinstance(held, Matrix) and held.freed):
+            if self.split_matrix and self.matrix_name:  # a later job: the shards on the nodes' disks
+                self.action = "load"
+                return self._place(None)
             raise CacheError(f"loadC: no matrix named {self.matrix_name!r} is held in RAM by this job; "
-                             "create it first with auto_set_up [1, 'saveC'] (RAM is not kept between "
-                             "jobs: use 'save'/'load' for the disk cache)", [])
+                             "create it first with auto_set_up [1, 'saveC'] (a full matrix is not kept "
+                             "between jobs: use 'save'/'load' for the disk cache of a split one)", [])
         want_split = isinstance(held, ShardedMatrix)
         if want_split != self.split_matrix or (want_split and held.axis != self.dim):
             raise CacheError(f"loadC: {self.matrix_name!r} was saved with split_matrix={want_split}"

@@ -12,7 +12,7 @@ import sys
 import torch
 from tally import Tally
 
-from cmatrix import cluster_matrix
+from cmatrix import CacheError, cluster_matrix
 
 BACKENDS = json.loads(sys.argv[1])
 SHARES = json.loads(sys.argv[2])
@@ -51,7 +51,8 @@ refused("percentages 0.3", "sum to 0.3", lambda: make(x, node_percentages=[0.3 /
 other = ["numpy"] * N if BACKENDS != ["numpy"] * N else ["numpy"] * (N - 1) + ["torch"]
 refused("other backends", "already runs", lambda: make(x, back_end_select_list=other))
 refused("dim", "dim: must be 0", lambda: make(x, split=True, dim=2, setup=(1, "saveC"), name="d"))
-refused("grid load", "nothing to 'load'", lambda: make(x, setup=(2, "load")))
+refused("grid load of nothing kept", "no grid matrix named",
+        lambda: make(None, setup=(2, "load"), name="never"), error=CacheError)
 
 # ---- System 1: weights split along the inner dimension, sub --------------------------------
 a, w = torch.randn(40, 5), torch.randn(40, 24)
@@ -70,6 +71,10 @@ for m, k, n in ((32, 32, 32), (17, 40, 9), (5, 64, 33)):
     GA, GB = make(ga, setup=(2, "save")), make(gb, setup=(2, "save"))
     want = ga.double() @ gb.double()
     expect(f"grid {m}x{k}x{n}", GA.cluster_shard_operation(GB, False, False, True), want)
+    GL = make(ga, setup=(2, "load"), name=f"ga{m}")  # reloaded from its data, then kept under its name
+    expect(f"grid load {m}x{k}x{n}", GL.cluster_shard_operation(GB, False, False, True), want)
+    expect(f"grid load by name {m}x{k}x{n}",
+           make(None, setup=(2, "load"), name=f"ga{m}").cluster_shard_operation(GB, False, False, True), want)
     expect(f"grid inner {m}x{k}x{n}", GA.cluster_shard_operation(GB, False, False, True, inner=True), want)
     GAT, GBT = make(ga.T.contiguous(), setup=(2, "save")), make(gb.T.contiguous(), setup=(2, "save"))
     expect(f"grid transposed {m}x{k}x{n}", GAT.cluster_shard_operation(GBT, True, True, True), want)
