@@ -38,7 +38,7 @@ from ..io.store import from_user
 from ..ops.handles import Matrix, ShardedMatrix, deliver
 from . import setup
 from .nodeops import SeedNodeOps
-from .values import as_matrix, as_tensor
+from .values import as_matrix, as_tensor, heads_layout, seed_layout
 
 SYSTEMS = (1, 2)
 ACTIONS = ("save", "load", "saveC", "loadC", "auto")
@@ -121,10 +121,13 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
             z.default_back_end_select_list if back_end_select_list is None else back_end_select_list)
         self.node_IP_list = list(z.node_IP_list)
         self.split_matrix = bool(split_matrix)
+        name = matrix_name or _default_name(matrix_file_path)
+        #: a [heads, tokens, head_dim] input is held as (tokens, heads * head_dim)
+        matrix_file_path, self.head_dim, dim = heads_layout(matrix_file_path, self.split_matrix, dim)
         self.dim = check_axis(dim, "dim") if split_matrix else dim
         self.system, self.action = _parse_setup(auto_set_up)
         self.matrix_labeling, self.save_bin_matrix = matrix_labeling, bool(save_bin_matrix)
-        self.matrix_name = matrix_name or _default_name(matrix_file_path)
+        self.matrix_name = name
         self.handle: Matrix | None = None
         self._host: HostArray | None = None
         if self.system == 2:
@@ -146,7 +149,7 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         """A result kept on the cluster (``send_back=False``), shaped like a system 1 matrix."""
         obj = cls.__new__(cls)
         obj.cluster, obj.node_percentages = parent.cluster, parent.node_percentages
-        obj.cluster_zmq_object, obj.matrix_labeling = parent.cluster_zmq_object, ""
+        obj.cluster_zmq_object, obj.matrix_labeling, obj.head_dim = parent.cluster_zmq_object, "", None
         obj.save_bin_matrix = False
         obj.node_IP_list, obj.system, obj.action = parent.node_IP_list, 1, "save"
         obj.split_matrix = isinstance(handle, ShardedMatrix)
@@ -172,10 +175,16 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
             gone = isinstance(data, (str, os.PathLike)) and not os.path.exists(store.split_spec(data)[0])
             weight = None if (data is None or gone) and self.action == "load" else as_matrix(data)
             return cl.shard(weight, name=name, weights=self.node_percentages, axis=self.dim,
-                            cache="save" if self.action == "saveC" else self.action)
+                            cache="save" if self.action == "saveC" else self.action, align=self._align)
         # save_bin_matrix=False, or a tensor without a name: sent and kept resident, not cached on
         # disk (the seed README: "some tensors (e.g. token embeddings) cannot be cached").
-        return cl.shard(as_matrix(data), name=name, weights=self.node_percentages, axis=self.dim)
+        return cl.shard(as_matrix(data), name=name, weights=self.node_percentages, axis=self.dim,
+                        align=self._align)
+
+    @property
+    def _align(self) -> int:
+        """Whole heads per rank for a matrix in the attention layout."""
+        return self.head_dim or 1
 
     def _to_ram(self) -> None:
         if self.matrix_name is None:
@@ -303,7 +312,9 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
             data = to_user(self._host.data, self._host.dtype, self._host.kind)
             return as_tensor(data)
         if shm_name is None:
-            return as_tensor(self.handle.gather())
+            data = as_tensor(self.handle.gather())
+            # a matrix in the attention layout comes back as the seed gives it: [H*T, D]
+            return seed_layout(data, self.head_dim) if self.head_dim else data
         sink = sinks.parse(f"shm:{shm_name}")
         host = from_user(self.handle.gather(), "result")
         path = deliver(sink, "send_back", host.data, host.dtype, host.kind)

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import InputError
 from ..ops.attention import check
 from ..ops.handles import Matrix, ShardedMatrix
-from .values import as_matrix, as_tensor
+from .values import as_matrix, as_tensor, seed_layout
 
 
 def _axis(dim: int) -> int:
@@ -85,17 +85,41 @@ class SeedNodeOps:
         """Each key/value head repeated ``n_rep`` times (grouped-query attention)."""
         return self._node("repeat_kv", send_back, head_dim, n_rep, heads_of=head_dim)
 
-    def cluster_flash_attn(self, K: Any, V: Any, head_dim: int, scale: float | None = None,  # noqa: N803
-                           mask: Any = None, causal: bool = False, send_back: bool = True) -> Any:
-        """Attention of this matrix's queries over ``K`` and ``V`` with heads split across
-        ranks in whole key/value groups (by this matrix's percentages). Q is
-        (Sq, H*head_dim), K and V (Sk, Hkv*head_dim); ``scale`` defaults to
-        1/sqrt(head_dim); ``mask`` is additive (or boolean, True: may attend);
-        ``causal`` lets query i see keys up to i + Sk - Sq."""
+    def cluster_flash_attn(self, cluster_matrixK: Any, cluster_matrixV: Any,  # noqa: N803
+                           head_dim: int | None = None, scale: float | None = None, mask: Any = None,
+                           causal: bool = False, send_back: bool | None = None, *,
+                           TransposeQ: bool = False, TransposeK: bool = False, TransposeV: bool = False,  # noqa: N803
+                           send_back_result: bool | None = None, operation: str = "flash_attn_ext",
+                           extra_param_value: float | None = None) -> Any:
+        """Attention of this matrix's queries over K and V with heads split across ranks in
+        whole key/value groups (by this matrix's percentages); ``scale`` defaults to
+        1/sqrt(head_dim); ``mask`` is additive (or boolean, True: may attend); ``causal``
+        lets query i see keys up to i + Sk - Sq.
+
+        cmatrix's call gives ``head_dim``: Q is (Sq, H*head_dim), K and V (Sk, Hkv*head_dim),
+        and the result (Sq, H*head_dim) comes back by default. The seed's call leaves it out:
+        Q, K, V were made from ``[1, H, T, D]`` / ``[H, T, D]`` tensors (or are 2-D: one head
+        of all their columns), ``extra_param_value`` is the scale, ``send_back_result``
+        (default False) says whether the result comes back, and it comes back in the seed's
+        layout, heads stacked along the rows: ``[H*T, D]``."""
+        if operation != "flash_attn_ext":
+            raise InputError(f"operation: 'flash_attn_ext', the seed's only attention, got {operation!r}")
+        if TransposeQ or TransposeK or TransposeV:
+            raise InputError("TransposeQ/K/V: attention takes Q, K and V in their own layout "
+                             "(tokens by rows); transpose them before making the cluster matrices")
+        seed_call = head_dim is None
+        send_back = send_back_result if send_back_result is not None else send_back
+        send_back = (not seed_call) if send_back is None else bool(send_back)
+        scale = extra_param_value if extra_param_value is not None else scale
+        if isinstance(mask, SeedNodeOps):
+            mask = mask.send_back()
+        if head_dim is None:
+            head_dim = getattr(self, "head_dim", None) or self.shape[1]  # 2-D: one head
+
         def operand(x: Any) -> Any:
             return x._operand() if isinstance(x, SeedNodeOps) else x
 
-        q, k, v = operand(self), operand(K), operand(V)
+        q, k, v = operand(self), operand(cluster_matrixK), operand(cluster_matrixV)
         if not _split_by_groups(q, k, v, head_dim):
             shapes = [x.shape if isinstance(x, Matrix) else as_matrix(x).shape for x in (q, k, v)]
             check(*shapes, head_dim, scale, mask)  # refuse bad input before fetching anything
@@ -105,4 +129,9 @@ class SeedNodeOps:
         result = self.cluster.attention(q, k, v, head_dim, scale=scale, mask=mask, causal=causal,
                                         weights=self.node_percentages,
                                         out=None if send_back else "keep")
-        return as_tensor(result) if send_back else type(self)._wrap(self, result)
+        if not send_back:
+            kept = type(self)._wrap(self, result)
+            kept.head_dim = head_dim if seed_call else None
+            return kept
+        result = as_tensor(result)
+        return seed_layout(result, head_dim) if seed_call else result

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import numpy as np
 
 from ..core.arrays import HostArray, is_torch
 from ..errors import InputError
@@ -19,6 +22,37 @@ def as_matrix(data: Any) -> HostArray:
         raise InputError(f"matrix_file_path: expected a non-empty 2-D matrix, got shape {shape}; as the "
                          "seed README says, reshape in torch first (e.g. x.unsqueeze(1) for a column)")
     return host
+
+
+def heads_layout(data: Any, split: bool, dim: int) -> tuple[Any, int | None, int]:
+    """The seed's attention layout: a tensor ``[H, T, D]`` or ``[1, H, T, D]`` (one sequence,
+    H heads) becomes the (T, H*D) matrix cmatrix attends on, split by heads (``dim`` must
+    name the heads axis then). Returns (data, head_dim, dim); 2-D data and paths pass through."""
+    if isinstance(data, (str, os.PathLike)) or data is None or getattr(data, "ndim", 2) <= 2:
+        return data, None, dim
+    host = from_user(data, "matrix_file_path")
+    x, lead = host.data, 0
+    while x.ndim > 2 and x.shape[0] == 1:  # a batch of one; one head is a plain matrix
+        x, lead = x.reshape(x.shape[1:]), lead + 1
+    if x.ndim == 2:
+        return HostArray(x, host.dtype, host.kind), None, dim
+    if x.ndim != 3 or 0 in x.shape:
+        raise InputError(f"matrix_file_path: a {host.data.ndim}-D tensor of shape {host.shape} is taken as "
+                         "[batch, heads, tokens, head_dim] with batch 1, or [heads, tokens, head_dim]; "
+                         "pass one sequence at a time")
+    if split and dim != lead:
+        raise InputError(f"dim: a [.., heads, tokens, head_dim] tensor is split by heads: dim={lead}, "
+                         f"got {dim}")
+    heads, tokens, head_dim = x.shape
+    matrix = np.ascontiguousarray(x.transpose(1, 0, 2).reshape(tokens, heads * head_dim))
+    return HostArray(matrix, host.dtype, host.kind), head_dim, 1
+
+
+def seed_layout(x: Any, head_dim: int) -> Any:
+    """(T, H*D) attention output -> the seed's ``[H*T, D]``: heads stacked along the rows."""
+    tokens, width = x.shape
+    heads = width // head_dim
+    return x.reshape(tokens, heads, head_dim).permute(1, 0, 2).reshape(heads * tokens, head_dim)
 
 
 def as_tensor(x: Any) -> Any:

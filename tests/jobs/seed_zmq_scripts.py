@@ -4,17 +4,20 @@ matrices to files), with only the IP list and the file paths changed.
 
 Run: mpiexec -n N python seed_zmq_scripts.py FOLDER   (plain: every rank starts the script)
 
-Sections follow the seed's scripts: data types, add, send back, single node (N == 1), and a
-Llama-style layer loop whose weights are saved once by path and then loaded by the name the
-path gives, after the files are gone. Each result goes through the seed's
-check_combined_result_values; prints "seed-zmq: K checks, F failures on N ranks".
+Sections follow the seed's scripts: data types, add, send back, single node (N == 1), flash
+attention on [B, H, T, D] tensors with the seed's keywords, and a Llama-style layer loop
+whose weights are saved once by path and then loaded by the name the path gives, after
+the files are gone. Each result goes through the seed's check_combined_result_values;
+prints "seed-zmq: K checks, F failures on N ranks".
 """
 
+import math
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from cluster_matrix_v1 import check_combined_result_values, cluster_matrix, cluster_zmq
 
 FOLDER = sys.argv[1]
@@ -100,6 +103,40 @@ if __name__ == "__main__":
                             auto_set_up=[1, "save"])
         check("single node A @ B.T", path("c_ref_float16.pt"),
               SA.cluster_shard_operation(SB, False, True, False))
+
+    # ---- flash attention (flash_atten_test.py): [B, H, T, D] split by heads, GQA expanded,
+    # the seed's keywords; the result in the seed's layout [H*T, D] ----
+    B, T, n_q_heads, n_kv_heads, head_dim = 1, 16, 8, 2, 8
+    Q = torch.randn(B, n_q_heads, T, head_dim)
+    K = torch.randn(B, n_kv_heads, T, head_dim).repeat_interleave(n_q_heads // n_kv_heads, dim=1)
+    V = torch.randn(B, n_kv_heads, T, head_dim).repeat_interleave(n_q_heads // n_kv_heads, dim=1)
+    torch_out_2d = F.scaled_dot_product_attention(Q, K, V).squeeze(0).reshape(n_q_heads * T, head_dim)
+    cluster_Q, cluster_K, cluster_V = (
+        cluster_matrix(x, cluster_zmq_object=cluster_zmq_obj, CPU_GPU_select_list=CPU_GPU_select_list,
+                       node_percentages=percentages, back_end_select_list=backend_select_list,
+                       split_matrix=True, dim=1, auto_set_up=[1, "save"], matrix_name=name)
+        for x, name in ((Q, "q_test"), (K, "k_test"), (V, "v_test")))
+    scale = 1.0 / math.sqrt(head_dim)
+    cluster_out_2d = cluster_Q.cluster_flash_attn(cluster_matrixK=cluster_K, cluster_matrixV=cluster_V,
+                                                  TransposeQ=False, TransposeK=False, TransposeV=False,
+                                                  send_back_result=True, operation="flash_attn_ext",
+                                                  extra_param_value=scale)
+    check("flash attention [H*T, D]", torch_out_2d, cluster_out_2d)
+    kept_attention = cluster_Q.cluster_flash_attn(cluster_matrixK=cluster_K, cluster_matrixV=cluster_V,
+                                                  extra_param_value=scale)  # the seed keeps it by default
+    check("flash attention kept, sent back", torch_out_2d, kept_attention.send_back())
+    causal_mask = (torch.arange(T)[None, :] > torch.arange(T)[:, None]).float() * -1e9
+    torch_causal = F.scaled_dot_product_attention(Q, K, V, attn_mask=causal_mask)
+    check("flash attention causal mask", torch_causal.squeeze(0).reshape(n_q_heads * T, head_dim),
+          cluster_Q.cluster_flash_attn(cluster_matrixK=cluster_K, cluster_matrixV=cluster_V,
+                                       send_back_result=True, extra_param_value=scale, mask=causal_mask))
+    Q2, K2, V2 = torch.randn(T, 32), torch.randn(T, 32), torch.randn(T, 32)  # 2-D: one head
+    q2, k2, v2 = (cluster_matrix(x, cluster_zmq_object=cluster_zmq_obj, split_matrix=False,
+                                 auto_set_up=[1, "save"], matrix_name=name)
+                  for x, name in ((Q2, "q_2d_test"), (K2, "k_2d_test"), (V2, "v_2d_test")))
+    check("flash attention 2-D", torch.softmax(Q2 @ K2.T / math.sqrt(32), dim=-1) @ V2,
+          q2.cluster_flash_attn(cluster_matrixK=k2, cluster_matrixV=v2, send_back_result=True,
+                                extra_param_value=1 / math.sqrt(32)))
 
     # ---- a Llama-style layer loop (llama_cluster_transformer.py): weights saved once by path,
     # then loaded every step by the name the path gives; the activation kept off the disks ----
