@@ -174,3 +174,68 @@ def test_operation_option_errors(cl):
     with pytest.raises(cm.InputError, match="add has no inner dimension"):
         G.cluster_shard_operation(H, False, False, True, "add", inner=True)
     np.testing.assert_allclose(G.cluster_shard_operation(H, False, False, True).numpy(), w @ w)
+
+
+# ---- the seed's later call form and its optional arguments (issue 17) -----------------------
+
+def test_cluster_zmq_defaults_are_the_seeds():
+    assert compat_setup.even_percentages(3) == [0.34, 0.33, 0.33]
+    assert compat_setup.even_percentages(4) == [0.25] * 4
+    assert abs(sum(compat_setup.even_percentages(7)) - 1) < 1e-9
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_both_call_forms_and_the_seeds_keywords(cl, tmp_path):
+    import torch
+
+    w, x = torch.randn(6, 4), torch.randn(3, 6)
+    z = cm.cluster_zmq(["127.0.0.1"])
+    assert z.default_back_end_select_list == ["llama"] and z.default_CPU_GPU_select_list == [True]
+    lists = (["127.0.0.1"], [True], [1], ["numpy"])  # what cl was started with
+    same = dict(CPU_GPU_select_list=[True], node_percentages=[1], back_end_select_list=["numpy"])
+    X = cm.cluster_matrix(x, z, split_matrix=False, **same)  # the lists next to the object
+    W_old = cm.cluster_matrix(w, *lists, True, 1)  # the earlier form, all positional
+    assert W_old.split_matrix and W_old.dim == 1 and W_old.node_IP_list == ["127.0.0.1"]
+    y = X.cluster_shard_operation(W_old, send_back_result=True, operation="mul")
+    torch.testing.assert_close(y, x @ w)
+    with pytest.raises(cm.InputError, match="matrix_labeling"):
+        cm.cluster_matrix(w, z, matrix_labeling="c", **same)
+    with pytest.raises(cm.InputError, match="cluster_zmq_object: expected cluster_zmq"):
+        cm.cluster_matrix(w, cluster_zmq_object="127.0.0.1")
+    with pytest.raises(cm.InputError, match="pass cluster_zmq_object"):
+        cm.cluster_matrix(w)
+    assert cm.check_combined_result_values(x @ w, y) is True
+    assert cm.check_combined_result_values(x @ w, y + 1) is False
+    from cluster_matrix_v1 import check_combined_result_values, cluster_zmq
+
+    assert cluster_zmq is cm.cluster_zmq and check_combined_result_values is cm.check_combined_result_values
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_convert_bin_matrix_to_pt_folds_to_2d_as_the_seed(cl, tmp_path):
+    import torch
+
+    from cmatrix.io.binfmt import write_bin
+
+    write_bin(tmp_path / "t.bin", np.arange(24, dtype=np.float32).reshape(2, 3, 4), "float32")
+    m = one(np.ones((2, 2), np.float32))
+    assert tuple(m.convert_bin_matrix_to_pt(tmp_path / "t.bin").shape) == (6, 4)
+    assert tuple(m.convert_bin_matrix_to_pt(tmp_path / "t.bin", force_2d=False).shape) == (2, 3, 4)
+    assert torch.equal(m.convert_bin_matrix_to_pt(tmp_path / "t.bin").flatten(), torch.arange(24.0))
+
+
+@pytest.mark.skipif(not has_torch(), reason="the seed API returns torch tensors")
+def test_heads_layout_and_refusals(cl):
+    import torch
+
+    q = torch.randn(1, 4, 5, 8)  # [B, H, T, D]
+    Q = cm.cluster_matrix(q, node_IP_list=["127.0.0.1"], split_matrix=True, dim=1, matrix_name="hq",
+                          CPU_GPU_select_list=[True], node_percentages=[1], back_end_select_list=["numpy"])
+    assert Q.head_dim == 8 and Q.shape == (5, 32)
+    assert torch.equal(Q.send_back(), q.squeeze(0).reshape(20, 8))  # the seed's [H*T, D]
+    with pytest.raises(cm.InputError, match="split by heads: dim=1"):
+        one(q, split=True, dim=2)
+    with pytest.raises(cm.InputError, match="batch 1"):
+        one(torch.randn(2, 4, 5, 8))
+    with pytest.raises(cm.InputError, match="TransposeQ/K/V"):
+        Q.cluster_flash_attn(cluster_matrixK=Q, cluster_matrixV=Q, TransposeK=True)
