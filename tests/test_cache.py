@@ -199,3 +199,28 @@ def test_progress_bars_only_when_asked_or_on_a_terminal(monkeypatch):
     monkeypatch.delenv("CMATRIX_PROGRESS")
     monkeypatch.setenv("CMATRIX_PROGRESS_MB", "1G")  # a bad setting falls back, never raises
     assert progress.wanted(0) is False
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m.update(checksums=[]),                  # shorter than the ranks: used to abort the job
+    lambda m: m.update(checksums="sha256:0"),
+    lambda m: m.update(shape=[4]),
+    lambda m: m.update(dtype="float64"),
+    lambda m: m.update(counts=[1, 2]),
+    lambda m: m.pop("axis"),
+    lambda m: m.clear(),
+])
+def test_a_damaged_manifest_is_a_cache_error_before_anything_moves(cl, cache_dir, damage):
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cl.shard(w, name="dm.w", cache="save").free()
+    path = cache.manifest_path("dm.w")
+    manifest = json.loads(path.read_text())
+    damage(manifest)
+    path.write_text(json.dumps(manifest))
+    before = cl.stats()
+    with pytest.raises(cm.CacheError, match="manifest .* is damaged"):
+        cl.shard(None, name="dm.w", cache="load")
+    assert cl.stats() == before
+    path.write_text("[1, 2]")
+    with pytest.raises(cm.CacheError, match="not a JSON object"):
+        cl.shard(None, name="dm.w", cache="load")

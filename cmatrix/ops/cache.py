@@ -29,6 +29,7 @@ import numpy as np
 from ..core import quant as q
 from ..core.arrays import check_matrix
 from ..core.checks import check_axis
+from ..core.dtypes import STORAGE
 from ..core.plan import Plan, validate_weights
 from ..engine.driver import Driver
 from ..engine.protocol import Header, on_ranks
@@ -188,8 +189,39 @@ def _from_manifest(d: Driver, name: str) -> dict:
                          f"{shardfiles.manifest_path(name)} does not exist. Save it first with "
                          "cl.shard(w, name=..., cache='save'), or pass the weight with cache='auto'",
                          [])
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"cache {name!r}: the manifest {shardfiles.manifest_path(name)} is damaged "
+                         f"({problem}); save the matrix again with cache='save'", [])
     return {k: manifest[k] for k in ("shape", "dtype", "axis", "quant", "quant_axis", "kind", "checksums",
                                      "counts")}
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a manifest read from disk (None: it describes a usable save)."""
+    def naturals(x: Any, n: int | None = None) -> bool:
+        return isinstance(x, list) and (n is None or len(x) == n) and \
+            all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    checks = {
+        "shape": naturals(m.get("shape"), 2) and 0 not in m["shape"],
+        "dtype": m.get("dtype") in STORAGE,
+        "axis": m.get("axis") in (0, 1) and not isinstance(m.get("axis"), bool),
+        "quant": m.get("quant") is None or m.get("quant") in q.KINDS,
+        "quant_axis": m.get("quant_axis") in (0, 1) and not isinstance(m.get("quant_axis"), bool),
+        "kind": m.get("kind") in ("numpy", "torch"),
+        "counts": naturals(m.get("counts")) and len(m["counts"]) > 0,
+        "checksums": isinstance(m.get("checksums"), list)
+        and all(isinstance(c, str) for c in m["checksums"]),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        return f"missing or malformed: {', '.join(bad)}"
+    if len(m["checksums"]) != len(m["counts"]) or sum(m["counts"]) != m["shape"][m["axis"]]:
+        return "its checksums, counts and shape do not agree"
+    return None
 
 
 def _expectations(d: Driver, name: str, spec: dict, plan: Plan, host: Any) -> tuple[dict, ...]:
@@ -261,10 +293,10 @@ def _cache_check(rt: Runtime, h: CacheCheck, _: Any) -> list[dict] | None:
     that follows. Findings are reported, not raised.
     """
     comm = rt.comm
-    expect = h.expect[comm.rank]
     path = shardfiles.shard_path(h.name, comm.rank)
     status = {"rank": comm.rank, "host": comm.host, "file": str(path), "source": None, "problem": None}
     with rt.step("check"):
+        expect = h.expect[comm.rank]
         resident = rt.named.get(h.name)
         if (resident is not None and shardfiles.difference(resident[1], expect) is None
                 and (not h.need_file or shardfiles.file_matches(path, expect))):
