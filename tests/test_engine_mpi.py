@@ -168,3 +168,19 @@ def test_every_rank_opt_out_lets_each_rank_run_the_script(tmp_path):
     r = mpirun(3, script, plain=True, env={"CMATRIX_EVERY_RANK": "1"})
     assert r.returncode == 0, r
     assert r.stdout.count("RAN") == 3, r
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("localhost\nbad:x\n", "line 2: 'bad:x' is not"),
+    ("node slots=zero\n", "line 1"),
+    ("# only a comment\n", "lists no host"),
+])
+def test_launch_refuses_a_bad_hostfile_in_one_line(tmp_path, content, message):
+    hostfile = tmp_path / "hosts"
+    if content is not None:
+        hostfile.write_text(content)
+    r = run_cmd([sys.executable, "-m", "cmatrix", "launch", "--hostfile", str(hostfile), "jobs/matmul.py"],
+                job_env(), timeout=60)
+    assert r.returncode == 2, r
+    assert message in r.stderr and "Traceback" not in r.stderr, r

@@ -108,6 +108,19 @@ def test_unknown_backend_is_refused(cl):
     refused(cl, lambda: cm.init(backends=["numpy", "numpy"]), "one entry per rank")
 
 
+def test_tensors_without_data_are_refused(cl):
+    torch = pytest.importorskip("torch")
+    meta = torch.empty(4, 4, device="meta")
+    refused(cl, lambda: cl.shard(meta), "meta device")
+    refused(cl, lambda: cl.matmul(meta, f32(4, 4)), "meta device")
+    refused(cl, lambda: cl.shard(torch.eye(4).to_sparse()), "sparse")
+
+
+def test_accel_must_be_a_flag(cl):
+    refused(cl, lambda: cm.init(accel="false"), "accel: True or False")
+    refused(cl, lambda: cm.init(accel=[0]), "accel: True or False")
+
+
 def test_loads_npy_paths(cl, tmp_path):
     w = f32(4, 5)
     np.save(tmp_path / "w.npy", w)

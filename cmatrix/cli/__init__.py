@@ -17,6 +17,7 @@ import runpy
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 
 def _run(job: str, job_args: list[str]) -> int:
@@ -120,24 +121,37 @@ def main(argv: list[str] | None = None) -> int:
         from . import doctor
 
         return doctor.main(ns.backends, ns.accel)
-    n = ns.ranks
-    if n is None:
-        n = _hostfile_slots(ns.hostfile) if ns.hostfile else 2
+    from ..errors import CMatrixError
+
+    try:
+        slots = _hostfile_slots(ns.hostfile) if ns.hostfile else None
+    except CMatrixError as exc:
+        print(f"cmatrix launch: {exc}", file=sys.stderr)
+        return 2
+    n = ns.ranks if ns.ranks is not None else slots or 2
     return _launch(n, ns.hostfile, ns.job, ns.args)
 
 
 def _hostfile_slots(path: str) -> int:
     """Count device slots: one per line, or ``host:k`` / ``host slots=k``."""
+    from ..errors import InputError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"--hostfile: cannot read {path}: {exc.strerror or exc}") from None
     slots = 0
-    with open(path) as f:
-        for raw in f:
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if "slots=" in line:
-                slots += int(line.split("slots=", 1)[1].split()[0])
-            elif ":" in line:
-                slots += int(line.rsplit(":", 1)[1])
-            else:
-                slots += 1
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        count = line.split("slots=", 1)[1].split()[0] if "slots=" in line else \
+            line.rsplit(":", 1)[1] if ":" in line else "1"
+        if not count.isdigit() or int(count) < 1:
+            raise InputError(f"--hostfile: {path}, line {number}: {raw.strip()!r} is not 'host', "
+                             "'host:k' (MPICH) or 'host slots=k' (Open MPI) with k a positive integer")
+        slots += int(count)
+    if not slots:
+        raise InputError(f"--hostfile: {path} lists no host; write one line per device slot, "
+                         "e.g. 'localhost'")
     return slots

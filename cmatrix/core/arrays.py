@@ -55,6 +55,9 @@ def _from_torch(t: Any, arg: str) -> HostArray:
     t = t.detach()
     if t.layout != torch.strided:
         raise InputError(f"{arg}: sparse tensors are not supported; pass t.to_dense()")
+    if t.is_meta:
+        raise InputError(f"{arg}: a tensor on the meta device has no data (a model built without "
+                         "loading its weights); load the weights first")
     if t.device.type != "cpu":
         t = t.cpu()
     names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -69,7 +69,12 @@ def configure(d: Driver, weights: Sequence[float] | None = None, backends_: str 
     """The driver's half of :meth:`SetupMethods.configure`: every argument checked first."""
     names = tuple(backends.canonical(n) for n in
                   per_rank(d.size, backends_ if backends_ is not None else "numpy", "backends"))
-    accel_list = tuple(bool(a) for a in per_rank(d.size, True if accel is None else accel, "accel"))
+    flags = per_rank(d.size, True if accel is None else accel, "accel")
+    for flag in flags:
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InputError(f"accel: True or False (one for all ranks, or one per rank), got {flag!r}; "
+                             "a string such as 'false' is not read as a flag")
+    accel_list = tuple(bool(a) for a in flags)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads: expected a positive integer, got {threads!r}")
     shares = equal_weights(d.size) if weights is None else validate_weights(weights, d.size)
