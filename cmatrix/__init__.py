@@ -22,6 +22,7 @@ from .errors import (
     InputError,
     RankError,
     RankFailure,
+    SinkError,
 )
 from .io.store import convert_bin_matrix_to_pt
 from .ops.handles import Matrix, ReplicatedMatrix, ShardedMatrix
@@ -40,6 +41,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__", "init", "Cluster", "Matrix", "ShardedMatrix", "ReplicatedMatrix",
-    "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError", "CacheError",
+    "CMatrixError", "InputError", "RankError", "RankFailure", "ClusterClosedError", "CacheError", "SinkError",
     "convert_bin_matrix_to_pt", "cluster_matrix", "cluster_zmq", "check_combined_result_values",
 ]

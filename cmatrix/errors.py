@@ -25,6 +25,18 @@ class CacheError(CMatrixError):
         self.problems = list(problems)
 
 
+class SinkError(CMatrixError):
+    """A result was computed but could not be written to its ``out=`` file.
+
+    ``result`` holds it (numpy or torch, as it would have been returned), so nothing
+    computed is lost; the message names the destination and the cause.
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class ClusterClosedError(CMatrixError):
     """The cluster was shut down; no further operations are possible."""
 

@@ -1,6 +1,8 @@
 """The native API on a one-rank cluster in this process (no mpiexec): validation
 and result types. Multi-rank behaviour is in test_engine_mpi.py."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import has_torch
@@ -223,3 +225,32 @@ def test_sparse_tensors_are_refused(cl):
     import torch
 
     refused(cl, lambda: cl.shard(torch.eye(3).to_sparse()), "sparse tensors are not supported")
+
+
+def test_unwritable_destinations_are_refused_before_the_product(cl, tmp_path):
+    a, w = f32(3, 4), f32(4, 5)
+    W = cl.shard(w)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    refused(cl, lambda: cl.matmul(a, W, out=f"h5:{blocker}/r.h5#/y"), "is a file, not a folder")
+    refused(cl, lambda: cl.matmul(a, W, out=f"h5:{tmp_path}/r.h5#/y\0z"), "NUL")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root may write anywhere: the check cannot fail then
+        refused(cl, lambda: cl.matmul(a, W, out=f"h5:{locked}/r.h5#/y"), "no permission")
+
+
+def test_a_write_that_fails_keeps_the_result(cl, tmp_path, monkeypatch):
+    from cmatrix.io import sinks
+
+    a, w = f32(3, 4), f32(4, 5)
+    W = cl.shard(w)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks, "write_bin", full_disk)
+    monkeypatch.setenv("CMATRIX_SHM_DIR", str(tmp_path))
+    with pytest.raises(cm.SinkError, match="No space left") as info:
+        cl.matmul(a, W, out="shm:y")
+    np.testing.assert_allclose(info.value.result, a @ w, rtol=1e-6)

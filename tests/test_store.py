@@ -431,3 +431,11 @@ def test_cli_convert_bad_source(tmp_path):
     res = run_cli("convert", str(tmp_path / "bad.bin"), str(tmp_path / "out.npy"))
     assert res.returncode == 2 and "cmatrix convert:" in res.stderr
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_cli_convert_to_a_place_it_cannot_write(tmp_path):
+    binfmt.write_bin(tmp_path / "a.bin", sample("float32", (2, 3)), "float32")
+    (tmp_path / "a-file").write_text("x")
+    res = run_cli("convert", str(tmp_path / "a.bin"), str(tmp_path / "a-file" / "b.npy"))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("cmatrix convert: cannot write") and "Traceback" not in res.stderr

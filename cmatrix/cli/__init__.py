@@ -77,6 +77,9 @@ def _convert(src: str, dst: str, dtype: str | None) -> int:
     except CMatrixError as exc:
         print(f"cmatrix convert: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the destination: a folder that is a file, no permission, a full disk
+        print(f"cmatrix convert: cannot write {dst}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     shape = "x".join(str(d) for d in host.shape)
     print(f"wrote {path} ({host.dtype}, {shape}, {host.data.nbytes / 2**20:.1f} MiB)")
     return 0

@@ -67,15 +67,31 @@ def parse(out: str | None) -> Sink:
             raise InputError("out='h5:...' needs h5py: pip install 'cmatrix[io]'") from None
         if Path(path).is_dir():
             raise InputError(f"out: {path} is a directory, not an HDF5 file")
+        if "\0" in dataset or "\0" in path:
+            raise InputError(f"out: a NUL character in {out!r}; HDF5 names and paths cannot hold one")
+        _check_writable(Path(path).parent, out)
         return Sink("h5", Path(path), "/" + dataset.strip("/"))
     if isinstance(out, str) and out.startswith("shm:"):
         name = out[4:]
         if not _SHM_NAME.fullmatch(name) or ".." in name:
             raise InputError(f"out: 'shm:NAME' takes a plain file name (letters, digits, '_', '.', '-'), "
                              f"got {out!r}")
+        _check_writable(shm_dir(), out)
         return Sink("shm", shm_dir() / f"{name}.bin")
     raise InputError(f"out: expected None (result to the driver), 'keep' (stay distributed), "
                      f"'h5:PATH#/dataset' or 'shm:NAME', got {out!r}")
+
+
+def _check_writable(folder: Path, out: str) -> None:
+    """The file of ``out`` can be made: its folder, or the nearest folder above it that
+    exists (the write creates the rest), is a folder this process may write in."""
+    place = Path(os.path.abspath(folder))
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise InputError(f"out: cannot write {out!r}: {place} is a file, not a folder")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise InputError(f"out: cannot write {out!r}: no permission to write in {place}")
 
 
 def deliver(sink: Sink, data: np.ndarray, dtype: str, attrs: dict,

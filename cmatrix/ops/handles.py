@@ -20,7 +20,7 @@ from ..engine import faults
 from ..engine.driver import Driver
 from ..engine.protocol import Header, on_ranks
 from ..engine.runtime import Runtime
-from ..errors import InputError
+from ..errors import InputError, SinkError
 from ..io import sinks
 
 
@@ -135,7 +135,12 @@ def deliver(sink: sinks.Sink, op: str, data: np.ndarray, dtype: str, kind: str,
     def written(_: int) -> None:
         faults.check(op, "mid-write", 0)  # tests kill the driver here
 
-    return sinks.deliver(sink, data, dtype, attrs or {}, written)
+    try:
+        return sinks.deliver(sink, data, dtype, attrs or {}, written)
+    except (OSError, RuntimeError, ValueError) as exc:  # a full disk, a file h5py cannot open, ...
+        where = f"{sink.path}#{sink.dataset}" if sink.dataset else str(sink.path)
+        raise SinkError(f"out: the result of {op} could not be written to {where}: {type(exc).__name__}: "
+                        f"{exc}; it is in this error's .result", to_user(data, dtype, kind)) from exc
 
 
 def keep(rt: Runtime, ident: int, y: Any, dtype: str) -> None:
