@@ -101,6 +101,10 @@ def test_rope_parameters_with_top_level_theta():
     (dict(vocab_size=0), r"vocab_size must be a positive integer"),
     (dict(num_hidden_layers=True), r"num_hidden_layers must be a positive integer"),
     (dict(intermediate_size="96"), r"intermediate_size must be a positive integer"),
+    (dict(num_hidden_layers=10**9), r"num_hidden_layers 1000000000 is beyond any real checkpoint"),
+    (dict(vocab_size=2**40), r"vocab_size .* is beyond any real checkpoint"),
+    (dict(head_dim="64"), r"head_dim must be a positive integer"),
+    (dict(rms_norm_eps="1e-5"), r"rms_norm_eps must be a small number"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 0}), r"factor must be a positive number"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
      r"partial_rotary_factor is not supported"),
@@ -111,6 +115,11 @@ def test_rope_parameters_with_top_level_theta():
 def test_bad_configs_are_refused_naming_the_problem(changes, match):
     with pytest.raises(cm.InputError, match=match):
         cfg_of(**changes)
+
+
+def test_a_config_that_is_not_an_object_is_refused():
+    with pytest.raises(cm.InputError, match="expected a JSON object"):
+        DecoderConfig.from_dict([1, 2])
 
 
 def test_missing_or_unreadable_config_json(tmp_path):

@@ -20,6 +20,11 @@ import numpy as np
 from ..errors import InputError
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+#: sizes no real checkpoint comes near: a config beyond them is damaged or hostile (and per-layer
+#: tables sized by it must not eat the driver's memory before the weights are checked)
+LIMITS = {"num_hidden_layers": 4096, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+          "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "vocab_size": 1 << 24,
+          "max_position_embeddings": 1 << 24, "head_dim": 1 << 14}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -69,6 +74,8 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> DecoderConfig:
         """The settings of a parsed ``config.json``; ``where`` names it in errors."""
+        if not isinstance(raw, dict):
+            raise InputError(f"{where}: expected a JSON object of settings, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_TYPES:
             raise InputError(f"{where}: model_type {model_type!r} is not supported by cmatrix.llm "
@@ -82,12 +89,15 @@ class DecoderConfig:
             value = raw.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{where}: {key} must be a positive integer, got {value!r}")
+            if value > LIMITS.get(key, value):
+                raise InputError(f"{where}: {key} {value} is beyond any real checkpoint (at most "
+                                 f"{LIMITS[key]}); the file is damaged")
             return value
 
         hidden, heads = positive("hidden_size"), positive("num_attention_heads")
         kv_heads = positive("num_key_value_heads", heads) if raw.get("num_key_value_heads") is not None \
             else heads
-        head_dim = raw.get("head_dim") or (hidden // heads)
+        head_dim = positive("head_dim") if raw.get("head_dim") is not None else hidden // heads
         if heads % kv_heads:
             raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of "
                              f"num_key_value_heads {kv_heads}")
@@ -102,7 +112,7 @@ class DecoderConfig:
             model_type=model_type, vocab_size=positive("vocab_size"), hidden_size=hidden,
             intermediate_size=positive("intermediate_size"), num_layers=layers, num_heads=heads,
             num_kv_heads=kv_heads, head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_eps(raw.get("rms_norm_eps", 1e-6), where),
             max_positions=positive("max_position_embeddings", 2048), rope_theta=theta,
             rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             # transformers: Llama reads attention_bias (q/k/v/o) and mlp_bias; Qwen2 always has
@@ -188,3 +198,9 @@ def _llama3(base: np.ndarray, s: dict) -> np.ndarray:
     smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _eps(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InputError(f"{where}: rms_norm_eps must be a small number >= 0, got {value!r}")
+    return float(value)
