@@ -247,6 +247,9 @@ def test_bad_template_syntax(tmp_path: Path) -> None:
     "{{ cycler.__init__.__globals__.os.system('touch {marker}') }}",
     "{{ raise_exception.__globals__['os'].system('touch {marker}') }}",
     "{{ messages.append({'role': 'x'}) }}",
+    "{{ 9**(9**9) }}",                                     # unbounded arithmetic
+    "{{ 'x' * 10**12 }}",                                  # a string beyond memory
+    "{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}",  # past the size budget
 ])
 def test_sandbox_refuses_unsafe_templates(tmp_path: Path, template: str) -> None:
     marker = tmp_path / "pwned"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -154,8 +156,10 @@ class Tokenizer:
                 self._compiled = (self.chat_template, _sandbox().from_string(self.chat_template))
             context = {"bos_token": self.bos_token, "eos_token": self.eos_token}
             context = {k: v for k, v in context.items() if v is not None}
-            return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **context, **variables)
+            pieces = self._compiled[1].generate(messages=messages,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **context, **variables)
+            return _within_budget(pieces)
         except InputError:
             raise
         except Exception as e:  # syntax errors, sandbox refusals, and errors of the template's own code
@@ -166,11 +170,45 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
 
+#: a chat template may write this much text, for this long, before it is stopped
+TEMPLATE_MAX_CHARS = 1 << 22
+TEMPLATE_MAX_SECONDS = 10.0
+#: the largest power or repetition a template may compute (real templates need small ones)
+TEMPLATE_MAX_VALUE = 1 << 24
+
+
+def _within_budget(pieces: Any) -> str:
+    """The rendered text, stopped with an InputError past the time or size budget."""
+    start, size, out = time.monotonic(), 0, []
+    for piece in pieces:
+        out.append(piece)
+        size += len(piece)
+        if size > TEMPLATE_MAX_CHARS or time.monotonic() - start > TEMPLATE_MAX_SECONDS:
+            raise InputError(f"chat template ran past its budget ({TEMPLATE_MAX_CHARS} characters or "
+                             f"{TEMPLATE_MAX_SECONDS:.0f} s): it is damaged or hostile")
+    return "".join(out)
+
+
 def _sandbox() -> Any:
-    """A sandboxed Jinja environment set up the way transformers renders chat templates."""
+    """A sandboxed Jinja environment set up the way transformers renders chat templates, with
+    powers and repetitions bounded (the sandbox alone lets ``9**(9**9)`` run without end)."""
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class _Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"**", "*"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)) \
+                    and abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > 64:
+                raise SecurityError(f"{left!r} ** {right!r} is too large for a chat template")
+            if operator == "*":
+                seq, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+                sequence = isinstance(seq, (str, list, tuple))
+                if sequence and isinstance(count, int) and count > TEMPLATE_MAX_VALUE:
+                    raise SecurityError(f"repeating a sequence {count} times is too much for a template")
+            return super().call_binop(context, operator, left, right)
 
     class _Generation(Extension):
         # transformers' {% generation %} marks assistant text for masks; here it just renders its body
@@ -193,8 +231,7 @@ def _sandbox() -> Any:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, loopcontrols])
+    env = _Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
