@@ -439,3 +439,35 @@ def test_cli_convert_to_a_place_it_cannot_write(tmp_path):
     res = run_cli("convert", str(tmp_path / "a.bin"), str(tmp_path / "a-file" / "b.npy"))
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("cmatrix convert: cannot write") and "Traceback" not in res.stderr
+
+
+def test_damaged_npy_headers_are_refused_before_allocating(tmp_path):
+    good = tmp_path / "g.npy"
+    np.save(good, np.ones((4, 4), np.float32))
+    raw = good.read_bytes()
+    huge = raw.replace(b"(4, 4)", b"(1048576, 1048576)")  # a header claiming 4 TiB
+    (tmp_path / "huge.npy").write_bytes(huge)
+    with pytest.raises(InputError, match="promises .* bytes of data"):
+        store.load(tmp_path / "huge.npy")
+    (tmp_path / "junk.npy").write_bytes(raw[:10] + b"{'descr': '<f4', 'shape': (4,\x00" + raw[50:])
+    with pytest.raises(InputError, match="plain .npy array"):
+        store.load(tmp_path / "junk.npy")
+
+
+def test_safetensors_header_bombs_are_corrupt_files(tmp_path):
+    for header in ("[" * 100000 + "]" * 100000, '{"w": {"dtype": "F32", "shape": [' + "9" * 5000 + '], '
+                   '"data_offsets": [0, 4]}}'):
+        path = tmp_path / "bomb.safetensors"
+        body = header.encode()
+        path.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 4)
+        with pytest.raises(InputError, match="corrupt safetensors file"):
+            store.load(path)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": []}', '{"weight_map": "x"}', "[1]", "[" * 100000])
+def test_a_damaged_safetensors_index_is_refused(tmp_path, index):
+    from cmatrix.llm.checkpoint import Checkpoint
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(InputError, match="not a safetensors index"):
+        Checkpoint(tmp_path)

@@ -34,7 +34,7 @@ def _open(path: Path, mode: str) -> Any:
     h5py = need_h5py()
     try:
         return h5py.File(path, mode)
-    except OSError as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         raise InputError(f"cannot open {path} as an HDF5 file: {exc}") from exc
 
 
@@ -51,13 +51,16 @@ def read(path: Path, key: str | None) -> HostArray:
     if key is not None and not key.startswith("/"):
         key = f"/{key}"
     with _open(path, "r") as f:
-        name = choose_key(path, dataset_names(f), key)
-        ds = f[name]
-        bf16 = _attr_text(ds.attrs.get(DTYPE_ATTR)) == "bfloat16"
         try:
+            name = choose_key(path, dataset_names(f), key)
+            ds = f[name]
+            bf16 = _attr_text(ds.attrs.get(DTYPE_ATTR)) == "bfloat16"
             data = native(np.asarray(ds[()]))
-        except (OSError, TypeError, ValueError) as exc:
-            raise InputError(f"cannot read dataset {name} of {path}: {exc}") from exc
+        except InputError:
+            raise
+        except (OSError, TypeError, ValueError, RuntimeError, KeyError) as exc:  # a damaged file
+            raise InputError(f"cannot read {key or 'the dataset'} of {path}: {type(exc).__name__}: {exc}") \
+                from exc
     return HostArray(data, dtype_label(data, bfloat16=bf16), "numpy")
 
 

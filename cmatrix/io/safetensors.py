@@ -60,8 +60,9 @@ def read_index(path: Path) -> Index:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not JSON, nested without end, a number too long
+        raise _corrupt(path, "header is not JSON (or nests too deep, or a number is too long): "
+                             f"{type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     metadata = header.pop(METADATA, None)

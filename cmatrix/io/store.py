@@ -134,14 +134,38 @@ def _refuse_key(path: Path, key: str | None) -> None:
 
 
 def _read_npy(path: Path) -> HostArray:
+    _check_npy_size(path)
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as exc:
-        raise InputError(f"cannot read {path} as a plain .npy array: {exc}") from exc
+    except (ValueError, EOFError, OSError, SyntaxError, MemoryError) as exc:  # SyntaxError: tokenize
+        raise InputError(f"cannot read {path} as a plain .npy array: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, np.ndarray):  # an .npz archive under a .npy name
         data.close()
         raise InputError(f"cannot read {path} as a plain .npy array: it is an .npz archive")
     return HostArray(native(data), dtype_label(data), "numpy")
+
+
+def _check_npy_size(path: Path) -> None:
+    """An .npy header must describe no more data than the file holds (checked before numpy
+    allocates what a damaged header claims: 2^40 elements would be 4 TiB)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                return  # not an .npy file: np.load says what it is
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = header(f, max_header_size=1 << 16)
+            start = f.tell()
+    except Exception as exc:  # noqa: BLE001 - any damage to the header is refused the same way
+        raise InputError(f"cannot read {path} as a plain .npy array: damaged header "
+                         f"({type(exc).__name__}: {exc})") from None
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = path.stat().st_size - start
+    if need > have:
+        raise InputError(f"{path}: its header promises {need} bytes of data, the file holds {have} "
+                         "(truncated or damaged)")
 
 
 def save(spec: str | os.PathLike, host: HostArray) -> Path:

@@ -26,8 +26,11 @@ class Checkpoint:
         if index_file.exists():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"{index_file}: not a safetensors index ({exc})") from None
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise InputError(f"{index_file}: not a safetensors index "
+                                 f"({type(exc).__name__}: {exc})") from None
             for name, file in weight_map.items():
                 files[name] = self._inside(file)
         else:
