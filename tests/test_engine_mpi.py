@@ -184,3 +184,12 @@ def test_launch_refuses_a_bad_hostfile_in_one_line(tmp_path, content, message):
                 job_env(), timeout=60)
     assert r.returncode == 2, r
     assert message in r.stderr and "Traceback" not in r.stderr, r
+
+
+def test_a_one_host_job_listens_on_loopback_only():
+    """The environment cmatrix starts local jobs with keeps the ranks' MPI sockets on
+    loopback (launch.environment); nothing of theirs listens on the host's other addresses."""
+    r = mpirun(2, JOBS / "listeners.py")
+    assert r.returncode == 0, r
+    addresses = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("LISTEN ")]
+    assert all(a.startswith(("127.", "::1:")) for a in addresses), r

@@ -60,11 +60,12 @@ def _generate(ns: argparse.Namespace) -> int:
         return cl.exit_status
 
 
-def _launch(n: int, hostfile: str | None, job: str, job_args: list[str]) -> int:
+def _launch(n: int, hostfile: str | None, job: str, job_args: list[str], hosts: list[str]) -> int:
     from ..engine import launch
 
     argv = [sys.executable, "-m", "cmatrix", "run", job, *job_args]
-    return subprocess.call(launch.command(n, argv, hostfile), env=launch.environment())
+    env = launch.environment(single_host=launch.local_hosts(hosts))
+    return subprocess.call(launch.command(n, argv, hostfile), env=env)
 
 
 def _convert(src: str, dst: str, dtype: str | None) -> int:
@@ -127,23 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import CMatrixError
 
     try:
-        slots = _hostfile_slots(ns.hostfile) if ns.hostfile else None
+        slots, hosts = _hostfile_slots(ns.hostfile) if ns.hostfile else (None, [])
     except CMatrixError as exc:
         print(f"cmatrix launch: {exc}", file=sys.stderr)
         return 2
     n = ns.ranks if ns.ranks is not None else slots or 2
-    return _launch(n, ns.hostfile, ns.job, ns.args)
+    return _launch(n, ns.hostfile, ns.job, ns.args, hosts)
 
 
-def _hostfile_slots(path: str) -> int:
-    """Count device slots: one per line, or ``host:k`` / ``host slots=k``."""
+def _hostfile_slots(path: str) -> tuple[int, list[str]]:
+    """Count device slots: one per line, or ``host:k`` / ``host slots=k``; and the hosts."""
     from ..errors import InputError
 
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise InputError(f"--hostfile: cannot read {path}: {exc.strerror or exc}") from None
-    slots = 0
+    slots, hosts = 0, []
     for number, raw in enumerate(lines, 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -154,7 +155,9 @@ def _hostfile_slots(path: str) -> int:
             raise InputError(f"--hostfile: {path}, line {number}: {raw.strip()!r} is not 'host', "
                              "'host:k' (MPICH) or 'host slots=k' (Open MPI) with k a positive integer")
         slots += int(count)
+        host, _, k = line.split()[0].rpartition(":")
+        hosts.append(host if host and k.isdigit() else line.split()[0])
     if not slots:
         raise InputError(f"--hostfile: {path} lists no host; write one line per device slot, "
                          "e.g. 'localhost'")
-    return slots
+    return slots, hosts

@@ -56,6 +56,15 @@ def implementation(launcher: str | None = None) -> str:
     return "unknown"
 
 
+def local_hosts(hosts: list[str]) -> bool:
+    """Whether every host named is this machine (a loopback name or address, or its own name)."""
+    import socket
+
+    me = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", socket.gethostname().lower(),
+          socket.getfqdn().lower()}
+    return all(h.lower() in me or h.startswith("127.") for h in hosts)
+
+
 def command(n: int, argv: list[str], hostfile: str | None = None) -> list[str]:
     """mpiexec argv starting ``n`` ranks of ``argv`` (hostfile: one line per device slot)."""
     launcher = mpiexec()
@@ -69,10 +78,18 @@ def command(n: int, argv: list[str], hostfile: str | None = None) -> list[str]:
     return cmd + list(argv)
 
 
-def environment(base: dict | None = None, threads: int | None = None) -> dict:
-    """Environment for a local job: Open MPI's run-as-root and oversubscription
-    switches where needed, and optionally one thread count for every backend."""
+def environment(base: dict | None = None, threads: int | None = None, single_host: bool = True) -> dict:
+    """Environment for a job started here: Open MPI's run-as-root and oversubscription
+    switches where needed, and optionally one thread count for every backend.
+
+    ``single_host``: every rank runs on this machine, so the ranks' MPI sockets stay on
+    loopback (MPICH: UCX on the ``lo`` device only; Open MPI: shared memory, no TCP
+    transport at all). Settings already in the environment win."""
     env = dict(os.environ if base is None else base)
+    if single_host:
+        env.setdefault("UCX_NET_DEVICES", "lo")
+        if implementation() == "openmpi":
+            env.setdefault("OMPI_MCA_btl", "self,sm")
     if implementation() == "openmpi":
         env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
         if hasattr(os, "geteuid") and os.geteuid() == 0:
