@@ -54,8 +54,8 @@ def _load(path: Path) -> Any:
             "files with torch.load(weights_only=True) and never runs pickled code; save only "
             "tensors, e.g. torch.save(model.state_dict(), path)"
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot read {path} as a torch file: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails deep in torch, in any way
+        raise InputError(f"cannot read {path} as a torch file: {type(exc).__name__}: {exc}") from exc
 
 
 def _reason(exc: Exception) -> str:
