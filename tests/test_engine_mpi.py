@@ -3,6 +3,7 @@
 import json
 import socket
 import sys
+import time
 
 import pytest
 from backend_cases import MIXED, need
@@ -193,3 +194,17 @@ def test_a_one_host_job_listens_on_loopback_only():
     assert r.returncode == 0, r
     addresses = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("LISTEN ")]
     assert all(a.startswith(("127.", "::1:")) for a in addresses), r
+
+
+def test_a_killed_rank_is_named_in_one_line_by_cmatrix_launch():
+    """A worker killed by a signal ends the job, and cmatrix launch says which rank, host,
+    backend and signal (from the ranks' cards), not only the MPI launcher's banner."""
+    t = time.monotonic()
+    r = run_cmd([sys.executable, "-m", "cmatrix", "launch", "-n", "2", str(JOBS / "kill_a_rank.py")],
+                job_env(), timeout=120)
+    took = time.monotonic() - t
+    assert r.returncode != 0, r
+    assert "KILLED " in r.stdout, r
+    line = [x for x in r.stderr.splitlines() if x.startswith("cmatrix: rank 1 on host")]
+    assert line and "(backend numpy" in line[0] and "signal 9 (SIGKILL" in line[0], r
+    print(f"killed worker to the job's end: {took:.1f} s")

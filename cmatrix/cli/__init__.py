@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -62,10 +61,11 @@ def _generate(ns: argparse.Namespace) -> int:
 
 def _launch(n: int, hostfile: str | None, job: str, job_args: list[str], hosts: list[str]) -> int:
     from ..engine import launch
+    from . import watch
 
     argv = [sys.executable, "-m", "cmatrix", "run", job, *job_args]
     env = launch.environment(single_host=launch.local_hosts(hosts))
-    return subprocess.call(launch.command(n, argv, hostfile), env=env)
+    return watch.run(launch.command(n, argv, hostfile), env)
 
 
 def _convert(src: str, dst: str, dtype: str | None) -> int:

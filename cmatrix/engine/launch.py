@@ -56,6 +56,21 @@ def implementation(launcher: str | None = None) -> str:
     return "unknown"
 
 
+def write_rank_card(rank: int, host: str, backend: str) -> None:
+    """Leave this rank's card in ``CMATRIX_JOB_DIR`` (set by ``cmatrix launch``), so the
+    launcher can name the rank if it dies; without that folder, nothing."""
+    folder = os.environ.get("CMATRIX_JOB_DIR")
+    if not folder:
+        return
+    import json
+
+    try:
+        card = {"rank": rank, "host": host, "pid": os.getpid(), "backend": backend}
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(card))
+    except OSError:  # a missing card only makes a later report less precise
+        pass
+
+
 def local_hosts(hosts: list[str]) -> bool:
     """Whether every host named is this machine (a loopback name or address, or its own name)."""
     import socket

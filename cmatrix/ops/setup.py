@@ -17,6 +17,7 @@ from .._version import __version__
 from ..backends.device import Device
 from ..core.checks import per_rank
 from ..core.plan import equal_weights, validate_weights
+from ..engine import launch
 from ..engine.driver import Config, Driver
 from ..engine.hostaddr import local_identity
 from ..engine.protocol import Header, on_ranks
@@ -131,6 +132,7 @@ def _configure(rt: Runtime, h: Configure, _: Any) -> list[dict] | None:
         for ident in list(rt.blocks):
             rt.free(ident)
         rt.backend = Device(backend)
+        launch.write_rank_card(comm.rank, comm.host, name)
         info = {
             "rank": comm.rank, "host": comm.host, "local_rank": comm.local_rank,
             "local_size": comm.local_size, "backend": name, "threads": threads,
