@@ -133,3 +133,38 @@ def test_generate_command_refuses_bad_cluster_options(tmp_path):
     r = run_cmd(cmd, job_env(), timeout=120)
     assert r.returncode == 2, r
     assert "cmatrix generate:" in r.stderr and "weights" in r.stderr, r
+
+
+def test_ctrl_c_stops_generation_in_one_line_with_the_partial_summary(tmp_path):
+    """Ctrl-C reaches every rank; the driver stops between decode steps, prints one line and
+    the summary of what it generated, and the job exits 130 with no traceback."""
+    _need()
+    import os
+    import signal
+    import subprocess
+
+    from conftest import job_env
+
+    from cmatrix.engine import launch
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from tiny_llama import build
+
+    path = build(tmp_path / "tiny", vocab_size=256, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1 << 20)
+    argv = [sys.executable, "-m", "cmatrix", "generate", "--model", str(path), "--prompt", "hello",
+            "--no-chat", "--max-new-tokens", str(1 << 19)]
+    proc = subprocess.Popen(launch.command(2, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=job_env(), start_new_session=True)
+    try:
+        assert proc.stdout.read(1), "no text was streamed"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "cmatrix: stopped by the user after" in err and "stop: interrupted" in err, err
+    assert "Traceback" not in err and "Abort" not in err, err

@@ -35,6 +35,9 @@ def _run(job: str, job_args: list[str]) -> int:
             runpy.run_path(job, run_name="__main__")
         except SystemExit as exc:
             cl.exit_status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except KeyboardInterrupt:
+            print("\ncmatrix: stopped by the user", file=sys.stderr)
+            cl.exit_status = 130
         except BaseException:
             traceback.print_exc()
             cl.exit_status = 1
@@ -55,7 +58,11 @@ def _generate(ns: argparse.Namespace) -> int:
             print(f"cmatrix generate: {exc}", file=sys.stderr)
             cl.exit_status = 2
             return 2
-        cl.exit_status = run(cl, ns)
+        try:
+            cl.exit_status = run(cl, ns)
+        except KeyboardInterrupt:  # while loading: between commands, the ranks are in step
+            print("\ncmatrix: stopped by the user", file=sys.stderr)
+            cl.exit_status = 130
         return cl.exit_status
 
 

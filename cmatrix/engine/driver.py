@@ -8,7 +8,9 @@ between commands: ids, frees that wait for the next command, the ranks' configur
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
 import weakref
 from collections.abc import Sequence
@@ -62,6 +64,19 @@ class Driver:
         self.config: Config | None = None
         #: live handles of cached matrices, by name (kept by :mod:`cmatrix.ops.cache`)
         self.named: dict[str, weakref.WeakSet] = {}
+        self._interrupted = False
+        if threading.current_thread() is threading.main_thread() and self.size > 1:
+            signal.signal(signal.SIGINT, self._on_interrupt)
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        """Ctrl-C: between commands, KeyboardInterrupt as usual; during one, after it (every
+        rank must finish its collectives); a second Ctrl-C during one ends the job."""
+        if not self._busy:
+            raise KeyboardInterrupt
+        if self._interrupted:
+            print("\ncmatrix: stopped by the user in the middle of an operation", file=sys.stderr, flush=True)
+            self._comm.abort(130)
+        self._interrupted = True
 
     @property
     def size(self) -> int:
@@ -118,11 +133,21 @@ class Driver:
         self._busy = True
         try:
             self._comm.send_encoded(encoded)
-            return self.runtime.execute(header, payload, frees)
+            result = self.runtime.execute(header, payload, frees)
+            if self._interrupted:  # Ctrl-C arrived during the command: raise it now, in step
+                self._interrupted = False
+                self._busy = False
+                raise KeyboardInterrupt
+            return result
         except RankError:
             # Ranks that got past their store step hold a block no handle will free.
             self._pending_free.extend(header.created())
             raise
+        except KeyboardInterrupt:
+            if not self._busy or self.size == 1:  # after the command, or nobody else to wait for
+                raise
+            print(f"\ncmatrix: stopped by the user inside {header.op!r}", file=sys.stderr, flush=True)
+            self._comm.abort(130)
         except BaseException:
             print(f"cmatrix: the driver failed inside {header.op!r}; aborting the job", file=sys.stderr)
             traceback.print_exc()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -148,7 +150,12 @@ class Runtime:
 
 
 def serve(rt: Runtime) -> int:
-    """Worker loop: run the driver's commands until it shuts down; return its status."""
+    """Worker loop: run the driver's commands until it shuts down; return its status.
+
+    Ctrl-C reaches every rank of a job; a worker leaves it to the driver, which stops
+    between commands and shuts the workers down."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         message = rt.comm.recv_header()
         if message["op"] == "shutdown":

@@ -126,22 +126,25 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     prefill_bytes = stats()["bytes_moved"] - moved
     generated: list[int] = []
     reason, steps, t1 = "max_new_tokens", 0, time.perf_counter()
-    while len(generated) < max_new_tokens:
-        token = sampler.next_token(logits, ids + generated)
-        if token in stops:
-            reason = "stop_token"
-            break
-        generated.append(token)
-        if text.push(token):
-            reason = "stop_string"
-            break
-        if len(generated) == max_new_tokens:
-            break
-        if model.position >= model.config.max_positions:
-            reason = "max_positions"
-            break
-        logits = model.forward([token])
-        steps += 1
+    try:
+        while len(generated) < max_new_tokens:
+            token = sampler.next_token(logits, ids + generated)
+            if token in stops:
+                reason = "stop_token"
+                break
+            generated.append(token)
+            if text.push(token):
+                reason = "stop_string"
+                break
+            if len(generated) == max_new_tokens:
+                break
+            if model.position >= model.config.max_positions:
+                reason = "max_positions"
+                break
+            logits = model.forward([token])
+            steps += 1
+    except KeyboardInterrupt:  # Ctrl-C: the ranks are in step (see Driver.run); keep what came
+        reason = "interrupted"
     decode_seconds = time.perf_counter() - t1
     decode_bytes = stats()["bytes_moved"] - moved - prefill_bytes
     return GenerationResult(

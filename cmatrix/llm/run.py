@@ -83,5 +83,7 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
         return 2
     out.write("\n")
     out.flush()
+    if result.stop_reason == "interrupted":
+        print(f"cmatrix: stopped by the user after {len(result.token_ids)} tokens", file=sys.stderr)
     print(result.summary(), file=sys.stderr)
-    return 0
+    return 130 if result.stop_reason == "interrupted" else 0
