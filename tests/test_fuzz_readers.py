@@ -227,3 +227,22 @@ def test_zz_print_the_tally():
         print(f"fuzz {reader}: {sum(tally.values())} cases, {tally['clean error']} clean errors, "
               f"{tally['valid load']} valid loads, {tally['other']} other")
     assert all(t["other"] == 0 for t in TALLY.values())
+
+
+def test_json_nested_without_end_is_a_clean_error(tmp_path, monkeypatch):
+    """Python's json parser recurses: a file of 100 000 '[' must not escape as RecursionError."""
+    bomb = "[" * 100000 + "]" * 100000
+    (tmp_path / "config.json").write_text(bomb)
+    with pytest.raises(CMatrixError):
+        DecoderConfig.from_dir(tmp_path)
+    monkeypatch.setenv("CMATRIX_CACHE_DIR", str(tmp_path))
+    shardfiles.manifest_path("b.w").parent.mkdir(parents=True)
+    shardfiles.manifest_path("b.w").write_text(bomb)
+    with pytest.raises(CMatrixError):
+        shardfiles.read_manifest("b.w")
+    pytest.importorskip("tokenizers")
+    from cmatrix.llm.tokenizer import _read_json
+
+    (tmp_path / "tokenizer_config.json").write_text(bomb)
+    with pytest.raises(CMatrixError):
+        _read_json(tmp_path / "tokenizer_config.json")

@@ -254,3 +254,15 @@ def test_a_write_that_fails_keeps_the_result(cl, tmp_path, monkeypatch):
     with pytest.raises(cm.SinkError, match="No space left") as info:
         cl.matmul(a, W, out="shm:y")
     np.testing.assert_allclose(info.value.result, a @ w, rtol=1e-6)
+
+
+def test_a_destination_without_room_is_refused_before_the_product(cl, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 4096))
+    a, w = f32(300, 40), f32(40, 500)
+    refused(cl, lambda: cl.matmul(a, w, out=f"h5:{tmp_path}/r.h5#/y"), "MiB free")
+    refused(cl, lambda: cl.silu(a, out=f"h5:{tmp_path}/r.h5#/y"), "MiB free")
+    refused(cl, lambda: cl.add(a, a, out=f"h5:{tmp_path}/r.h5#/y"), "MiB free")

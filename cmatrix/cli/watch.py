@@ -64,7 +64,7 @@ def dead_ranks(text: str, folder: Path) -> list[str]:
         try:
             card = json.loads(path.read_text())
             cards[int(card["pid"])] = card
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
     found: dict[int, tuple[str, int | None]] = {}  # pid -> (host, signal or exit code)
     for m in _OPENMPI.finditer(text):

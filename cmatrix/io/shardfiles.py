@@ -105,7 +105,7 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise StaleShard(f"{path}: header length {length} is impossible (file corrupted)")
         try:
             meta = json.loads(f.read(length))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StaleShard(f"{path}: unreadable header (file corrupted): {exc}") from None
     _check_header(path, meta)
     start = len(MAGIC) + 4 + length
@@ -218,7 +218,7 @@ def read_manifest(name: str) -> dict | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"cache manifest {path} is unreadable ({exc}); save the matrix again "
                          "with cache='save'") from None
 

@@ -67,7 +67,7 @@ class DecoderConfig:
         except FileNotFoundError:
             raise InputError(f"{file}: not found; --model must be a local Hugging Face model folder "
                              "(config.json, *.safetensors, tokenizer.json)") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise InputError(f"{file}: cannot read it as JSON ({exc})") from None
         return cls.from_dict(raw, str(file))
 

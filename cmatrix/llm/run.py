@@ -47,7 +47,7 @@ def parse_list(text: str | None, kind: type) -> Any:
     try:
         items = json.loads(text) if text.lstrip().startswith("[") else text.split(",")
         values = [kind(x.strip()) if isinstance(x, str) else kind(x) for x in items]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise InputError(f"cannot read {text!r} as a comma-separated list") from None
     return values[0] if kind is str and len(values) == 1 else values
 

@@ -34,8 +34,8 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"cannot read {path}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested without end
+        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -24,7 +24,7 @@ from ..engine.runtime import Runtime
 from ..errors import InputError
 from ..io import sinks
 from ..io.store import from_user
-from .handles import Matrix, ShardedMatrix, check_live, deliver, kept, result_kind
+from .handles import Matrix, ShardedMatrix, check_live, check_room, deliver, kept, result_kind
 from .nodeops import emit
 from .placement import shard_host
 
@@ -92,6 +92,7 @@ def attention(d: Driver, q: Any, k: Any, v: Any, head_dim: int, scale: float | N
     for host in hosts.values():
         d.check_dtype(host.dtype, q_plan.counts)
     kind = result_kind(*(x.kind if isinstance(x, Matrix) else hosts[a].kind for a, x in operands.items()))
+    check_room(sink, (sq, q_cols), dtype)
     placed, temporary = dict(operands), []
     try:
         for arg, host in hosts.items():

@@ -20,7 +20,16 @@ from ..engine.runtime import Runtime
 from ..errors import InputError
 from ..io import sinks
 from ..io.store import from_user
-from .handles import Matrix, ReplicatedMatrix, ShardedMatrix, check_live, deliver, keep, result_kind
+from .handles import (
+    Matrix,
+    ReplicatedMatrix,
+    ShardedMatrix,
+    check_live,
+    check_room,
+    deliver,
+    keep,
+    result_kind,
+)
 from .placement import shard_host
 
 
@@ -93,6 +102,8 @@ def elementwise(d: Driver, kind: str, a: Any, b: Any, out: str | None, transpose
             pa, pb = _op_plan(a, flags["a"]), _op_plan(b, flags["b"])
             raise InputError(f"{kind}: op(a) and op(b) must be sharded alike; op(a): axis {pa.axis} "
                              f"counts {list(pa.counts)}, op(b): axis {pb.axis} counts {list(pb.counts)}")
+        check_room(sink, shape_a, promote(*(x.dtype if isinstance(x, Matrix) else hosts[g].dtype
+                                           for g, x in (("a", a), ("b", b)))))
         ref_arg = "a" if ref is a else "b"
         plan = _op_plan(ref, flags[ref_arg]) if ref is not None else \
             Plan.from_weights(shape_a[0], d.weights, 0)

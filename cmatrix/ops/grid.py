@@ -76,7 +76,7 @@ from ..engine.runtime import Runtime
 from ..errors import InputError
 from ..io import sinks
 from ..io.store import from_user
-from .handles import Matrix, deliver, result_kind
+from .handles import Matrix, check_room, deliver, result_kind
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,7 @@ class GridMethods:
             raise InputError(f"grid_matmul: inner dimensions differ: op(a) is {m}x{k} "
                              f"(transpose_a={transpose_a}) but op(b) is {k_b}x{n} "
                              f"(transpose_b={transpose_b}); fix the shapes or the transpose flags")
+        check_room(sink, (m, n), promote(host_a.dtype, host_b.dtype))
         split = split_2d(m, k if inner else n, shares, g)
         _check_dtypes(d, split, host_a.dtype, host_b.dtype)
         out_dtype = promote(host_a.dtype, host_b.dtype)
@@ -199,6 +200,7 @@ def _elementwise(d: Driver, kind: str, a: Any, b: Any, transpose_a: bool, transp
                          f"{shape_a[0]}x{shape_a[1]} (transpose_a={ta}), op(b) is "
                          f"{shape_b[0]}x{shape_b[1]} (transpose_b={tb}); fix the shapes or the "
                          "transpose flags")
+    check_room(sink, shape_a, promote(host_a.dtype, host_b.dtype))
     split = split_2d(*shape_a, shares, g)
     _check_dtypes(d, split, host_a.dtype, host_b.dtype)
     out_dtype = promote(host_a.dtype, host_b.dtype)

@@ -8,13 +8,17 @@ inputs, or written to a file sink (:func:`deliver`).
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.arrays import to_user
-from ..core.dtypes import empty
+from ..core.dtypes import ITEMSIZE, empty
 from ..core.plan import Plan
 from ..engine import faults
 from ..engine.driver import Driver
@@ -123,6 +127,23 @@ def kept(driver: Driver, ident: int, shape: tuple[int, int], dtype: str, plan: P
     if plan is None:
         return ReplicatedMatrix(driver, ident, shape, dtype, None, kind)
     return ShardedMatrix(driver, ident, shape, dtype, plan, None, kind)
+
+
+def check_room(sink: sinks.Sink, shape: tuple[int, ...], dtype: str) -> None:
+    """A file sink must have room for a result of ``shape`` and ``dtype`` (checked before the
+    product: its size is known then). An HDF5 file is rewritten whole, so it counts too."""
+    if not sink.is_file:
+        return
+    need = math.prod(shape) * ITEMSIZE[dtype] + (1 << 20)
+    if sink.kind == "h5" and sink.path.is_file():
+        need += sink.path.stat().st_size
+    folder = Path(os.path.abspath(sink.path.parent))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise InputError(f"out: {sink.path} needs about {need >> 20} MiB and {folder} has "
+                         f"{free >> 20} MiB free; free some space or write elsewhere")
 
 
 def deliver(sink: sinks.Sink, op: str, data: np.ndarray, dtype: str, kind: str,

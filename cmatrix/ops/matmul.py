@@ -29,6 +29,7 @@ from .handles import (
     ReplicatedMatrix,
     ShardedMatrix,
     check_live,
+    check_room,
     deliver,
     gather,
     keep,
@@ -121,6 +122,7 @@ def matmul(d: Driver, a: Any, b: Any, transpose_a: bool = False, transpose_b: bo
     m = a_at.shape[1] if a_at.transpose else a_at.shape[0]
     out_dtype = promote(a_at.dtype, b_dtype)
     kind = result_kind(a_at.kind, b_kind)
+    check_room(sink, (*a_at.lead, n), out_dtype)
     keep_id = d.new_id() if sink.keep else None
     row_counts = Plan.from_weights(m, d.weights, 0).counts if sink.keep and mode == "contraction" else None
     temporary = shard_host(d, host_b, b_plan) if host_b is not None else None

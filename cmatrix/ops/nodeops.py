@@ -36,7 +36,7 @@ from ..engine.runtime import Runtime
 from ..errors import InputError
 from ..io import sinks
 from ..io.store import from_user
-from .handles import Matrix, ShardedMatrix, check_live, deliver, keep, kept
+from .handles import Matrix, ShardedMatrix, check_live, check_room, deliver, keep, kept
 from .placement import shard_host
 
 
@@ -359,10 +359,12 @@ def run(d: Driver, m: Any, params: Any, axis: int | None, out: str | None, widen
         check_live(d, m, "m")
         if getattr(m, "quant", None):
             raise InputError(f"m: {fn} of a quantised matrix; quantised weights are for matmul only")
+        check_room(sink, (m.shape[0], m.shape[1] * widen), m.dtype)
         target = m
     else:
         host = from_user(m, "m")
         check_matrix(host, "m")
+        check_room(sink, (host.shape[0], host.shape[1] * widen), host.dtype)
         split = 0 if axis in (None, 1) else 1  # split where the function needs no communication
         temporary = target = shard_host(d, host, Plan.from_weights(host.shape[split], d.weights, split))
     try:
