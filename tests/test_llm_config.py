@@ -105,6 +105,8 @@ def test_rope_parameters_with_top_level_theta():
     (dict(vocab_size=2**40), r"vocab_size .* is beyond any real checkpoint"),
     (dict(head_dim="64"), r"head_dim must be a positive integer"),
     (dict(rms_norm_eps="1e-5"), r"rms_norm_eps must be a small number"),
+    (dict(tie_word_embeddings="false"), r"tie_word_embeddings must be true or false"),
+    (dict(attention_bias=1), r"attention_bias must be true or false"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 0}), r"factor must be a positive number"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
      r"partial_rotary_factor is not supported"),

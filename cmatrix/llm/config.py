@@ -106,6 +106,12 @@ class DecoderConfig:
                              f"num_attention_heads {heads}")
         if head_dim % 2:
             raise InputError(f"{where}: head_dim {head_dim} must be even for rotary embeddings")
+        def flag(key: str) -> bool:
+            value = raw.get(key, False)
+            if value is not None and not isinstance(value, bool):
+                raise InputError(f"{where}: {key} must be true or false, got {value!r}")
+            return bool(value)
+
         theta, scaling = _rope_settings(raw, where)
         layers = positive("num_hidden_layers")
         return cls(
@@ -114,12 +120,12 @@ class DecoderConfig:
             num_kv_heads=kv_heads, head_dim=int(head_dim),
             rms_norm_eps=_eps(raw.get("rms_norm_eps", 1e-6), where),
             max_positions=positive("max_position_embeddings", 2048), rope_theta=theta,
-            rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope_scaling=scaling, tie_word_embeddings=flag("tie_word_embeddings"),
             # transformers: Llama reads attention_bias (q/k/v/o) and mlp_bias; Qwen2 always has
             # q/k/v biases and nothing else; Mistral has none.
-            qkv_bias=model_type == "qwen2" or model_type == "llama" and bool(raw.get("attention_bias")),
-            o_bias=model_type == "llama" and bool(raw.get("attention_bias")),
-            mlp_bias=model_type == "llama" and bool(raw.get("mlp_bias")),
+            qkv_bias=model_type == "qwen2" or model_type == "llama" and flag("attention_bias"),
+            o_bias=model_type == "llama" and flag("attention_bias"),
+            mlp_bias=model_type == "llama" and flag("mlp_bias"),
             windows=_windows(raw, model_type, layers),
             bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
         )
