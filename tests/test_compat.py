@@ -178,6 +178,21 @@ def test_operation_option_errors(cl):
 
 # ---- the seed's later call form and its optional arguments (issue 17) -----------------------
 
+@pytest.mark.parametrize("args, kwargs", [
+    ((["h"], [True], [1], ["numpy"], True, 1), {}),                 # every argument by position
+    ((["h"], [True], [1], ["numpy"], True), {"dim": 1}),            # dim by keyword
+    ((["h"],), {"CPU_GPU_select_list": [True], "node_percentages": [1], "back_end_select_list": ["numpy"],
+                "split_matrix": True, "dim": 1}),                   # only the IP list by position
+])
+def test_the_earlier_positional_form_is_shifted_back(args, kwargs):
+    names = ("cluster_zmq_object", "node_IP_list", "CPU_GPU_select_list", "node_percentages",
+             "back_end_select_list", "split_matrix", "dim")
+    given = dict.fromkeys(names)
+    given.update(zip(names, args, strict=False))
+    given.update(kwargs)
+    assert compat._old_positional(*given.values()) == (None, ["h"], [True], [1], ["numpy"], True, 1)
+
+
 def test_cluster_zmq_defaults_are_the_seeds():
     assert compat_setup.even_percentages(3) == [0.34, 0.33, 0.33]
     assert compat_setup.even_percentages(4) == [0.25] * 4

@@ -208,3 +208,13 @@ def test_a_killed_rank_is_named_in_one_line_by_cmatrix_launch():
     line = [x for x in r.stderr.splitlines() if x.startswith("cmatrix: rank 1 on host")]
     assert line and "(backend numpy" in line[0] and "signal 9 (SIGKILL" in line[0], r
     print(f"killed worker to the job's end: {took:.1f} s")
+
+
+def test_a_child_process_of_a_rank_imports_cmatrix_without_starting_mpi(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import subprocess, sys\nimport cmatrix as cm\ncl = cm.init()\n"
+                      "r = subprocess.run([sys.executable, '-c', 'import cmatrix; print(\"CHILD-OK\")'],"
+                      " capture_output=True, text=True)\nprint(r.stdout, r.stderr[-300:])\n")
+    r = mpirun(2, script, plain=True)
+    assert r.returncode == 0, r
+    assert "CHILD-OK" in r.stdout, r

@@ -11,6 +11,7 @@ driver's status, so the code after it runs on the driver alone.
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -45,9 +46,15 @@ def claim_ranks() -> None:
     its cluster, so the workers are released however the script ends. Without an MPI
     launcher nothing happens until ``init()``. ``CMATRIX_EVERY_RANK=1`` turns this off, for
     programs that run their own MPI code on every rank."""
-    rank = launch.launcher_rank()
-    if rank is not None and os.environ.get("CMATRIX_EVERY_RANK", "") != "1":
-        driver_cluster()
+    if launch.launcher_rank() is None or os.environ.get("CMATRIX_EVERY_RANK", "") == "1":
+        return
+    # Only the process the launcher started: a child of it (subprocess, multiprocessing) inherits
+    # the launcher's variables but is no rank.
+    claimed = os.environ.get("CMATRIX_CLAIMED")
+    if (claimed and claimed != str(os.getpid())) or multiprocessing.parent_process() is not None:
+        return
+    os.environ["CMATRIX_CLAIMED"] = str(os.getpid())
+    driver_cluster()
 
 
 def world_size() -> int:

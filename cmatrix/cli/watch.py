@@ -51,10 +51,15 @@ def run(cmd: list[str], env: dict) -> int:
 
 def _relay(stream, out, tail: deque) -> None:
     """Pass output on as it comes (chunks, not lines: a progress bar redraws within a line)."""
+    passing = True
     while chunk := os.read(stream.fileno(), 1 << 16):
-        out.buffer.write(chunk)
-        out.flush()
         tail.append(chunk)
+        if passing:
+            try:
+                out.buffer.write(chunk)
+                out.flush()
+            except (BrokenPipeError, OSError):  # e.g. | head: keep draining, or the job would block
+                passing = False
 
 
 def dead_ranks(text: str, folder: Path) -> list[str]:

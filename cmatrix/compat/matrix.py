@@ -70,17 +70,36 @@ def _default_name(data: Any) -> str | None:
     return None
 
 
+def _seq_of(*kinds: type) -> Any:
+    def check(x: Any) -> bool:
+        return isinstance(x, (list, tuple)) and all(isinstance(v, kinds) and
+                                                    (bool in kinds or not isinstance(v, bool)) for v in x)
+    return check
+
+
+#: what the earlier form's 2nd..6th positional arguments are, found one slot to the right
+_SHIFTED = (_seq_of(bool), _seq_of(int, float), _seq_of(str), lambda x: isinstance(x, bool),
+            lambda x: isinstance(x, int) and not isinstance(x, bool))
+
+
 def _old_positional(zmq: Any, ips: Any, accel: Any, pct: Any, backends_: Any, split: Any, dim: Any
                     ) -> tuple:
     """The earlier call form, ``cluster_matrix(path, node_IP_list, CPU_GPU_select_list,
-    node_percentages, back_end_select_list, split_matrix, dim)`` passed by position, lands one
+    node_percentages, back_end_select_list, split_matrix, dim)``, passed by position, lands one
     parameter to the right of the current one (``cluster_zmq_object`` came second later):
-    shift it back, as the seed does."""
+    shift back the arguments that were passed by position (the leading ones of the earlier
+    form's types), keep the keywords where they are."""
     if not isinstance(zmq, (list, tuple)):
-        return zmq, ips, accel, pct, backends_, split, dim
-    if isinstance(backends_, bool):  # split_matrix (and dim) were positional too
-        return None, list(zmq), ips, accel, pct, backends_, (split if isinstance(split, int) else 0)
-    return None, list(zmq), ips, accel, pct, split, dim
+        return zmq, ips, accel, pct, backends_, bool(split), 0 if dim is None else dim
+    slots = [ips, accel, pct, backends_, split]
+    n = 0
+    while n < len(slots) and slots[n] is not None and _SHIFTED[n](slots[n]):
+        n += 1
+    positional = [list(zmq), *slots[:n]]  # the earlier form's first n + 1 arguments
+    keywords = [None, accel, pct, backends_, split, dim]  # each parameter under its own name
+    ips_, accel_, pct_, backends__, split_, dim_ = (positional[k] if k <= n else keywords[k]
+                                                    for k in range(6))
+    return None, ips_, accel_, pct_, backends__, bool(split_), 0 if dim_ is None else dim_
 
 
 class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its scripts run unchanged
@@ -95,7 +114,8 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
     def __init__(self, matrix_file_path: Any, cluster_zmq_object: Any = None,
                  node_IP_list: list[str] | None = None, CPU_GPU_select_list: list[bool] | None = None,  # noqa: N803
                  node_percentages: list[float] | None = None,
-                 back_end_select_list: list[str] | None = None, split_matrix: bool = False, dim: int = 0,
+                 back_end_select_list: list[str] | None = None, split_matrix: bool | None = None,
+                 dim: int | None = None,
                  matrix_name: str | None = None, matrix_labeling: str = "", auto_set_up: Any = None,
                  save_bin_matrix: bool = True) -> None:
         (cluster_zmq_object, node_IP_list, CPU_GPU_select_list, node_percentages, back_end_select_list,
@@ -135,8 +155,8 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
                 self._host = self._grid_kept()
             else:
                 self._host = as_matrix(matrix_file_path)
-            if self.matrix_name:
-                _in_ram[self.matrix_name] = self._host
+            if matrix_name:  # an explicit name: a later [2, "load"] of this job may ask for it
+                _in_ram[matrix_name] = self._host
         elif self.action == "loadC":
             self.handle = self._from_ram()
         else:

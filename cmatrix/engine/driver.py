@@ -128,20 +128,28 @@ class Driver:
         frees = tuple(self._pending_free)
         if frees:
             message["free"] = frees
-        encoded = self._comm.encode_header(message)  # fails, if at all, before any MPI call
-        self._pending_free.clear()
-        self._busy = True
+        self._busy = True  # from here a Ctrl-C waits for the command (see _on_interrupt)
+        self._interrupted = False
+        try:
+            encoded = self._comm.encode_header(message)  # fails, if at all, before any MPI call
+        except BaseException:
+            self._busy = False
+            raise
+        # a finalizer may have queued more frees while the header was pickled: keep those
+        del self._pending_free[:len(frees)]
         try:
             self._comm.send_encoded(encoded)
             result = self.runtime.execute(header, payload, frees)
             if self._interrupted:  # Ctrl-C arrived during the command: raise it now, in step
-                self._interrupted = False
+                self._pending_free.extend(header.created())  # the caller gets no handle to free
                 self._busy = False
                 raise KeyboardInterrupt
             return result
-        except RankError:
+        except RankError as exc:
             # Ranks that got past their store step hold a block no handle will free.
             self._pending_free.extend(header.created())
+            if self._interrupted:
+                raise KeyboardInterrupt from exc
             raise
         except KeyboardInterrupt:
             if not self._busy or self.size == 1:  # after the command, or nobody else to wait for
@@ -155,6 +163,7 @@ class Driver:
             self._comm.abort(1)
         finally:
             self._busy = False
+            self._interrupted = False
 
     def stats(self) -> dict[str, int]:
         """Commands sent and bytes of array data moved between ranks so far."""
@@ -166,5 +175,9 @@ class Driver:
             return
         if self._busy:
             raise CMatrixError("cannot shut down while a cluster operation is running")
-        self._closed = True
-        self._comm.send_header({"op": "shutdown", "status": int(status)})
+        self._busy = True  # a Ctrl-C here waits: the workers must get their shutdown
+        try:
+            self._closed = True
+            self._comm.send_header({"op": "shutdown", "status": int(status)})
+        finally:
+            self._busy = False

@@ -24,6 +24,8 @@ def launched_by_mpiexec() -> bool:
 def launcher_rank() -> int | None:
     """This process's rank as its MPI launcher set it, before MPI starts; None without one."""
     for var in _RANK_VARS:
+        if var == "SLURM_PROCID" and "SLURM_STEP_ID" not in os.environ:
+            continue  # a batch script's own shell, not a task srun started
         value = os.environ.get(var, "")
         if value.isdigit():
             return int(value)
@@ -71,9 +73,17 @@ def write_rank_card(rank: int, host: str, backend: str) -> None:
         pass
 
 
+#: set inside a batch allocation, where mpiexec without a hostfile may place ranks on other nodes
+_ALLOCATION_VARS = ("SLURM_JOB_NODELIST", "PBS_NODEFILE", "LSB_HOSTS", "PE_HOSTFILE")
+
+
 def local_hosts(hosts: list[str]) -> bool:
-    """Whether every host named is this machine (a loopback name or address, or its own name)."""
+    """Whether every host named is this machine (a loopback name or address, or its own name);
+    with no hosts named, whether mpiexec will keep to this machine (no batch allocation)."""
     import socket
+
+    if not hosts:
+        return not any(v in os.environ for v in _ALLOCATION_VARS)
 
     me = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", socket.gethostname().lower(),
           socket.getfqdn().lower()}

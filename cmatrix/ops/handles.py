@@ -158,7 +158,7 @@ def deliver(sink: sinks.Sink, op: str, data: np.ndarray, dtype: str, kind: str,
 
     try:
         return sinks.deliver(sink, data, dtype, attrs or {}, written)
-    except (OSError, RuntimeError, ValueError) as exc:  # a full disk, a file h5py cannot open, ...
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:  # a full disk, h5py, ...
         where = f"{sink.path}#{sink.dataset}" if sink.dataset else str(sink.path)
         raise SinkError(f"out: the result of {op} could not be written to {where}: {type(exc).__name__}: "
                         f"{exc}; it is in this error's .result", to_user(data, dtype, kind)) from exc
