@@ -254,3 +254,7 @@ def test_heads_layout_and_refusals(cl):
         one(torch.randn(2, 4, 5, 8))
     with pytest.raises(cm.InputError, match="TransposeQ/K/V"):
         Q.cluster_flash_attn(cluster_matrixK=Q, cluster_matrixV=Q, TransposeK=True)
+    with pytest.raises(cm.InputError, match="operation: 'flash_attn_ext'"):
+        Q.cluster_flash_attn(cluster_matrixK=Q, cluster_matrixV=Q, operation="soft_max")
+    with pytest.raises(cm.InputError, match="node_IP_list: empty"):
+        cm.cluster_zmq([])
