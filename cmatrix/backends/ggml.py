@@ -17,8 +17,12 @@ graph needs more. Results are copied back to host float32 arrays.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import ggml
 import numpy as np
@@ -42,16 +46,59 @@ def _release(ctx, buf) -> None:
         ggml.ggml_free(ctx)
 
 
-class _Resident:
-    """One 2-D ggml tensor in its own context and backend buffer."""
+def _keep_warnings(level: int, text: bytes, _user: Any) -> None:
+    """ggml's log without its debug and info lines (one per repacked tensor, say)."""
+    if level in (ggml.GGML_LOG_LEVEL_WARN, ggml.GGML_LOG_LEVEL_ERROR):
+        sys.stderr.write(text.decode(errors="replace"))
 
-    def __init__(self, backend, gtype: int, ne0: int, ne1: int, data: np.ndarray) -> None:
+
+_LOG = ggml.ggml_log_callback(_keep_warnings)
+ggml.ggml_log_set(_LOG, None)
+
+
+def _repack_buffer_type(backend):
+    """The CPU backend's buffer type that stores q4_0 weights interleaved for its fast
+    kernels (CPU_REPACK: 8 rows at a time with AVX2, as llama.cpp loads them), or None."""
+    if not (ggml.ggml_backend_is_cpu(backend) and ggml.ggml_cpu_has_avx2()):
+        return None
+    dev = ggml.ggml_backend_get_device(backend)
+    fn = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(dev),
+                                                b"ggml_backend_dev_get_extra_bufts")
+    if not fn:
+        return None
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+    i = 0
+    while bufts and bufts[i]:
+        if ggml.ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
+            return bufts[i]
+        i += 1
+    return None
+
+
+def _unrepack_q4_0(data: np.ndarray, rows: int, row_bytes: int) -> np.ndarray:
+    """Plain q4_0 rows from CPU_REPACK's q4_0x8 layout: per 8 rows and block column, the 8
+    scales, then the 8 rows' 16 code bytes interleaved 8 bytes at a time, xor 0x88."""
+    nblocks = row_bytes // q.BLOCK_BYTES["q4_0"]
+    packed = data.reshape(rows // 8, nblocks, 16 + 128)
+    scales = packed[..., :16].reshape(rows // 8, nblocks, 8, 2)
+    codes = (packed[..., 16:] ^ 0x88).reshape(rows // 8, nblocks, 2, 8, 8)  # chunk, row, byte
+    codes = codes.transpose(0, 3, 1, 2, 4).reshape(rows // 8, 8, nblocks, 16)
+    out = np.concatenate([scales.transpose(0, 2, 1, 3), codes], axis=3)  # (rows/8, 8, nblocks, 18)
+    return np.ascontiguousarray(out).reshape(rows, row_bytes)
+
+
+class _Resident:
+    """One 2-D ggml tensor in its own context and backend buffer (of type ``buft`` if given)."""
+
+    def __init__(self, backend, gtype: int, ne0: int, ne1: int, data: np.ndarray, buft=None) -> None:
         params = ggml.ggml_init_params(mem_size=ggml.ggml_tensor_overhead(), mem_buffer=None, no_alloc=True)
         ctx = ggml.ggml_init(params)
         if not ctx:
             raise CMatrixError("ggml_init failed for a resident tensor")
         self.tensor = ggml.ggml_new_tensor_2d(ctx, gtype, ne0, ne1)
-        buf = ggml.ggml_backend_alloc_ctx_tensors(ctx, backend)
+        self.repacked = buft is not None
+        buf = (ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) if self.repacked
+               else ggml.ggml_backend_alloc_ctx_tensors(ctx, backend))
         self._finalizer = weakref.finalize(self, _release, ctx, buf)
         if not buf:
             self._finalizer()
@@ -64,8 +111,15 @@ class _Resident:
         ggml.ggml_backend_tensor_set(self.tensor, data.ctypes.data, 0, self.nbytes)
 
     def get(self, dtype, shape) -> np.ndarray:
-        """The tensor's bytes as a new host array of ``dtype`` and ``shape``."""
+        """The tensor's bytes as a new host array of ``dtype`` and ``shape`` (repacked q4_0
+        comes back in the plain layout: its buffer has no reader, but it is host memory)."""
         out = np.empty(shape, dtype=dtype)
+        if self.repacked:
+            raw = np.empty(self.nbytes, dtype=np.uint8)
+            ctypes.memmove(raw.ctypes.data, self.tensor.contents.data, self.nbytes)
+            rows = self.tensor.contents.ne[1]
+            out.view(np.uint8).reshape(-1)[:] = _unrepack_q4_0(raw, rows, self.nbytes // rows).reshape(-1)
+            return out
         ggml.ggml_backend_tensor_get(self.tensor, out.ctypes.data, 0, self.nbytes)
         return out
 
@@ -118,6 +172,8 @@ class GGMLBackend(Backend):
             raise CMatrixError("ggml could not start its backend")
         if ggml.ggml_backend_is_cpu(self._backend):
             ggml.ggml_backend_cpu_set_n_threads(self._backend, threads)
+        self._repack = None if os.environ.get("CMATRIX_GGML_REPACK") == "0" else \
+            _repack_buffer_type(self._backend)
         # The CPU backend's default type is ggml_backend_cpu_buffer_type(), whose ggml-python binding
         # truncates the pointer to a C int (its restype is a NewType): ask the backend instead.
         self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self._backend))
@@ -142,8 +198,10 @@ class GGMLBackend(Backend):
         rows = np.ascontiguousarray(values.T if quant_axis == 0 else values, dtype=np.float32)
         h = GGMLHandle(tuple(data.shape), "float32", quant=quant, quant_axis=quant_axis)
         if rows.size:
+            # q4_0 in the CPU's repacked layout (whole groups of 8 rows): about 1.8x faster products
+            buft = self._repack if quant == "q4_0" and rows.shape[0] % 8 == 0 else None
             h.weights[quant_axis == 1] = _Resident(self._live(), _GGML_TYPE[quant], rows.shape[1],
-                                                   rows.shape[0], q.quantize(rows, quant))
+                                                   rows.shape[0], q.quantize(rows, quant), buft)
         return h
 
     def upload_dense(self, data: np.ndarray, dtype: str) -> GGMLHandle:
@@ -207,6 +265,16 @@ class GGMLBackend(Backend):
         if not self._backend:
             raise CMatrixError("this ggml backend was closed")
         return self._backend
+
+    # -- for graphs built above the backend (the LLM decoder's ggml path) -----------------------
+    @property
+    def ggml_backend(self):
+        """The ggml backend handle (``ggml_backend_t``) graphs run on."""
+        return self._live()
+
+    def weight_tensor(self, b: GGMLHandle, transpose_b: bool):
+        """The resident ggml tensor of op(b).T (ne0 = the contracted width), laid out on first use."""
+        return self._weight(b, transpose_b).tensor
 
     # -- compute --------------------------------------------------------------------------------
     def _weight(self, b: GGMLHandle, transpose_b: bool) -> _Resident:

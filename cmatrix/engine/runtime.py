@@ -77,15 +77,20 @@ class Runtime:
         buffer = np.zeros(math.prod(shape) + 1, dtype=np.float32)
         if self._failure is None and partial is not None and partial.size == buffer.size - 1:
             buffer[:-1] = partial.ravel()
-        else:  # this rank failed (or, a bug, computed the wrong shape): every rank stops here
-            buffer[-1] = 1
-            if self._failure is None:
-                with self.step("sum"):
-                    raise CMatrixError(f"partial of {getattr(partial, 'shape', None)}, expected {shape}")
+        elif self._failure is None:  # a bug: this rank computed the wrong shape; every rank stops
+            with self.step("sum"):
+                raise CMatrixError(f"partial of {getattr(partial, 'shape', None)}, expected {shape}")
+        self.sum_flagged(buffer)
+        return buffer[:-1].reshape(shape)
+
+    def sum_flagged(self, buffer: np.ndarray) -> None:
+        """Collective: sum the float32 ``buffer`` in place across ranks. Its last element is
+        set here to this rank's failure flag, so the same Allreduce does what :meth:`sync`
+        does: if any rank failed, every rank leaves (the driver raises)."""
+        buffer[-1] = 0 if self._failure is None else 1
         self.comm.allreduce(buffer, "sum")
         if buffer[-1] != 0:
             self._fail()
-        return buffer[:-1].reshape(shape)
 
     def _fail(self) -> None:
         reports = self.comm.gather_objects(self._failure)

@@ -10,6 +10,7 @@ carries the ranks' failure flags), and the logits come back by vocabulary slices
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,23 @@ class LlmStep(Header, op="llm_step"):
 
 
 @dataclass(frozen=True)
+class LlmProfile(Header, op="llm_profile"):
+    model: int
+    enable: bool                        # profile the following decode steps (False: stop)
+
+
+@dataclass(frozen=True)
 class LlmFree(Header, op="llm_free"):
     model: int
+
+
+def decoder_for(device: Any) -> type:
+    """The decoder class a rank runs: whole-block ggml graphs on ggml ranks, else numpy + backend."""
+    if device.name == "ggml":
+        from .ggml_decoder import GraphDecoder
+
+        return GraphDecoder
+    return RankDecoder
 
 
 @on_ranks(LlmLoad)
@@ -73,8 +89,8 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> None:
             mine[name] = v.copy()
         layers = [{part: rt.block(ident) for part, ident in ids.items()} for ids in h.layers]
         unit = (cfg.group_size + 2) * cfg.head_dim
-        decoder = RankDecoder(cfg, rt.backend, layers, rt.block(h.lm_head), mine,
-                              groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk)
+        decoder = decoder_for(rt.backend)(cfg, rt.backend, layers, rt.block(h.lm_head), mine,
+                                          groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk)
     rt.sync()
     rt.models[h.model] = decoder  # only once every rank has its part
 
@@ -93,30 +109,53 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
             x = np.empty(h.shape, dtype=np.float32)
     rt.sync()
     comm.bcast(x)
-    shape = h.shape
-    total = None
+    prof = model.profile if h.shape[0] == 1 else None  # decode steps only
+    began = time.perf_counter()
+    with rt.step("attention"):
+        model.begin(x, h.start)
+    # Each block writes this rank's partial sum into one buffer while the previous block's
+    # total (which it reads first) lies in the other; the last value carries the failure flag.
+    size = h.shape[0] * h.shape[1]
+    buffers = model.sum_buffers(size)
+    total, which = None, 0
     for i in range(model.cfg.num_layers):
-        partial = None
-        with rt.step("attention"):
-            if i:
-                model.add(x, total, f"{i - 1}.down_bias")
-            partial = model.attention(i, x, h.start)
-        total = rt.sum_checked(partial, shape)
-        partial = None
-        with rt.step("mlp"):
-            model.add(x, total, f"{i}.o_bias")
-            partial = model.mlp(i, x)
-        total = rt.sum_checked(partial, shape)
+        for kind, block in (("attention", model.attention), ("mlp", model.mlp)):
+            buffer, which = buffers[which], 1 - which
+            with rt.step(kind):
+                block(i, total, buffer[:size].reshape(h.shape))
+            if prof is None:
+                rt.sum_flagged(buffer)
+            else:
+                t = time.perf_counter()
+                rt.sum_flagged(buffer)
+                prof.add("collectives", time.perf_counter() - t)
+            total = buffer[:size].reshape(h.shape)
     part = full = None
     with rt.step("logits"):
-        model.add(x, total, f"{model.cfg.num_layers - 1}.down_bias")
-        rows = x if h.all_logits else x[-1:]
-        part = np.ascontiguousarray(model.logits(rows), dtype=np.float32)
+        part = np.ascontiguousarray(model.logits(total, h.all_logits), dtype=np.float32)
         if comm.is_driver:
-            full = np.empty((rows.shape[0], model.cfg.vocab_size), dtype=np.float32)
+            full = np.empty((part.shape[0], model.cfg.vocab_size), dtype=np.float32)
     rt.sync()
     comm.gather_blocks(part, full, Plan(1, h.vocab_counts))
+    if prof is not None:
+        prof.step(time.perf_counter() - began)
     return full
+
+
+@on_ranks(LlmProfile)
+def _llm_profile(rt: Runtime, h: LlmProfile, _: Any) -> list[dict] | None:
+    """Every rank's decode-step profile to the driver; ``h.enable`` turns profiling on or off
+    (and starts it afresh)."""
+    report = None
+    with rt.step("profile"):
+        model = rt.models.get(h.model)
+        if model is None:
+            raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
+        report = None if model.profile is None else {**model.profile.report(), "decoder": model.kind}
+        model.set_profile(h.enable)
+    rt.sync()
+    reports = rt.comm.gather_objects(report)
+    return reports if rt.comm.is_driver else None
 
 
 @on_ranks(LlmFree)

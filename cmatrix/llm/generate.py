@@ -29,6 +29,8 @@ class GenerationResult:
     bytes_per_token: float = 0.0
     prefill_bytes: int = 0
     decode_steps: int = field(default=0)
+    #: per rank, the decode steps' time by phase (``generate(profile=True)``)
+    profile: list[dict] | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -93,7 +95,7 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None,
              stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-             stream: Callable[[str], Any] | None = None) -> GenerationResult:
+             stream: Callable[[str], Any] | None = None, profile: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after a prompt.
 
     The prompt is ``prompt`` (text; rendered with the tokenizer's chat template when it
@@ -102,7 +104,8 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     ``top_p``, with ``repetition_penalty`` and ``seed``, as transformers applies them.
     Generation stops at ``stop_token_ids`` (default: the model's end-of-sequence ids) or
     ``stop_strings`` (the text is cut before it). ``stream`` receives the new text as it
-    is decoded.
+    is decoded. ``profile``: every rank times its decode steps by phase (``result.profile``;
+    ggml ranks then run their graphs node by node, which is slower).
     """
     options = check_options(max_new_tokens, stop_strings, stop_token_ids, temperature=temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
@@ -125,6 +128,8 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     prefill_seconds = time.perf_counter() - t0
     prefill_bytes = stats()["bytes_moved"] - moved
     generated: list[int] = []
+    if profile:
+        model.profile(True)
     reason, steps, t1 = "max_new_tokens", 0, time.perf_counter()
     try:
         while len(generated) < max_new_tokens:
@@ -146,12 +151,13 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     except KeyboardInterrupt:  # Ctrl-C: the ranks are in step (see Driver.run); keep what came
         reason = "interrupted"
     decode_seconds = time.perf_counter() - t1
+    reports = model.profile(False) if profile else None
     decode_bytes = stats()["bytes_moved"] - moved - prefill_bytes
     return GenerationResult(
         text=text.finish(), token_ids=generated, prompt_tokens=len(ids), stop_reason=reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         bytes_per_token=decode_bytes / steps if steps else 0.0, prefill_bytes=prefill_bytes,
-        decode_steps=steps,
+        decode_steps=steps, profile=reports,
     )
 
 

@@ -3,12 +3,14 @@
 Weights are resident blocks on the rank's backend (:class:`~cmatrix.backends.device.Device`);
 activations are float32 numpy arrays of a few tokens, and the norms, rotary
 embedding and attention over the rank's own K/V cache run on them in float32,
-as transformers computes them. Each block returns the rank's partial sum of
+as transformers computes them. Each block writes the rank's partial sum of
 the block's output; the caller sums them across ranks (this module never sees MPI).
+ggml ranks run the same math as whole-block graphs: :mod:`.ggml_decoder`.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from ..errors import CMatrixError
 from .config import DecoderConfig
 from .layout import split_gate_up, split_qkv
+from .rank_part import RankPart
 
 
 class KVCache:
@@ -46,8 +49,9 @@ class KVCache:
         return self.k[:, :end], self.v[:, :end]
 
 
-class RankDecoder:
-    """The blocks this rank holds and the math it runs on them.
+class RankDecoder(RankPart):
+    """The blocks this rank holds and the math it runs on them (the protocol of a step:
+    :mod:`cmatrix.llm.rank_part`).
 
     ``layers``: per layer a dict of resident weight blocks ("qkv", "o", "gate_up",
     "down"); ``vectors``: norms and this rank's slices of the biases.
@@ -55,29 +59,37 @@ class RankDecoder:
 
     def __init__(self, cfg: DecoderConfig, device: Any, layers: list[dict], lm_head: Any,
                  vectors: dict[str, np.ndarray], groups: int, chunk: int) -> None:
+        self.kind = f"numpy+{device.name}"
         self.cfg, self.dev, self.layers, self.lm_head = cfg, device, layers, lm_head
         self.vectors, self.groups, self.chunk = vectors, groups, chunk
         self.scale = np.float32(cfg.head_dim ** -0.5)
         self.inv_freq = cfg.inv_freq()
         self._angles: tuple = ((-1, 0), None, None)
         self.caches = [KVCache(groups, cfg.head_dim, cfg.max_positions) for _ in range(cfg.num_layers)]
+        self.x = np.zeros((0, cfg.hidden_size), dtype=np.float32)
+        self.start = 0
+
+    def _timed(self, phase: str) -> Any:
+        return nullcontext() if self.profile is None else self.profile.timed(phase)
 
     def _vec(self, name: str) -> np.ndarray | None:
         return self.vectors.get(name)
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        variance = np.mean(x * x, axis=-1, keepdims=True)
-        inverse = np.float32(1.0) / np.sqrt(variance + np.float32(self.cfg.rms_norm_eps))
-        return (x * inverse) * self.vectors[name]
+        with self._timed("norms/rotary/elementwise"):
+            variance = np.mean(x * x, axis=-1, keepdims=True)
+            inverse = np.float32(1.0) / np.sqrt(variance + np.float32(self.cfg.rms_norm_eps))
+            return (x * inverse) * self.vectors[name]
 
     def _linear(self, h: np.ndarray, weight: Any, bias: np.ndarray | None = None) -> np.ndarray:
         """h @ weight.T on the backend, back as float32 (+ bias)."""
         dev = self.dev
-        a = dev.upload(np.ascontiguousarray(h, dtype=np.float32), "float32")
-        y = dev.matmul(a, weight, transpose_b=True, partial=True)
-        out = dev.download(y, "float32")
-        dev.free(a)
-        dev.free(y)
+        with self._timed("matmul"):
+            a = dev.upload(np.ascontiguousarray(h, dtype=np.float32), "float32")
+            y = dev.matmul(a, weight, transpose_b=True, partial=True)
+            out = dev.download(y, "float32")
+            dev.free(a)
+            dev.free(y)
         if bias is not None:
             out = out + bias
         return out
@@ -96,19 +108,37 @@ class RankDecoder:
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def attention(self, i: int, x: np.ndarray, start: int) -> np.ndarray:
-        """This rank's heads of layer ``i``: its partial sum of the attention output (T, hidden)."""
+    def begin(self, x: np.ndarray, start: int) -> None:
+        """A step of the new tokens' embeddings ``x`` (T, hidden) from position ``start``."""
+        self.x, self.start = np.array(x, dtype=np.float32), start
+
+    def _residual(self, total: np.ndarray | None, bias_name: str) -> None:
+        """The residual connection: x += the previous block's summed output (+ its bias, once)."""
+        if total is None:
+            return
+        self.x += total
+        bias = self._vec(bias_name)
+        if bias is not None:
+            self.x += bias
+
+    def attention(self, i: int, total: np.ndarray | None, out: np.ndarray) -> None:
+        """Layer ``i``'s attention: this rank's heads' partial sum of its output into ``out``."""
+        self._residual(total, f"{i - 1}.down_bias")
+        x, start = self.x, self.start
         t = x.shape[0]
         if self.groups == 0:
-            return np.zeros_like(x)
+            out[...] = 0
+            return
         h = self.norm(x, f"{i}.attn_norm")
         q, k, v = split_qkv(self._linear(h, self.layers[i]["qkv"], self._vec(f"{i}.qkv_bias")), self.cfg)
-        cos, sin = self._rotary(start, t)
-        q = self._rope(q, cos[:, None, None, :], sin[:, None, None, :])
-        k = self._rope(k, cos[:, None, :], sin[:, None, :])
-        keys, values = self.caches[i].extend(start, k, v)
-        out = self._attend(q, keys, values, start, self.cfg.windows[i])
-        return self._linear(out, self.layers[i]["o"])
+        with self._timed("norms/rotary/elementwise"):
+            cos, sin = self._rotary(start, t)
+            q = self._rope(q, cos[:, None, None, :], sin[:, None, None, :])
+            k = self._rope(k, cos[:, None, :], sin[:, None, :])
+        with self._timed("attention"):
+            keys, values = self.caches[i].extend(start, k, v)
+            attended = self._attend(q, keys, values, start, self.cfg.windows[i])
+        out[...] = self._linear(attended, self.layers[i]["o"])
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
                 window: int | None) -> np.ndarray:
@@ -126,26 +156,23 @@ class RankDecoder:
         out = probs @ values[:, None]  # (g, rep, t, d)
         return out.transpose(2, 0, 1, 3).reshape(t, g * rep * d)
 
-    def mlp(self, i: int, x: np.ndarray) -> np.ndarray:
-        """This rank's MLP rows of layer ``i``: its partial sum of the MLP output (T, hidden)."""
+    def mlp(self, i: int, total: np.ndarray, out: np.ndarray) -> None:
+        """Layer ``i``'s MLP: this rank's rows' partial sum of its output into ``out``."""
+        self._residual(total, f"{i}.o_bias")
         if self.layers[i]["down"].shape[1] == 0:
-            return np.zeros_like(x)
-        h = self.norm(x, f"{i}.mlp_norm")
+            out[...] = 0
+            return
+        h = self.norm(self.x, f"{i}.mlp_norm")
         gate, up = split_gate_up(self._linear(h, self.layers[i]["gate_up"], self._vec(f"{i}.gate_up_bias")),
                                  self.chunk)
-        with np.errstate(over="ignore"):
+        with self._timed("norms/rotary/elementwise"), np.errstate(over="ignore"):
             act = gate / (np.float32(1.0) + np.exp(-gate)) * up
-        return self._linear(act, self.layers[i]["down"])
+        out[...] = self._linear(act, self.layers[i]["down"])
 
-    def add(self, x: np.ndarray, total: np.ndarray, bias_name: str) -> None:
-        """The residual connection: x += the block's summed output (+ its bias, once)."""
-        x += total
-        bias = self._vec(bias_name)
-        if bias is not None:
-            x += bias
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """This rank's vocabulary slice of the logits of the rows of ``x`` (final norm first)."""
+    def logits(self, total: np.ndarray, all_rows: bool) -> np.ndarray:
+        """This rank's vocabulary slice of the logits of the last row (or of every row)."""
+        self._residual(total, f"{self.cfg.num_layers - 1}.down_bias")
+        rows = self.x if all_rows else self.x[-1:]
         if self.lm_head.shape[0] == 0:
-            return np.zeros((x.shape[0], 0), dtype=np.float32)
-        return self._linear(self.norm(x, "final_norm"), self.lm_head)
+            return np.zeros((rows.shape[0], 0), dtype=np.float32)
+        return self._linear(self.norm(rows, "final_norm"), self.lm_head)

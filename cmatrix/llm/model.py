@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from ..core.arrays import HostArray
+from ..core.dtypes import from_float32
 from ..core.plan import validate_weights
 from ..engine import progress
 from ..errors import InputError
 from .checkpoint import Checkpoint
-from .commands import LlmFree, LlmLoad, LlmStep
+from .commands import LlmFree, LlmLoad, LlmProfile, LlmStep
 from .config import DecoderConfig
 from .layout import check_quant, fuse_gate_up, fuse_qkv, group_step, mlp_chunk, pack
 
 CACHE_MODES = ("save", "load", "auto")
+WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 
@@ -41,10 +44,17 @@ class DecoderModel:
     """A decoder whose layers live on the cluster; see :func:`cmatrix.llm.load`."""
 
     def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
-                 quant: str | None = None, cache: str | None = None, name: str | None = None) -> None:
+                 quant: str | None = None, cache: str | None = None, name: str | None = None,
+                 dtype: str | None = None) -> None:
         self.cluster, self.path = cluster, Path(path)
         self.config = cfg = DecoderConfig.from_dir(self.path)
         check_quant(cfg, quant)
+        if dtype not in WEIGHT_DTYPES:
+            raise InputError(f"dtype: one of {', '.join(map(repr, WEIGHT_DTYPES))}, got {dtype!r}")
+        if dtype not in (None, "float32") and quant is not None:
+            raise InputError(f"give dtype ({dtype!r}) or quant ({quant!r}), not both: quantised blocks "
+                             "have their own type")
+        self.dtype = dtype or "float32"
         if cache is not None and cache not in CACHE_MODES:
             raise InputError(f"cache: one of {', '.join(map(repr, CACHE_MODES))} or None, got {cache!r}")
         self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
@@ -73,13 +83,17 @@ class DecoderModel:
     def _shard(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int = 0) -> Any:
         """One weight matrix onto the ranks (``build()`` makes it; not called for cache='load')."""
         w = None if self.cache == "load" else build()
+        if w is not None and self.quant is None and self.dtype != "float32":
+            w = HostArray(from_float32(w, self.dtype), self.dtype, "numpy")
         m = self.cluster.shard(w, name=f"{self.name}.{suffix}", weights=self.weights, axis=axis,
                                quant=self.quant, quant_axis=1, cache=self.cache, align=align)
         self._matrices.append(m)
-        if tuple(m.shape) != shape or m.quant != self.quant or m.axis != axis:
-            raise InputError(f"the cached {m.name} is {m.quant or 'float'} {tuple(m.shape)} split along "
-                             f"axis {m.axis}; {self.path} with quant={self.quant!r} needs {shape} along "
-                             f"axis {axis}: load it with cache='save' or 'auto' once")
+        dtype = "float32" if self.quant else self.dtype
+        if tuple(m.shape) != shape or m.quant != self.quant or m.axis != axis or m.dtype != dtype:
+            raise InputError(f"the cached {m.name} is {m.quant or m.dtype} {tuple(m.shape)} split along "
+                             f"axis {m.axis}; {self.path} with quant={self.quant!r} needs "
+                             f"{self.quant or dtype} {shape} along axis {axis}: load it with cache='save' "
+                             "or 'auto' once")
         return m
 
     def _load(self) -> None:
@@ -167,6 +181,16 @@ class DecoderModel:
         self.position = start + ids.size
         return logits if all_logits else logits[0]
 
+    def profile(self, enable: bool) -> list[dict]:
+        """Start (``True``) or stop timing decode steps on every rank; returns each rank's
+        profile since it was last started (see :mod:`cmatrix.llm.rank_part`), with its host
+        and backend."""
+        if self._id is None:
+            raise InputError("this model was closed")
+        reports = self.cluster.driver.run(LlmProfile(self._id, bool(enable)))
+        return [{"rank": r, "host": info.host, "backend": info.backend, **(rep or {"steps": 0})}
+                for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
+
     def layout(self) -> list[dict]:
         """Per rank: KV groups (query heads), MLP rows and vocabulary rows it holds."""
         cfg = self.config
@@ -253,7 +277,8 @@ def _tensor_names(cfg: DecoderConfig, ckpt: Checkpoint) -> dict[str, tuple[str |
 
 
 def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
-         quant: str | None = None, cache: str | None = None, name: str | None = None) -> DecoderModel:
+         quant: str | None = None, cache: str | None = None, name: str | None = None,
+         dtype: str | None = None) -> DecoderModel:
     """Load a Llama-family checkpoint (a local Hugging Face folder) onto the cluster.
 
     ``weights``: per-rank shares (default the cluster's); attention is split in whole
@@ -261,7 +286,9 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None 
     matrix (ggml ranks keep the blocks). ``cache``: "save" also writes each rank's
     shards to its node's disk, "load" reads them from there (the driver reads only
     embeddings, norms and biases), "auto" reuses what is unchanged. ``name``: the
-    cache prefix (default: from the folder's name and path).
+    cache prefix (default: from the folder's name and path). ``dtype``: "float16" or
+    "bfloat16" keeps the weight matrices 16-bit on the ranks (ggml ranks multiply them as
+    they are; default float32); norms, biases and activations stay float32.
     """
-    return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name)
+    return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype)
 

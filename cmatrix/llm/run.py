@@ -29,6 +29,8 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True) -> N
                     help="backend for all ranks or one per rank, e.g. torch,ggml (default numpy)")
     ap.add_argument("--quant", choices=("q8_0", "q4_0"), default=None,
                     help="quantise every weight matrix (ggml ranks keep the blocks)")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                    help="keep the weight matrices in this type on the ranks (default float32)")
     ap.add_argument("--cache", choices=("save", "load", "auto"), default=None,
                     help="save shards to each node's disk, or load them from there")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -38,6 +40,9 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True) -> N
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where each rank's decode time goes (matmul, attention, norms, "
+                         "collectives, other)")
 
 
 def parse_list(text: str | None, kind: type) -> Any:
@@ -64,7 +69,8 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
                       repetition_penalty=ns.repetition_penalty, seed=ns.seed)
         if (Path(ns.model) / "config.json").exists():  # else load() says what the folder lacks
             Tokenizer.from_dir(ns.model)
-        model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache)
+        model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
+                     dtype=getattr(ns, "dtype", None))
         placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
                            for p in model.layout())
         print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
@@ -77,7 +83,8 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
         result = model.generate(ns.prompt, system=ns.system, chat=False if ns.no_chat else None,
                                 max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                                 top_k=ns.top_k, top_p=ns.top_p, repetition_penalty=ns.repetition_penalty,
-                                seed=ns.seed, stop_strings=ns.stop, stream=stream)
+                                seed=ns.seed, stop_strings=ns.stop, stream=stream,
+                                profile=getattr(ns, "profile", False))
     except CMatrixError as exc:
         print(f"\ncmatrix generate: {exc}", file=sys.stderr)
         return 2
@@ -86,4 +93,8 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
     if result.stop_reason == "interrupted":
         print(f"cmatrix: stopped by the user after {len(result.token_ids)} tokens", file=sys.stderr)
     print(result.summary(), file=sys.stderr)
+    if result.profile is not None:
+        from .rank_part import format_profile
+
+        print(format_profile(result.profile), file=sys.stderr)
     return 130 if result.stop_reason == "interrupted" else 0

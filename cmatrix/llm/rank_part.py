@@ -1,0 +1,89 @@
+"""What every rank-side decoder shares: the step's sum buffers and the decode profile.
+
+A decoder (:class:`~cmatrix.llm.layers.RankDecoder`, or
+:class:`~cmatrix.llm.ggml_decoder.GraphDecoder` on ggml ranks) runs one step as
+``begin(x, start)``, then per layer ``attention(i, total, out)`` and
+``mlp(i, total, out)``, then ``logits(total, all_rows)``. Each block first adds
+``total`` (the previous block's output summed over ranks; None before the first
+block) to the residual stream, then writes this rank's partial sum of its own
+output into ``out``; the caller sums ``out`` across ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+#: the profile's phases, in the order they are reported
+PHASES = ("matmul", "attention", "norms/rotary/elementwise", "collectives", "other")
+
+
+class StepProfile:
+    """Seconds per phase over the decode steps since profiling began."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.wall = 0.0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t
+
+    def step(self, seconds: float) -> None:
+        self.steps += 1
+        self.wall += seconds
+
+    def report(self) -> dict:
+        """Milliseconds per decode step by phase; "other" is the step's wall time not in a phase
+        (Python between operations, the residual stream, copies)."""
+        n = max(self.steps, 1)
+        ms = {p: 1e3 * self.seconds.get(p, 0.0) / n for p in PHASES if p != "other"}
+        ms["other"] = max(1e3 * self.wall / n - sum(ms.values()), 0.0)
+        return {"steps": self.steps, "ms_per_token": 1e3 * self.wall / n, "phases": ms}
+
+
+class RankPart:
+    """Mixin of the decoders: sum buffers reused between steps and an optional profile."""
+
+    profile: StepProfile | None = None
+    #: how this rank runs its blocks, for the profile
+    kind = ""
+    _buffers: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def sum_buffers(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two float32 buffers of ``size`` values plus a failure flag, reused while sizes match."""
+        if self._buffers is None or self._buffers[0] != size:
+            self._buffers = (size, (np.empty(size + 1, np.float32), np.empty(size + 1, np.float32)))
+        return self._buffers[1]
+
+    def set_profile(self, enable: bool) -> None:
+        """Start profiling decode steps afresh, or stop."""
+        self.profile = StepProfile() if enable else None
+
+
+def format_profile(reports: list[dict]) -> str:
+    """The per-rank profile as a table: milliseconds per decoded token by phase."""
+    head = f"{'rank':>4} {'host':14} {'decoder':14} {'steps':>5} {'ms/token':>9} " + \
+        " ".join(f"{p:>{max(len(p), 7)}}" for p in PHASES)
+    lines = ["decode profile (ms per token; node-by-node on ggml ranks, so slower than a plain run):",
+             head]
+    for r in reports:
+        if not r.get("steps"):
+            lines.append(f"{r['rank']:>4} {r['host'][:14]:14} {r['backend']:14} {0:>5} (no decode steps)")
+            continue
+        phases = " ".join(f"{r['phases'][p]:>{max(len(p), 7)}.2f}" for p in PHASES)
+        lines.append(f"{r['rank']:>4} {r['host'][:14]:14} {r['decoder'][:14]:14} {r['steps']:>5} "
+                     f"{r['ms_per_token']:>9.2f} {phases}")
+    return "\n".join(lines)
