@@ -153,3 +153,26 @@ def test_closed_backend_refuses():
     backend.close()
     with pytest.raises(CMatrixError, match="closed"):
         backend.matmul(x, x, False, True)
+
+
+def test_q4_0_weights_use_the_repacked_layout_and_give_the_same_products(be, monkeypatch):
+    """On an AVX2 CPU q4_0 weights of whole groups of 8 rows live in ggml's repacked layout
+    (llama.cpp's fast kernels); products and downloads equal the plain layout's."""
+    if be._repack is None:
+        pytest.skip("this CPU has no AVX2: ggml keeps q4_0 in the plain layout")
+    monkeypatch.setenv("CMATRIX_GGML_REPACK", "0")
+    plain = create("ggml", threads=1, accel=False)
+    assert plain._repack is None
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    for rows, repacked in ((64, True), (60, False)):  # 60 rows: not whole groups of 8
+        w = rng.standard_normal((rows, 96)).astype(np.float32)
+        fast, slow = (b.upload(w, "float32", quant="q4_0", quant_axis=1) for b in (be, plain))
+        (res,) = fast.weights.values()
+        assert res.repacked is repacked
+        a, a_plain = be.upload(x, "float32"), plain.upload(x, "float32")
+        np.testing.assert_allclose(be.download(be.matmul(a, fast, False, True), "float32"),
+                                   plain.download(plain.matmul(a_plain, slow, False, True), "float32"),
+                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(be.download(fast, "float32"), quant.roundtrip(w, "q4_0", 1))
+    plain.close()
