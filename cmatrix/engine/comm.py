@@ -226,6 +226,15 @@ class Comm(GridTransfers):
         mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
         self.world.Allreduce(MPI.IN_PLACE, [array, _mpi_type(array.dtype)], op=mpi_op)
 
+    def allgather(self, array: np.ndarray, out: np.ndarray) -> None:
+        """Every rank's ``array`` into row r of ``out`` (size, *array.shape) on every rank."""
+        if self.size == 1:
+            out[0] = array
+            return
+        self._count(array.nbytes * (self.size - 1))
+        mpitype = _mpi_type(array.dtype)
+        self.world.Allgather([array, mpitype], [out, mpitype])
+
     def reduce_scatter_rows(self, partial: np.ndarray, block: np.ndarray, plan: Plan) -> None:
         """Sum every rank's ``partial`` and leave row block ``plan.block(rank)`` on each rank."""
         if self.size == 1:

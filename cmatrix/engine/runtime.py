@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.dtypes import from_float32, to_float32
 from ..errors import CMatrixError, RankError, RankFailure
 from . import faults, progress
 from .protocol import RANK_HALVES, Header, decode
@@ -50,6 +51,7 @@ class Runtime:
         self._handing: Any = None
         self.op = ""
         self._failure: RankFailure | None = None
+        self._wire_buffer: tuple | None = None
 
     @contextmanager
     def step(self, phase: str) -> Iterator[None]:
@@ -83,14 +85,42 @@ class Runtime:
         self.sum_flagged(buffer)
         return buffer[:-1].reshape(shape)
 
-    def sum_flagged(self, buffer: np.ndarray) -> None:
+    def sum_flagged(self, buffer: np.ndarray, wire: str = "float32") -> None:
         """Collective: sum the float32 ``buffer`` in place across ranks. Its last element is
-        set here to this rank's failure flag, so the same Allreduce does what :meth:`sync`
-        does: if any rank failed, every rank leaves (the driver raises)."""
+        set here to this rank's failure flag, so the same collective does what :meth:`sync`
+        does: if any rank failed, every rank leaves (the driver raises).
+
+        ``wire`` "float16" or "bfloat16": each rank's values travel in that type (half the
+        bytes of an Allreduce of float32) and every rank adds them up in float32, in rank
+        order, so all ranks hold the same sum. A value float16 cannot hold (|x| > 65504)
+        sends the whole sum again in float32 rather than lose it.
+        """
         buffer[-1] = 0 if self._failure is None else 1
-        self.comm.allreduce(buffer, "sum")
-        if buffer[-1] != 0:
+        if wire == "float32" or self.comm.size == 1:
+            self.comm.allreduce(buffer, "sum")
+            if buffer[-1] != 0:
+                self._fail()
+            return
+        small = from_float32(buffer, wire)
+        if wire == "float16" and not np.isfinite(small[:-1]).all() and np.isfinite(buffer[:-1]).all():
+            small[-1] = 2  # out of float16's range: the sum goes again in float32
+        everyone = self._gathered(small)
+        self.comm.allgather(small, everyone)
+        flags = to_float32(everyone[:, -1], wire)
+        if (flags == 1).any():
             self._fail()
+        if (flags == 2).any():
+            buffer[-1] = 0
+            self.comm.allreduce(buffer, "sum")
+            return
+        np.sum(to_float32(everyone, wire), axis=0, out=buffer)
+
+    def _gathered(self, small: np.ndarray) -> np.ndarray:
+        """A reused (ranks, size) receive buffer for :meth:`sum_flagged`'s 16-bit sums."""
+        key = (small.size, small.dtype)
+        if self._wire_buffer is None or self._wire_buffer[0] != key:
+            self._wire_buffer = (key, np.empty((self.comm.size, small.size), dtype=small.dtype))
+        return self._wire_buffer[1]
 
     def _fail(self) -> None:
         reports = self.comm.gather_objects(self._failure)

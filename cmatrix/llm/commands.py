@@ -36,6 +36,7 @@ class LlmLoad(Header, op="llm_load"):
     chunk: int                          # MLP rows per unit of the split
     vectors: dict[str, tuple[int, int]]  # norms and biases: where each lies in the broadcast buffer
     vectors_size: int
+    wire: str = "float32"               # the type partial sums travel in (see Runtime.sum_flagged)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> None:
         unit = (cfg.group_size + 2) * cfg.head_dim
         decoder = decoder_for(rt.backend)(cfg, rt.backend, layers, rt.block(h.lm_head), mine,
                                           groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk)
+        decoder.wire = h.wire
     rt.sync()
     rt.models[h.model] = decoder  # only once every rank has its part
 
@@ -124,10 +126,10 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
             with rt.step(kind):
                 block(i, total, buffer[:size].reshape(h.shape))
             if prof is None:
-                rt.sum_flagged(buffer)
+                rt.sum_flagged(buffer, model.wire)
             else:
                 t = time.perf_counter()
-                rt.sum_flagged(buffer)
+                rt.sum_flagged(buffer, model.wire)
                 prof.add("collectives", time.perf_counter() - t)
             total = buffer[:size].reshape(h.shape)
     part = full = None

@@ -37,6 +37,7 @@ from .layout import check_quant, fuse_gate_up, fuse_qkv, group_step, mlp_chunk, 
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
+WIRE_TYPES = ("float32", "float16", "bfloat16")
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 
@@ -45,7 +46,7 @@ class DecoderModel:
 
     def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, wire: str = "float32") -> None:
         self.cluster, self.path = cluster, Path(path)
         self.config = cfg = DecoderConfig.from_dir(self.path)
         check_quant(cfg, quant)
@@ -55,6 +56,9 @@ class DecoderModel:
             raise InputError(f"give dtype ({dtype!r}) or quant ({quant!r}), not both: quantised blocks "
                              "have their own type")
         self.dtype = dtype or "float32"
+        if wire not in WIRE_TYPES:
+            raise InputError(f"wire: one of {', '.join(map(repr, WIRE_TYPES))}, got {wire!r}")
+        self.wire = wire
         if cache is not None and cache not in CACHE_MODES:
             raise InputError(f"cache: one of {', '.join(map(repr, CACHE_MODES))} or None, got {cache!r}")
         self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
@@ -116,7 +120,7 @@ class DecoderModel:
         # A model dropped without close() is freed on the ranks with the next command.
         self._finalizer = weakref.finalize(self, d.free_later, self._id)
         d.run(LlmLoad(self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
-                      tuple(self._gate_up_counts), chunk, where, buffer.size), buffer)
+                      tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire), buffer)
 
     def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
         """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""
@@ -278,7 +282,7 @@ def _tensor_names(cfg: DecoderConfig, ckpt: Checkpoint) -> dict[str, tuple[str |
 
 def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
          quant: str | None = None, cache: str | None = None, name: str | None = None,
-         dtype: str | None = None) -> DecoderModel:
+         dtype: str | None = None, wire: str = "float32") -> DecoderModel:
     """Load a Llama-family checkpoint (a local Hugging Face folder) onto the cluster.
 
     ``weights``: per-rank shares (default the cluster's); attention is split in whole
@@ -288,7 +292,11 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None 
     embeddings, norms and biases), "auto" reuses what is unchanged. ``name``: the
     cache prefix (default: from the folder's name and path). ``dtype``: "float16" or
     "bfloat16" keeps the weight matrices 16-bit on the ranks (ggml ranks multiply them as
-    they are; default float32); norms, biases and activations stay float32.
+    they are; default float32); norms, biases and activations stay float32. ``wire``:
+    "float16" or "bfloat16" sends each block's partial sums in that type (half the bytes
+    per token, for slow links; the sums are still taken in float32); default "float32",
+    exact.
     """
-    return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype)
+    return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype,
+                        wire=wire)
 

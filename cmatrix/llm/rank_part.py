@@ -60,6 +60,8 @@ class RankPart:
     profile: StepProfile | None = None
     #: how this rank runs its blocks, for the profile
     kind = ""
+    #: the type each block's partial sums travel in ("float32", "float16", "bfloat16")
+    wire = "float32"
     _buffers: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def sum_buffers(self, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,8 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True) -> N
                     help="quantise every weight matrix (ggml ranks keep the blocks)")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                     help="keep the weight matrices in this type on the ranks (default float32)")
+    ap.add_argument("--wire", choices=("float32", "float16", "bfloat16"), default="float32",
+                    help="type of the activations sent between ranks (16-bit: half the bytes)")
     ap.add_argument("--cache", choices=("save", "load", "auto"), default=None,
                     help="save shards to each node's disk, or load them from there")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -70,7 +72,7 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
         if (Path(ns.model) / "config.json").exists():  # else load() says what the folder lacks
             Tokenizer.from_dir(ns.model)
         model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
-                     dtype=getattr(ns, "dtype", None))
+                     dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"))
         placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
                            for p in model.layout())
         print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "

@@ -80,4 +80,43 @@ for dtype, torch_type in (("float16", torch.float16), ("bfloat16", torch.bfloat1
     t.check(f"{dtype} weights", err <= bound, f"max error {err:.2e} (bound {bound:.2e})")
     m.close()
 
+if cl.size > 1:  # 16-bit partial sums between ranks (one rank sends nothing)
+    def decode(m):
+        logits = m.forward(ids[:40], start=0, all_logits=True)
+        return logits, m.generate(token_ids=ids[:8], max_new_tokens=6, stop_token_ids=[])
+
+    m = cm.llm.load(cl, path)
+    want32, run32 = decode(m)
+    m.close()
+    for wire in ("float16", "bfloat16"):
+        m = cm.llm.load(cl, path, wire=wire)
+        got, run16 = decode(m)
+        m.close()
+        err, scale = float(np.abs(got - want32).max()), float(np.abs(want32).max())
+        # each of the 2 sums per layer sends (hidden + 1 flag) values per rank in 2 bytes, not 4
+        saved = 2 * 2 * (64 + 1) * 2 * (cl.size - 1)
+        fewer = run32.bytes_per_token - run16.bytes_per_token
+        t.check(f"wire {wire}", err <= 0.02 * scale and fewer == saved,
+                f"max error {err:.2e} at scale {scale:.1f}; {run16.bytes_per_token:.0f} vs "
+                f"{run32.bytes_per_token:.0f} bytes/token, expected {saved} fewer")
+    # partial sums beyond float16's range travel again in float32 rather than turn into inf
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    big = work / "big"
+    shutil.copytree(path, big, dirs_exist_ok=True)
+    tensors = load_file(big / "model.safetensors")
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        tensors[name] = tensors[name] * np.float32(1e6)
+    save_file(tensors, big / "model.safetensors", metadata={"format": "pt"})
+    logits = {}
+    for wire in ("float32", "float16"):
+        m = cm.llm.load(cl, big, wire=wire)
+        logits[wire] = m.forward(ids[:20], start=0, all_logits=True)
+        m.close()
+    err = float(np.abs(logits["float16"] - logits["float32"]).max())
+    t.check("wire float16 beyond its range", np.isfinite(logits["float16"]).all() and
+            err <= 0.02 * float(np.abs(logits["float32"]).max()), f"max error {err:.2e}")
+
 t.finish(cl.size)
