@@ -19,15 +19,20 @@ def _need(*backend_names):
     need("torch", *backend_names)
 
 
-@pytest.mark.parametrize("n, weights, names", [
-    (1, [1.0], None),
-    (2, [0.7, 0.3], None),
-    (3, [0.0, 0.5, 0.5], ["numpy", "torch", "numpy"]),  # the driver holds no heads, rows or vocabulary
-    (4, [0.4, 0.3, 0.2, 0.1], ["torch", "numpy", "ggml", "opencl"]),
+@pytest.mark.parametrize("n, weights, names, decoder", [
+    (1, [1.0], None, "auto"),
+    (2, [0.7, 0.3], None, "auto"),
+    # the driver holds no heads, rows or vocabulary
+    (3, [0.0, 0.5, 0.5], ["numpy", "torch", "numpy"], "auto"),
+    (4, [0.4, 0.3, 0.2, 0.1], ["torch", "numpy", "ggml", "opencl"], "auto"),
+    (2, [0.5, 0.5], ["torch", "ggml"], "torch"),  # the torch path (GPU ranks' own) on the CPU
+    (2, [0.6, 0.4], ["ggml", "ggml"], "numpy"),  # the numpy reference path on ggml ranks
 ])
-def test_decoder_matches_transformers(n, weights, names, tmp_path):
+def test_decoder_matches_transformers(n, weights, names, decoder, tmp_path):
+    """Every rank-side decoder path (CMATRIX_DECODER) against transformers."""
     _need(*(names or ()))
-    r = mpirun(n, JOBS / "llm_job.py", str(tmp_path), json.dumps(weights), json.dumps(names), timeout=300)
+    r = mpirun(n, JOBS / "llm_job.py", str(tmp_path), json.dumps(weights), json.dumps(names), timeout=300,
+               env={"CMATRIX_DECODER": decoder})
     assert r.returncode == 0, r
     assert f"llm: 12 checks, 0 failures on {n} ranks" in r.stdout, r
 
@@ -45,17 +50,18 @@ def test_quantised_decoder(quant, names, checks, tmp_path):
     assert f"llm: {checks} checks, 0 failures on 2 ranks" in r.stdout, r
 
 
-@pytest.mark.parametrize("n, names", [
-    (1, ["ggml"]),
-    (2, ["ggml", "torch"]),
-    (2, ["numpy", "torch"]),
+@pytest.mark.parametrize("n, names, decoder", [
+    (1, ["ggml"], "auto"),
+    (2, ["ggml", "torch"], "auto"),
+    (2, ["numpy", "torch"], "torch"),
 ])
-def test_graph_decoder_cache_growth_16_bit_weights_and_profile(n, names, tmp_path):
+def test_graph_decoder_cache_growth_16_bit_weights_and_profile(n, names, decoder, tmp_path):
     """ggml ranks' whole-block graphs past the cache's first capacity, float16/bfloat16 weights
     kept 16-bit on the ranks, every rank's decode profile, and 16-bit partial sums between
     ranks, also beyond float16's range (tests/jobs/llm_graph_job.py)."""
     _need(*names)
-    r = mpirun(n, JOBS / "llm_graph_job.py", str(tmp_path), json.dumps(names), timeout=300)
+    r = mpirun(n, JOBS / "llm_graph_job.py", str(tmp_path), json.dumps(names), timeout=300,
+               env={"CMATRIX_DECODER": decoder})
     assert r.returncode == 0, r
     assert f"graph: {7 if n == 1 else 10} checks, 0 failures on {n} ranks" in r.stdout, r
 

@@ -10,6 +10,7 @@ carries the ranks' failure flags), and the logits come back by vocabulary slices
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -60,11 +61,26 @@ class LlmFree(Header, op="llm_free"):
 
 
 def decoder_for(device: Any) -> type:
-    """The decoder class a rank runs: whole-block ggml graphs on ggml ranks, else numpy + backend."""
+    """The decoder class a rank runs: whole-block ggml graphs on ggml ranks, torch operations on
+    the accelerator of torch GPU ranks, else numpy activations with the backend's matmuls (on
+    a CPU, torch's per-operation cost makes the torch path slower than numpy's).
+
+    ``CMATRIX_DECODER=numpy`` runs the numpy path on every rank (the reference, for
+    debugging); ``CMATRIX_DECODER=torch`` the torch path on CPU torch ranks as well.
+    """
+    choice = os.environ.get("CMATRIX_DECODER", "auto")
+    if choice not in ("auto", "numpy", "torch"):
+        raise CMatrixError(f"CMATRIX_DECODER: auto, numpy or torch, got {choice!r}")
+    if choice == "numpy":
+        return RankDecoder
     if device.name == "ggml":
         from .ggml_decoder import GraphDecoder
 
         return GraphDecoder
+    if device.name == "torch" and (choice == "torch" or device.backend.torch_device.type != "cpu"):
+        from .torch_decoder import TorchDecoder
+
+        return TorchDecoder
     return RankDecoder
 
 
