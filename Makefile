@@ -62,4 +62,4 @@ bench-llm: $(STAMP)
 	$(PY) jobs/bench_llm.py
 
 clean:
-	rm -rf $(VENV) $(OMPI_VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OMPI_VENV) .venv-bench *.egg-info .pytest_cache
