@@ -5,8 +5,10 @@ storage until it is first used as the weight ``b`` of a matmul; then it is laid
 out once, row-major along the contracted axis, as a ggml tensor of its own
 type (F32/F16/BF16) in a backend buffer, and that tensor is cached per
 orientation. Quantised uploads (``q8_0``/``q4_0``) go straight to a ggml tensor
-of quantised blocks. Activations stay host arrays and travel into each graph
-as float32 inputs.
+of quantised blocks; on an AVX2 CPU, q4_0 in the repacked layout of ggml's fast
+kernels (``CMATRIX_GGML_REPACK=0`` keeps the plain one). Weight buffers sit on
+2 MiB pages where Linux allows (:mod:`.ggml_tensors`). Activations stay host
+arrays and travel into each graph as float32 inputs.
 
 Each operation builds a tiny graph in one persistent no-alloc metadata context
 (reset per call); one persistent ``ggml_gallocr`` places its intermediate
@@ -17,12 +19,8 @@ graph needs more. Results are copied back to host float32 arrays.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
-import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
 import ggml
 import numpy as np
@@ -31,133 +29,14 @@ from ..core import quant as q
 from ..core.dtypes import STORAGE, from_float32, to_float32
 from ..errors import CMatrixError
 from .base import Backend
+from .ggml_tensors import Borrowed, Resident, repack_buffer_type
+
+__all__ = ["Borrowed", "GGMLBackend", "GGMLHandle"]
 
 _GGML_TYPE = {"float32": ggml.GGML_TYPE_F32, "float16": ggml.GGML_TYPE_F16,
               "bfloat16": ggml.GGML_TYPE_BF16, "q8_0": ggml.GGML_TYPE_Q8_0, "q4_0": ggml.GGML_TYPE_Q4_0}
 _GPU_TYPES = (ggml.GGML_BACKEND_DEVICE_TYPE_GPU, ggml.GGML_BACKEND_DEVICE_TYPE_IGPU)
 _GRAPH_NODES = 8  # every graph here has at most 3 tensors
-
-
-def _release(ctx, buf) -> None:
-    """Free one resident tensor's buffer and context (weakref finaliser)."""
-    if buf:
-        ggml.ggml_backend_buffer_free(buf)
-    if ctx:
-        ggml.ggml_free(ctx)
-
-
-def _keep_warnings(level: int, text: bytes, _user: Any) -> None:
-    """ggml's log without its debug and info lines (one per repacked tensor, say)."""
-    if level in (ggml.GGML_LOG_LEVEL_WARN, ggml.GGML_LOG_LEVEL_ERROR):
-        sys.stderr.write(text.decode(errors="replace"))
-
-
-_LOG = ggml.ggml_log_callback(_keep_warnings)
-ggml.ggml_log_set(_LOG, None)
-
-
-def _repack_buffer_type(backend):
-    """The CPU backend's buffer type that stores q4_0 weights interleaved for its fast
-    kernels (CPU_REPACK: 8 rows at a time with AVX2, as llama.cpp loads them), or None."""
-    if not (ggml.ggml_backend_is_cpu(backend) and ggml.ggml_cpu_has_avx2()):
-        return None
-    dev = ggml.ggml_backend_get_device(backend)
-    fn = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(dev),
-                                                b"ggml_backend_dev_get_extra_bufts")
-    if not fn:
-        return None
-    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
-    i = 0
-    while bufts and bufts[i]:
-        if ggml.ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
-            return bufts[i]
-        i += 1
-    return None
-
-
-def _libc_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-_MADVISE = _libc_madvise()
-_MADV_HUGEPAGE, _HUGE = 14, 1 << 21
-
-
-def _huge_pages(buf) -> None:
-    """Ask Linux for 2 MiB pages under a weight buffer before it is written (best effort).
-
-    Decoding streams every weight once per token; with 4 KiB pages each one costs a TLB
-    miss, and a one-core matrix-vector product measured 15-35% faster on huge pages
-    (numpy already asks for them for its large arrays; ggml's allocator does not)."""
-    if _MADVISE is None:
-        return
-    base, size = ggml.ggml_backend_buffer_get_base(buf), ggml.ggml_backend_buffer_get_size(buf)
-    if not base:
-        return
-    start, end = -(-base // _HUGE) * _HUGE, (base + size) // _HUGE * _HUGE
-    if end > start:
-        _MADVISE(start, end - start, _MADV_HUGEPAGE)
-
-
-def _unrepack_q4_0(data: np.ndarray, rows: int, row_bytes: int) -> np.ndarray:
-    """Plain q4_0 rows from CPU_REPACK's q4_0x8 layout: per 8 rows and block column, the 8
-    scales, then the 8 rows' 16 code bytes interleaved 8 bytes at a time, xor 0x88."""
-    nblocks = row_bytes // q.BLOCK_BYTES["q4_0"]
-    packed = data.reshape(rows // 8, nblocks, 16 + 128)
-    scales = packed[..., :16].reshape(rows // 8, nblocks, 8, 2)
-    codes = (packed[..., 16:] ^ 0x88).reshape(rows // 8, nblocks, 2, 8, 8)  # chunk, row, byte
-    codes = codes.transpose(0, 3, 1, 2, 4).reshape(rows // 8, 8, nblocks, 16)
-    out = np.concatenate([scales.transpose(0, 2, 1, 3), codes], axis=3)  # (rows/8, 8, nblocks, 18)
-    return np.ascontiguousarray(out).reshape(rows, row_bytes)
-
-
-class _Resident:
-    """One 2-D ggml tensor in its own context and backend buffer (of type ``buft`` if given)."""
-
-    def __init__(self, backend, gtype: int, ne0: int, ne1: int, data: np.ndarray, buft=None) -> None:
-        params = ggml.ggml_init_params(mem_size=ggml.ggml_tensor_overhead(), mem_buffer=None, no_alloc=True)
-        ctx = ggml.ggml_init(params)
-        if not ctx:
-            raise CMatrixError("ggml_init failed for a resident tensor")
-        self.tensor = ggml.ggml_new_tensor_2d(ctx, gtype, ne0, ne1)
-        self.repacked = buft is not None
-        buf = (ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft) if self.repacked
-               else ggml.ggml_backend_alloc_ctx_tensors(ctx, backend))
-        self._finalizer = weakref.finalize(self, _release, ctx, buf)
-        if not buf:
-            self._finalizer()
-            raise CMatrixError(f"ggml could not allocate {data.nbytes} bytes for a resident tensor")
-        if ggml.ggml_backend_is_cpu(backend):
-            _huge_pages(buf)
-        self.nbytes = ggml.ggml_nbytes(self.tensor)
-        if data.nbytes != self.nbytes:
-            self._finalizer()
-            raise CMatrixError(f"ggml tensor holds {self.nbytes} bytes, data has {data.nbytes}")
-        data = np.ascontiguousarray(data)
-        ggml.ggml_backend_tensor_set(self.tensor, data.ctypes.data, 0, self.nbytes)
-
-    def get(self, dtype, shape) -> np.ndarray:
-        """The tensor's bytes as a new host array of ``dtype`` and ``shape`` (repacked q4_0
-        comes back in the plain layout: its buffer has no reader, but it is host memory)."""
-        out = np.empty(shape, dtype=dtype)
-        if self.repacked:
-            raw = np.empty(self.nbytes, dtype=np.uint8)
-            ctypes.memmove(raw.ctypes.data, self.tensor.contents.data, self.nbytes)
-            rows = self.tensor.contents.ne[1]
-            out.view(np.uint8).reshape(-1)[:] = _unrepack_q4_0(raw, rows, self.nbytes // rows).reshape(-1)
-            return out
-        ggml.ggml_backend_tensor_get(self.tensor, out.ctypes.data, 0, self.nbytes)
-        return out
-
-    def free(self) -> None:
-        self._finalizer()
 
 
 @dataclass(eq=False)
@@ -174,7 +53,7 @@ class GGMLHandle:
     host: np.ndarray | None = None
     quant: str | None = None
     quant_axis: int = 0
-    weights: dict[bool, _Resident] = field(default_factory=dict)
+    weights: dict[bool, Resident] = field(default_factory=dict)
 
 
 class GGMLBackend(Backend):
@@ -206,7 +85,7 @@ class GGMLBackend(Backend):
         if ggml.ggml_backend_is_cpu(self._backend):
             ggml.ggml_backend_cpu_set_n_threads(self._backend, threads)
         self._repack = None if os.environ.get("CMATRIX_GGML_REPACK") == "0" else \
-            _repack_buffer_type(self._backend)
+            repack_buffer_type(self._backend)
         # The CPU backend's default type is ggml_backend_cpu_buffer_type(), whose ggml-python binding
         # truncates the pointer to a C int (its restype is a NewType): ask the backend instead.
         self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self._backend))
@@ -233,7 +112,7 @@ class GGMLBackend(Backend):
         if rows.size:
             # q4_0 in the CPU's repacked layout (whole groups of 8 rows): about 1.8x faster products
             buft = self._repack if quant == "q4_0" and rows.shape[0] % 8 == 0 else None
-            h.weights[quant_axis == 1] = _Resident(self._live(), _GGML_TYPE[quant], rows.shape[1],
+            h.weights[quant_axis == 1] = Resident(self._live(), _GGML_TYPE[quant], rows.shape[1],
                                                    rows.shape[0], q.quantize(rows, quant), buft)
         return h
 
@@ -310,7 +189,7 @@ class GGMLBackend(Backend):
         return self._weight(b, transpose_b).tensor
 
     # -- compute --------------------------------------------------------------------------------
-    def _weight(self, b: GGMLHandle, transpose_b: bool) -> _Resident:
+    def _weight(self, b: GGMLHandle, transpose_b: bool) -> Resident:
         """The cached ggml tensor of op(b).T for this orientation, laid out on first use."""
         if b.quant is not None:
             if transpose_b != (b.quant_axis == 1):
@@ -322,7 +201,7 @@ class GGMLBackend(Backend):
             host = self._host(b)
             w = host if transpose_b else host.T  # op(b).T, shape (n, k)
             w = np.ascontiguousarray(w)
-            res = _Resident(self._live(), _GGML_TYPE[b.dtype], w.shape[1], w.shape[0], w)
+            res = Resident(self._live(), _GGML_TYPE[b.dtype], w.shape[1], w.shape[0], w)
             b.weights[transpose_b] = res
             b.host = None  # the ggml tensor is the resident copy now
         return res

@@ -10,6 +10,7 @@ carries the ranks' failure flags), and the logits come back by vocabulary slices
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -61,32 +62,36 @@ class LlmFree(Header, op="llm_free"):
 
 
 def decoder_for(device: Any) -> type:
-    """The decoder class a rank runs: whole-block ggml graphs on ggml ranks, torch operations on
-    the accelerator of torch GPU ranks, else numpy activations with the backend's matmuls (on
-    a CPU, torch's per-operation cost makes the torch path slower than numpy's).
+    """The decoder class a rank runs: whole-block ggml graphs on ggml ranks and, where ggml is
+    installed, on numpy and CPU torch ranks too (over their own arrays); torch operations on
+    the accelerator of torch GPU ranks; else (OpenCL, or no ggml) numpy activations around the
+    backend's matmuls.
 
     ``CMATRIX_DECODER=numpy`` runs the numpy path on every rank (the reference, for
-    debugging); ``CMATRIX_DECODER=torch`` the torch path on CPU torch ranks as well.
+    debugging); ``CMATRIX_DECODER=torch`` the torch path on CPU torch ranks (slower there:
+    torch's per-operation cost).
     """
     choice = os.environ.get("CMATRIX_DECODER", "auto")
     if choice not in ("auto", "numpy", "torch"):
         raise CMatrixError(f"CMATRIX_DECODER: auto, numpy or torch, got {choice!r}")
     if choice == "numpy":
         return RankDecoder
-    if device.name == "ggml":
-        from .ggml_decoder import GraphDecoder
-
-        return GraphDecoder
-    if device.name == "torch" and (choice == "torch" or device.backend.torch_device.type != "cpu"):
+    cpu = device.name == "numpy" or (device.name == "torch" and device.backend.torch_device.type == "cpu")
+    if device.name == "torch" and (choice == "torch" or not cpu):
         from .torch_decoder import TorchDecoder
 
         return TorchDecoder
+    if device.name == "ggml" or (cpu and importlib.util.find_spec("ggml") is not None):
+        from .ggml_decoder import GraphDecoder
+
+        return GraphDecoder
     return RankDecoder
 
 
 @on_ranks(LlmLoad)
-def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> None:
-    """Build this rank's part of decoder ``h.model`` from its resident weight blocks."""
+def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] | None:
+    """Build this rank's part of decoder ``h.model`` from its resident weight blocks; the
+    driver gets how each rank runs its part."""
     comm, decoder = rt.comm, None
     with rt.step("prepare"):
         if not comm.is_driver:
@@ -111,6 +116,8 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> None:
         decoder.wire = h.wire
     rt.sync()
     rt.models[h.model] = decoder  # only once every rank has its part
+    kinds = comm.gather_objects(decoder.kind)
+    return kinds if comm.is_driver else None
 
 
 @on_ranks(LlmStep)

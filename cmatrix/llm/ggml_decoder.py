@@ -26,6 +26,7 @@ from typing import Any
 import ggml
 import numpy as np
 
+from ..backends.ggml import Borrowed, GGMLBackend
 from ..errors import CMatrixError
 from .config import DecoderConfig
 from .rank_part import RankPart
@@ -146,15 +147,43 @@ class _Graph:
                 raise CMatrixError("ggml graph compute failed")
 
 
+def _host_float32(handle: Any) -> np.ndarray:
+    """A numpy or CPU torch rank's resident weight as a float32 array ggml can borrow (a copy
+    only when the memory does not start on ggml's alignment, which large arrays do)."""
+    array = handle.numpy() if hasattr(handle, "numpy") and not isinstance(handle, np.ndarray) else handle
+    if Borrowed.fits(array):
+        return array
+    spare = np.empty(array.size + Borrowed.ALIGNMENT // 4, dtype=np.float32)
+    skip = (-spare.ctypes.data % Borrowed.ALIGNMENT) // 4
+    aligned = spare[skip:skip + array.size].reshape(array.shape)
+    aligned[...] = array
+    return aligned
+
+
 class GraphDecoder(RankPart):
-    """The blocks this rank holds, each run as one cached ggml graph (see the module doc)."""
+    """The blocks this rank holds, each run as one cached ggml graph (see the module doc).
+    On a numpy or CPU torch rank the graphs run over that backend's own float32 arrays,
+    borrowed without a copy."""
 
     kind = "ggml graphs"
+    _own = None  # the ggml backend this decoder started itself (on a non-ggml rank)
 
     def __init__(self, cfg: DecoderConfig, device: Any, layers: list[dict], lm_head: Any,
                  vectors: dict[str, np.ndarray], groups: int, chunk: int) -> None:
-        gb = device.backend
         self.cfg, self.groups, self.chunk = cfg, groups, chunk
+        self._borrowed: list[Any] = []
+        if device.name == "ggml":
+            gb = device.backend
+
+            def weight(blk: Any) -> Any:
+                return gb.weight_tensor(blk.handle, True)
+        else:  # a CPU rank of another backend: ggml's kernels on that backend's float32 arrays
+            gb = self._own = GGMLBackend(threads=device.backend.threads, accel=False)
+            self.kind = f"ggml on {device.name}"
+
+            def weight(blk: Any) -> Any:
+                self._borrowed.append(Borrowed(_host_float32(blk.handle)))
+                return self._borrowed[-1].tensor
         self.backend = gb.ggml_backend
         self.buffer_type = ggml.ggml_backend_get_default_buffer_type(self.backend)
         self.vectors = vectors
@@ -162,10 +191,10 @@ class GraphDecoder(RankPart):
         self.scale = float(cfg.head_dim ** -0.5)
         self.memory = _Memory()
         # op(b).T of every weight block (b is used with transpose_b=True): ne0 = input width
-        self.w = [{part: None if blk.empty else gb.weight_tensor(blk.handle, True)
-                   for part, blk in parts.items()} for parts in layers]
+        self.w = [{part: None if blk.empty else weight(blk) for part, blk in parts.items()}
+                  for parts in layers]
         self.blocks = (layers, lm_head)  # keep the handles (and so the ggml tensors) alive
-        self.head = None if lm_head.empty else gb.weight_tensor(lm_head.handle, True)
+        self.head = None if lm_head.empty else weight(lm_head)
         self.mlp_rows = [parts["down"].shape[1] for parts in layers]
         self.vocab_rows = lm_head.shape[0]
         vectors = dict(vectors)
@@ -371,3 +400,6 @@ class GraphDecoder(RankPart):
         """Free the caches, graphs and vectors (the weight blocks belong to the runtime)."""
         self._sets.clear()
         self.memory.close()
+        self._borrowed.clear()
+        if self._own is not None:
+            self._own.close()

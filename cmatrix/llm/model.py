@@ -119,8 +119,10 @@ class DecoderModel:
         self._id = d.new_id()
         # A model dropped without close() is freed on the ranks with the next command.
         self._finalizer = weakref.finalize(self, d.free_later, self._id)
-        d.run(LlmLoad(self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
-                      tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire), buffer)
+        #: how each rank runs its part ("ggml graphs", "ggml on numpy", "torch cuda", "numpy+opencl")
+        self.decoders: list[str] = d.run(LlmLoad(
+            self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
+            tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire), buffer)
 
     def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
         """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""

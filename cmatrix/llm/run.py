@@ -59,17 +59,6 @@ def parse_list(text: str | None, kind: type) -> Any:
     return values[0] if kind is str and len(values) == 1 else values
 
 
-def slow_cpu_ranks(cluster: Any, model: Any) -> list[int]:
-    """Ranks holding part of ``model`` whose CPU backend is not ggml (the numpy path)."""
-    import os
-
-    if os.environ.get("CMATRIX_DECODER", "auto") != "auto":
-        return []
-    held = {p["rank"] for p in model.layout() if p["heads"] or p["mlp_rows"] or p["vocab_rows"]}
-    return [r.rank for r in cluster.ranks if r.rank in held and (
-        r.backend == "numpy" or (r.backend == "torch" and r.device.startswith("cpu")))]
-
-
 def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
     """Load ``ns.model``, stream the answer to ``out`` (stdout), print the speed to stderr."""
     from .generate import check_options
@@ -88,11 +77,8 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
                            for p in model.layout())
         print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
               f"rank(s) ({placed})", file=sys.stderr)
-        slow = slow_cpu_ranks(cluster, model)
-        if slow:
-            print(f"cmatrix: rank(s) {', '.join(map(str, slow))} decode on the CPU with numpy around their "
-                  "backend's matmuls; --backends ggml runs each block as one ggml graph there, "
-                  "usually faster", file=sys.stderr)
+        print("cmatrix: decoding with " + ", ".join(f"rank {r}: {k}" for r, k in enumerate(model.decoders)),
+              file=sys.stderr)
 
         def stream(text: str) -> None:
             out.write(text)

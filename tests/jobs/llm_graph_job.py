@@ -57,7 +57,7 @@ for tok in (5, 9, 11, 13):
 reports = model.profile(False)
 kinds = [r.get("decoder") for r in reports]
 backends = [r.backend for r in cl.ranks]
-paths = {"ggml": "ggml graphs"}
+paths = {"ggml": "ggml graphs", "numpy": "ggml on numpy", "torch": "ggml on torch"}
 if os.environ.get("CMATRIX_DECODER") == "torch":
     paths["torch"] = "torch cpu"
 expected = [paths.get(b, f"numpy+{b}") for b in backends]
