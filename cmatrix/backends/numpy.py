@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..core.arrays import aligned
 from ..core.dtypes import from_float32, to_float32
 from .base import Backend
 
@@ -23,7 +24,8 @@ class NumpyBackend(Backend):
         self.device = "cpu (BLAS)" if accel else "cpu"
 
     def upload_dense(self, data: np.ndarray, dtype: str) -> np.ndarray:
-        return np.ascontiguousarray(to_float32(data, dtype))
+        # aligned: the LLM decoder's ggml graphs multiply these arrays where they lie
+        return aligned(to_float32(data, dtype))
 
     def download(self, x: np.ndarray, dtype: str) -> np.ndarray:
         return from_float32(x, dtype)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.arrays import aligned
 from ..core.dtypes import STORAGE
 from .base import Backend
 
@@ -65,6 +66,9 @@ class TorchBackend(Backend):
         host = np.ascontiguousarray(data)
         if dtype == "bfloat16":  # bits in uint16: reinterpret, never convert
             tensor = torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
+        elif self.torch_device.type == "cpu" and dtype == "float32":
+            # aligned: the LLM decoder's ggml graphs multiply CPU weights where they lie
+            tensor = torch.from_numpy(aligned(host))
         else:
             tensor = torch.from_numpy(host)
         if dtype != "float32" and self.torch_device.type == "cpu":

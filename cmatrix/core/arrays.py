@@ -86,3 +86,20 @@ def check_matrix(h: HostArray, arg: str) -> None:
         raise InputError(f"{arg}: expected a 2-D matrix, got shape {h.shape}")
     if 0 in h.shape:
         raise InputError(f"{arg}: matrix is empty (shape {h.shape})")
+
+
+#: bytes a resident block's data starts on: a cache line, and what ggml needs to borrow it
+BLOCK_ALIGNMENT = 64
+
+
+def aligned(array: np.ndarray, alignment: int = BLOCK_ALIGNMENT) -> np.ndarray:
+    """``array`` as C-contiguous data starting on ``alignment`` bytes: itself when it already
+    is, else one copy (numpy's large allocations start 16 bytes past a page boundary)."""
+    array = np.ascontiguousarray(array)
+    if array.ctypes.data % alignment == 0:
+        return array
+    spare = np.empty(array.nbytes + alignment, dtype=np.uint8)
+    skip = -spare.ctypes.data % alignment
+    out = spare[skip:skip + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out

@@ -135,6 +135,7 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
     rt.sync()
     comm.bcast(x)
     prof = model.profile if h.shape[0] == 1 else None  # decode steps only
+    model.timing = prof
     began = time.perf_counter()
     with rt.step("attention"):
         model.begin(x, h.start)

@@ -3,6 +3,7 @@ then one token at a time, each rank extending its own K/V cache."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CMatrixError, InputError
 from .sampling import Sampler, SamplingOptions
 
 
@@ -150,8 +151,13 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
             steps += 1
     except KeyboardInterrupt:  # Ctrl-C: the ranks are in step (see Driver.run); keep what came
         reason = "interrupted"
-    decode_seconds = time.perf_counter() - t1
-    reports = model.profile(False) if profile else None
+    finally:
+        decode_seconds = time.perf_counter() - t1
+        # stop profiling even when a rank failed: ggml ranks would stay in the slow mode
+        reports = None
+        if profile:
+            with contextlib.suppress(CMatrixError):  # the failure in flight says more
+                reports = model.profile(False)
     decode_bytes = stats()["bytes_moved"] - moved - prefill_bytes
     return GenerationResult(
         text=text.finish(), token_ids=generated, prompt_tokens=len(ids), stop_reason=reason,

@@ -27,6 +27,7 @@ import ggml
 import numpy as np
 
 from ..backends.ggml import Borrowed, GGMLBackend
+from ..core.arrays import aligned
 from ..errors import CMatrixError
 from .config import DecoderConfig
 from .rank_part import RankPart
@@ -99,7 +100,8 @@ class _Graph:
     """One built graph: its float32 input (the previous block's summed output, or none),
     its output (or none: a block this rank holds nothing of only updates the residual)."""
 
-    def __init__(self, memory: _Memory, backend, buffer_type, build, x_shape: tuple[int, int] | None) -> None:
+    def __init__(self, memory: _Memory, backend, buffer_type, build, x_shape: tuple[int, int] | None,
+                 shared=None) -> None:
         ctx = memory.context(_NODES, graph=True)
         self.x = None
         if x_shape is not None:
@@ -109,18 +111,28 @@ class _Graph:
         ggml.ggml_set_output(self.out)
         self.graph = ggml.ggml_new_graph_custom(ctx, _NODES, False)
         ggml.ggml_build_forward_expand(self.graph, self.out)
-        galloc = ggml.ggml_gallocr_new(buffer_type)
-        if not galloc:
-            raise CMatrixError("ggml could not create a graph allocator")
-        memory.gallocs.append(galloc)
-        if not ggml.ggml_gallocr_alloc_graph(galloc, self.graph):
-            raise CMatrixError("ggml could not allocate a graph's compute buffer")
+        # A decode graph keeps its own small compute buffer; graphs of many tokens share one
+        # allocator per set and are placed again before each run (one block's worth of memory).
+        self.shared = shared
+        galloc = shared
+        if galloc is None:
+            galloc = ggml.ggml_gallocr_new(buffer_type)
+            if not galloc:
+                raise CMatrixError("ggml could not create a graph allocator")
+            memory.gallocs.append(galloc)
+        self._place(galloc)
         self.backend = backend
         self.shape = (ggml.ggml_nrows(self.out), self.out.contents.ne[0])
         self._phases: list | None = None
 
+    def _place(self, galloc) -> None:
+        if not ggml.ggml_gallocr_alloc_graph(galloc, self.graph):
+            raise CMatrixError("ggml could not allocate a graph's compute buffer")
+
     def __call__(self, x: np.ndarray | None, out: np.ndarray | None, profile: Any = None) -> None:
         """Compute with input ``x``; copy the output into ``out`` (float32, its shape) if given."""
+        if self.shared is not None:
+            self._place(self.shared)
         if self.x is not None:
             ggml.ggml_backend_tensor_set(self.x, x.ctypes.data, 0, x.nbytes)
         if profile is not None:
@@ -148,16 +160,10 @@ class _Graph:
 
 
 def _host_float32(handle: Any) -> np.ndarray:
-    """A numpy or CPU torch rank's resident weight as a float32 array ggml can borrow (a copy
-    only when the memory does not start on ggml's alignment, which large arrays do)."""
+    """A numpy or CPU torch rank's resident weight as a float32 array ggml can borrow: the
+    array itself (the backends keep blocks aligned), or a copy if it is not aligned."""
     array = handle.numpy() if hasattr(handle, "numpy") and not isinstance(handle, np.ndarray) else handle
-    if Borrowed.fits(array):
-        return array
-    spare = np.empty(array.size + Borrowed.ALIGNMENT // 4, dtype=np.float32)
-    skip = (-spare.ctypes.data % Borrowed.ALIGNMENT) // 4
-    aligned = spare[skip:skip + array.size].reshape(array.shape)
-    aligned[...] = array
-    return aligned
+    return array if Borrowed.fits(array) else aligned(np.asarray(array, dtype=np.float32))
 
 
 class GraphDecoder(RankPart):
@@ -265,12 +271,20 @@ class GraphDecoder(RankPart):
              "masks": {w: ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F16, max(self.capacity, 1), t)
                        for w in [None, *windows]}}
         s["bufs"] = [self.memory.allocate(ctx, self.backend, "a step's inputs")]
+        s["galloc"] = None
+        if t > 1:
+            s["galloc"] = ggml.ggml_gallocr_new(self.buffer_type)
+            if not s["galloc"]:
+                raise CMatrixError("ggml could not create a graph allocator")
+            self.memory.gallocs.append(s["galloc"])
+            s["gallocs"].append(s["galloc"])
         self._sets[t] = s
         return s
 
     def begin(self, x: np.ndarray, start: int) -> None:
         """A step of the new tokens' embeddings ``x`` (T, hidden) from position ``start``:
         the residual stream starts as ``x``; positions, cache rows and masks are set."""
+        self._current = {}  # until this step's inputs are in place, no block may run
         t = x.shape[0]
         if start + t > self.capacity and self.groups:
             self._grow(start + t)
@@ -296,11 +310,11 @@ class GraphDecoder(RankPart):
         if g is None:
             n = len(self.memory.ctxs), len(self.memory.gallocs)
             g = _Graph(self.memory, self.backend, self.buffer_type, build,
-                       None if total is None else total.shape)
+                       None if total is None else total.shape, s["galloc"])
             s["ctxs"] += self.memory.ctxs[n[0]:]
             s["gallocs"] += self.memory.gallocs[n[1]:]
             s["graphs"][key] = g
-        g(total, out, self.profile)
+        g(total, out, self.timing)
 
     # ---- the blocks ----------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ class RankDecoder(RankPart):
         self.start = 0
 
     def _timed(self, phase: str) -> Any:
-        return nullcontext() if self.profile is None else self.profile.timed(phase)
+        return nullcontext() if self.timing is None else self.timing.timed(phase)
 
     def _vec(self, name: str) -> np.ndarray | None:
         return self.vectors.get(name)

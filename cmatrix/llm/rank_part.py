@@ -58,6 +58,8 @@ class RankPart:
     """Mixin of the decoders: sum buffers reused between steps and an optional profile."""
 
     profile: StepProfile | None = None
+    #: the profile while a decode step runs (None otherwise: prefills are not profiled)
+    timing: StepProfile | None = None
     #: how this rank runs its blocks, for the profile
     kind = ""
     #: the type each block's partial sums travel in ("float32", "float16", "bfloat16")
@@ -73,6 +75,7 @@ class RankPart:
     def set_profile(self, enable: bool) -> None:
         """Start profiling decode steps afresh, or stop."""
         self.profile = StepProfile() if enable else None
+        self.timing = None
 
 
 def format_profile(reports: list[dict]) -> str:

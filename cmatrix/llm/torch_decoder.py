@@ -101,7 +101,7 @@ class TorchDecoder(RankPart):
             self.x += bias
 
     def _timed(self, phase: str) -> Any:
-        return nullcontext() if self.profile is None else self._timing(phase)
+        return nullcontext() if self.timing is None else self._timing(phase)
 
     @contextmanager
     def _timing(self, phase: str):
@@ -112,7 +112,7 @@ class TorchDecoder(RankPart):
             yield
         finally:
             sync()
-            self.profile.add(phase, time.perf_counter() - t)
+            self.timing.add(phase, time.perf_counter() - t)
 
     def _put(self, y: torch.Tensor, out: np.ndarray) -> None:
         out[...] = y.numpy() if self._cpu else y.cpu().numpy()
