@@ -100,8 +100,7 @@ class _Graph:
     """One built graph: its float32 input (the previous block's summed output, or none),
     its output (or none: a block this rank holds nothing of only updates the residual)."""
 
-    def __init__(self, memory: _Memory, backend, buffer_type, build, x_shape: tuple[int, int] | None,
-                 shared=None) -> None:
+    def __init__(self, memory: _Memory, backend, buffer_type, build, x_shape: tuple[int, int] | None) -> None:
         ctx = memory.context(_NODES, graph=True)
         self.x = None
         if x_shape is not None:
@@ -111,28 +110,18 @@ class _Graph:
         ggml.ggml_set_output(self.out)
         self.graph = ggml.ggml_new_graph_custom(ctx, _NODES, False)
         ggml.ggml_build_forward_expand(self.graph, self.out)
-        # A decode graph keeps its own small compute buffer; graphs of many tokens share one
-        # allocator per set and are placed again before each run (one block's worth of memory).
-        self.shared = shared
-        galloc = shared
-        if galloc is None:
-            galloc = ggml.ggml_gallocr_new(buffer_type)
-            if not galloc:
-                raise CMatrixError("ggml could not create a graph allocator")
-            memory.gallocs.append(galloc)
-        self._place(galloc)
+        galloc = ggml.ggml_gallocr_new(buffer_type)
+        if not galloc:
+            raise CMatrixError("ggml could not create a graph allocator")
+        memory.gallocs.append(galloc)
+        if not ggml.ggml_gallocr_alloc_graph(galloc, self.graph):
+            raise CMatrixError("ggml could not allocate a graph's compute buffer")
         self.backend = backend
         self.shape = (ggml.ggml_nrows(self.out), self.out.contents.ne[0])
         self._phases: list | None = None
 
-    def _place(self, galloc) -> None:
-        if not ggml.ggml_gallocr_alloc_graph(galloc, self.graph):
-            raise CMatrixError("ggml could not allocate a graph's compute buffer")
-
     def __call__(self, x: np.ndarray | None, out: np.ndarray | None, profile: Any = None) -> None:
         """Compute with input ``x``; copy the output into ``out`` (float32, its shape) if given."""
-        if self.shared is not None:
-            self._place(self.shared)
         if self.x is not None:
             ggml.ggml_backend_tensor_set(self.x, x.ctypes.data, 0, x.nbytes)
         if profile is not None:
@@ -271,13 +260,6 @@ class GraphDecoder(RankPart):
              "masks": {w: ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F16, max(self.capacity, 1), t)
                        for w in [None, *windows]}}
         s["bufs"] = [self.memory.allocate(ctx, self.backend, "a step's inputs")]
-        s["galloc"] = None
-        if t > 1:
-            s["galloc"] = ggml.ggml_gallocr_new(self.buffer_type)
-            if not s["galloc"]:
-                raise CMatrixError("ggml could not create a graph allocator")
-            self.memory.gallocs.append(s["galloc"])
-            s["gallocs"].append(s["galloc"])
         self._sets[t] = s
         return s
 
@@ -304,17 +286,35 @@ class GraphDecoder(RankPart):
         self._current = s
 
     def _run(self, key: tuple, build, total: np.ndarray | None, out: np.ndarray | None) -> None:
-        """Graph ``key`` of the current step (built on first use) on input ``total``."""
+        """Graph ``key`` of the current step on input ``total``. Decode graphs (one token) are
+        built once and kept; a graph of many tokens (a prefill) is built, run and freed, so
+        only one block's intermediate values are held at a time."""
         s = self._current
         g = s["graphs"].get(key)
-        if g is None:
-            n = len(self.memory.ctxs), len(self.memory.gallocs)
+        if g is not None:
+            g(total, out, self.timing)
+            return
+        n = len(self.memory.ctxs), len(self.memory.gallocs)
+
+        def made() -> tuple[list, list]:
+            return self.memory.ctxs[n[0]:], self.memory.gallocs[n[1]:]
+        try:
             g = _Graph(self.memory, self.backend, self.buffer_type, build,
-                       None if total is None else total.shape, s["galloc"])
-            s["ctxs"] += self.memory.ctxs[n[0]:]
-            s["gallocs"] += self.memory.gallocs[n[1]:]
+                       None if total is None else total.shape)
+        except BaseException:
+            self.memory.release(*made()[:1], [], made()[1])
+            raise
+        made = made()
+        if s["t"] == 1:
+            s["ctxs"] += made[0]
+            s["gallocs"] += made[1]
             s["graphs"][key] = g
-        g(total, out, self.timing)
+            g(total, out, self.timing)
+            return
+        try:
+            g(total, out, self.timing)
+        finally:
+            self.memory.release(list(made[0]), [], list(made[1]))
 
     # ---- the blocks ----------------------------------------------------------------------------
 
