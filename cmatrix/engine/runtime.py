@@ -10,7 +10,6 @@ left inside a collective its peers abandoned.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -72,18 +71,6 @@ class Runtime:
         if not self.comm.any_failed(self._failure is not None):
             return
         self._fail()
-
-    def sum_checked(self, partial: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-        """Collective: every rank gets the sum of the float32 ``partial`` arrays; the same
-        Allreduce carries each rank's failure flag, so it also does what :meth:`sync` does."""
-        buffer = np.zeros(math.prod(shape) + 1, dtype=np.float32)
-        if self._failure is None and partial is not None and partial.size == buffer.size - 1:
-            buffer[:-1] = partial.ravel()
-        elif self._failure is None:  # a bug: this rank computed the wrong shape; every rank stops
-            with self.step("sum"):
-                raise CMatrixError(f"partial of {getattr(partial, 'shape', None)}, expected {shape}")
-        self.sum_flagged(buffer)
-        return buffer[:-1].reshape(shape)
 
     def sum_flagged(self, buffer: np.ndarray, wire: str = "float32") -> None:
         """Collective: sum the float32 ``buffer`` in place across ranks. Its last element is
