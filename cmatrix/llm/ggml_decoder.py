@@ -30,10 +30,9 @@ from ..backends.ggml import Borrowed, GGMLBackend
 from ..core.arrays import aligned
 from ..errors import CMatrixError
 from .config import DecoderConfig
-from .rank_part import RankPart
+from .rank_part import RankPart, cache_capacity
 
 _NODES = 256          # tensors and nodes per graph: an attention block uses about 50
-_FIRST_CAPACITY = 256  # cache positions before the first doubling
 _F32 = ggml.GGML_TYPE_F32
 _FREQ_FACTORS = "rope.freq_factors"
 
@@ -181,7 +180,6 @@ class GraphDecoder(RankPart):
                 return self._borrowed[-1].tensor
         self.backend = gb.ggml_backend
         self.buffer_type = ggml.ggml_backend_get_default_buffer_type(self.backend)
-        self.vectors = vectors
         self.inv_freq = cfg.inv_freq()
         self.scale = float(cfg.head_dim ** -0.5)
         self.memory = _Memory()
@@ -215,9 +213,7 @@ class GraphDecoder(RankPart):
     def _grow(self, needed: int) -> None:
         """Make the caches hold ``needed`` positions (doubling), keeping what they hold."""
         cfg = self.cfg
-        cap = max(min(cfg.max_positions, _FIRST_CAPACITY), self.capacity)
-        while cap < needed:
-            cap = min(2 * cap, cfg.max_positions)
+        cap = cache_capacity(self.capacity, needed, self.cfg.max_positions)
         width = self.groups * cfg.head_dim
         ctx = self.memory.context(2 * cfg.num_layers)
         caches = [tuple(ggml.ggml_new_tensor_2d(ctx, _F32, width, cap) for _ in "kv")
@@ -294,27 +290,26 @@ class GraphDecoder(RankPart):
         if g is not None:
             g(total, out, self.timing)
             return
-        n = len(self.memory.ctxs), len(self.memory.gallocs)
+        n_ctxs, n_gallocs = len(self.memory.ctxs), len(self.memory.gallocs)
 
-        def made() -> tuple[list, list]:
-            return self.memory.ctxs[n[0]:], self.memory.gallocs[n[1]:]
+        def release_new() -> None:  # the context and allocator this graph added
+            self.memory.release(self.memory.ctxs[n_ctxs:], [], self.memory.gallocs[n_gallocs:])
         try:
             g = _Graph(self.memory, self.backend, self.buffer_type, build,
                        None if total is None else total.shape)
         except BaseException:
-            self.memory.release(*made()[:1], [], made()[1])
+            release_new()
             raise
-        made = made()
         if s["t"] == 1:
-            s["ctxs"] += made[0]
-            s["gallocs"] += made[1]
+            s["ctxs"] += self.memory.ctxs[n_ctxs:]
+            s["gallocs"] += self.memory.gallocs[n_gallocs:]
             s["graphs"][key] = g
             g(total, out, self.timing)
             return
         try:
             g(total, out, self.timing)
         finally:
-            self.memory.release(list(made[0]), [], list(made[1]))
+            release_new()
 
     # ---- the blocks ----------------------------------------------------------------------------
 

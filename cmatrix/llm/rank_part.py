@@ -22,6 +22,19 @@ import numpy as np
 PHASES = ("matmul", "attention", "norms/rotary/elementwise", "collectives", "other")
 
 
+#: K/V cache positions a decoder allocates before its first doubling
+FIRST_CAPACITY = 256
+
+
+def cache_capacity(current: int, needed: int, limit: int) -> int:
+    """A K/V cache's new capacity: doubled from ``current`` (at least FIRST_CAPACITY) until it
+    holds ``needed`` positions, never past ``limit`` (max_position_embeddings)."""
+    cap = max(min(limit, FIRST_CAPACITY), current)
+    while cap < needed:
+        cap = min(2 * cap, limit)
+    return cap
+
+
 class StepProfile:
     """Seconds per phase over the decode steps since profiling began."""
 

@@ -21,9 +21,7 @@ import numpy as np
 import torch
 
 from .config import DecoderConfig
-from .rank_part import RankPart
-
-_FIRST_CAPACITY = 256
+from .rank_part import RankPart, cache_capacity
 
 
 class TorchDecoder(RankPart):
@@ -55,9 +53,7 @@ class TorchDecoder(RankPart):
     # ---- the step's state ----------------------------------------------------------------------
 
     def _grow(self, needed: int) -> None:
-        cap = max(min(self.cfg.max_positions, _FIRST_CAPACITY), self.capacity)
-        while cap < needed:
-            cap = min(2 * cap, self.cfg.max_positions)
+        cap = cache_capacity(self.capacity, needed, self.cfg.max_positions)
         shape = (self.groups, cap, self.cfg.head_dim)
         grown = []
         for old in self.caches or [None] * self.cfg.num_layers:
