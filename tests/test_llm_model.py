@@ -616,3 +616,21 @@ def test_cli_lists_are_parsed_or_refused():
     assert parse_list(None, float) is None
     with pytest.raises(cm.InputError, match="cannot read '0.5,x' as a comma-separated list"):
         parse_list("0.5,x", float)
+
+
+def test_bad_weight_type_or_wire_is_refused_before_data_moves(cl, tiny):
+    refused(cl, lambda: cm.llm.load(cl, tiny, dtype="float16", quant="q8_0"), "not both")
+    refused(cl, lambda: cm.llm.load(cl, tiny, dtype="float8"), "dtype: one of")
+    refused(cl, lambda: cm.llm.load(cl, tiny, wire="int8"), "wire: one of")
+
+
+def test_an_unknown_decoder_path_fails_the_load_on_the_rank(cl, tiny, monkeypatch):
+    monkeypatch.setenv("CMATRIX_DECODER", "fastest")
+    with pytest.raises(cm.RankError, match="CMATRIX_DECODER: auto, numpy or torch"):
+        cm.llm.load(cl, tiny)
+    monkeypatch.setenv("CMATRIX_DECODER", "numpy")
+    m = cm.llm.load(cl, tiny)  # the cluster is still usable, and the path is the one asked for
+    try:
+        assert m.decoders == ["numpy+numpy"]
+    finally:
+        m.close()
