@@ -13,6 +13,7 @@ with the same numbers whatever their backend.
 from __future__ import annotations
 
 import os
+import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -129,6 +130,17 @@ class Backend(ABC):
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             return None
+
+    def memory_used(self) -> int | None:
+        """Bytes of that memory this rank uses now (the process's resident set on CPU paths)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError, AttributeError):
+            import resource  # not on Linux: the peak is what there is (kilobytes; bytes on macOS)
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak if sys.platform == "darwin" else peak * 1024
 
     def describe(self) -> dict[str, Any]:
         """Device facts for the rank table."""

@@ -245,3 +245,10 @@ class TorchBackend(Backend):
         if self.torch_device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
             return int(torch.mps.recommended_max_memory())
         return super().memory()
+
+    def memory_used(self) -> int | None:
+        if self.torch_device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.torch_device))
+        if self.torch_device.type == "mps" and hasattr(torch.mps, "current_allocated_memory"):
+            return int(torch.mps.current_allocated_memory())
+        return super().memory_used()

@@ -5,6 +5,8 @@
     mpirun -n 4 python -m cmatrix doctor                 # each rank's device, memory, fallbacks
     cmatrix convert w.bin w.pt [--dtype float32]         # between .bin .npy .pt .h5 .safetensors
     mpirun -n 2 python -m cmatrix generate --model DIR --prompt "..."   # text from a Llama-family model
+    cmatrix launch -n 2 chat --model DIR                 # a conversation in the terminal
+    cmatrix launch -n 2 serve --model DIR                # OpenAI-compatible API and a web page
 
 A file path may name one array of a file after '#': weights.h5#/layer0/w.
 """
@@ -16,7 +18,6 @@ import os
 import runpy
 import sys
 import traceback
-from pathlib import Path
 
 
 def _run(job: str, job_args: list[str]) -> int:
@@ -45,17 +46,24 @@ def _run(job: str, job_args: list[str]) -> int:
         return cl.exit_status
 
 
-def _generate(ns: argparse.Namespace) -> int:
-    """Every rank parses the same arguments; rank 0 drives, the others serve."""
+def _model_command(ns: argparse.Namespace) -> int:
+    """generate, chat and serve: every rank parses the same arguments; rank 0 drives, the
+    others serve."""
     from ..api import session
     from ..errors import CMatrixError
-    from ..llm.run import parse_list, run
+    from ..llm.run import parse_list
 
+    if ns.command == "chat":
+        from ..llm.chat import run
+    elif ns.command == "serve":
+        from ..serve import run
+    else:
+        from ..llm.run import run
     with session.driving() as cl:
         try:
             cl.configure(parse_list(ns.weights, float), parse_list(ns.backends, str))
         except CMatrixError as exc:
-            print(f"cmatrix generate: {exc}", file=sys.stderr)
+            print(f"cmatrix {ns.command}: {exc}", file=sys.stderr)
             cl.exit_status = 2
             return 2
         try:
@@ -66,13 +74,28 @@ def _generate(ns: argparse.Namespace) -> int:
         return cl.exit_status
 
 
+#: what ``cmatrix launch`` starts as a command of its own rather than as a job file
+COMMANDS = ("generate", "chat", "serve", "doctor")
+
+
 def _launch(n: int, hostfile: str | None, job: str, job_args: list[str], hosts: list[str]) -> int:
     from ..engine import launch
     from . import watch
 
-    argv = [sys.executable, "-m", "cmatrix", "run", job, *job_args]
+    command = [job] if job in COMMANDS else ["run", job]
+    argv = [sys.executable, "-m", "cmatrix", *command, *job_args]
     env = launch.environment(single_host=launch.local_hosts(hosts))
-    return watch.run(launch.command(n, argv, hostfile), env)
+    if _terminal(sys.stderr):  # rank 0's stderr will be a pipe: tell it the user can see bars
+        env["CMATRIX_TTY"] = "1"
+    with launch.hostfile_for(hostfile) as translated:
+        return watch.run(launch.command(n, argv, translated), env)
+
+
+def _terminal(stream: object) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _convert(src: str, dst: str, dtype: str | None) -> int:
@@ -100,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a job script under mpirun (rank 0 drives)")
     run.add_argument("job")
     run.add_argument("args", nargs=argparse.REMAINDER)
-    lau = sub.add_parser("launch", help="start mpiexec from this environment and run a job")
+    lau = sub.add_parser("launch", help="start mpiexec from this environment and run a job file or "
+                         f"one of the commands {', '.join(COMMANDS)}")
     lau.add_argument("-n", "--ranks", type=int, default=None,
                      help="number of ranks (default: lines in the hostfile, else 2)")
-    lau.add_argument("--hostfile", default=None, help="one line per device slot")
-    lau.add_argument("job")
+    lau.add_argument("--hostfile", default=None, help="one line per device slot, or 'host:k' (MPICH) "
+                     "or 'host slots=k' (Open MPI): either is translated for the MPI in use")
+    lau.add_argument("job", help=f"a job file, or {', '.join(COMMANDS)} followed by its options")
     lau.add_argument("args", nargs=argparse.REMAINDER)
     doc = sub.add_parser("doctor", help="show each rank's host, device, memory and fallbacks "
                          "(alone, or under mpirun for every rank)")
@@ -118,12 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     con.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                      help="element type to write (default: the source's)")
     gen = sub.add_parser("generate", help="generate text with a Llama-family model across the ranks")
+    from .. import serve
     from ..llm.run import add_arguments
 
     add_arguments(gen)
+    talk = sub.add_parser("chat", help="talk with a Llama-family model across the ranks (under mpirun "
+                          "or cmatrix launch); the K/V cache stays on the ranks between turns")
+    add_arguments(talk, command="chat")
+    srv = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API and a web page "
+                         "(on loopback unless told otherwise)")
+    add_arguments(srv, command="serve")
+    serve.add_arguments(srv)
     ns = parser.parse_args(argv)
-    if ns.command == "generate":
-        return _generate(ns)
+    if ns.command in ("generate", "chat", "serve"):
+        return _model_command(ns)
     if ns.command == "convert":
         return _convert(ns.src, ns.dst, ns.dtype)
     if ns.command == "run":
@@ -132,39 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import doctor
 
         return doctor.main(ns.backends, ns.accel)
+    from ..engine.launch import read_hostfile
     from ..errors import CMatrixError
 
     try:
-        slots, hosts = _hostfile_slots(ns.hostfile) if ns.hostfile else (None, [])
+        entries = read_hostfile(ns.hostfile) if ns.hostfile else []
     except CMatrixError as exc:
         print(f"cmatrix launch: {exc}", file=sys.stderr)
         return 2
-    n = ns.ranks if ns.ranks is not None else slots or 2
+    hosts = [host for host, _ in entries]
+    n = ns.ranks if ns.ranks is not None else sum(k for _, k in entries) or 2
     return _launch(n, ns.hostfile, ns.job, ns.args, hosts)
-
-
-def _hostfile_slots(path: str) -> tuple[int, list[str]]:
-    """Count device slots: one per line, or ``host:k`` / ``host slots=k``; and the hosts."""
-    from ..errors import InputError
-
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise InputError(f"--hostfile: cannot read {path}: {exc.strerror or exc}") from None
-    slots, hosts = 0, []
-    for number, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        count = line.split("slots=", 1)[1].split()[0] if "slots=" in line else \
-            line.rsplit(":", 1)[1] if ":" in line else "1"
-        if not count.isdigit() or int(count) < 1:
-            raise InputError(f"--hostfile: {path}, line {number}: {raw.strip()!r} is not 'host', "
-                             "'host:k' (MPICH) or 'host slots=k' (Open MPI) with k a positive integer")
-        slots += int(count)
-        host, _, k = line.split()[0].rpartition(":")
-        hosts.append(host if host and k.isdigit() else line.split()[0])
-    if not slots:
-        raise InputError(f"--hostfile: {path} lists no host; write one line per device slot, "
-                         "e.g. 'localhost'")
-    return slots, hosts

@@ -66,6 +66,8 @@ class Comm(GridTransfers):
         #: driver's count of commands sent and of array bytes that crossed ranks
         self.commands = 0
         self.bytes_moved = 0
+        #: bytes of array data this rank has put into collectives (counted on every rank)
+        self.bytes_sent = 0
 
     # What GridTransfers (comm_grid.py) needs of MPI, so that it need not import it.
     _typed = staticmethod(_mpi_type)
@@ -149,6 +151,8 @@ class Comm(GridTransfers):
         """Broadcast the driver's ``array`` into the same-shaped arrays of the workers."""
         if self.size > 1:
             self._count(array.nbytes * (self.size - 1))
+            if self.is_driver:
+                self.bytes_sent += array.nbytes
             self.world.Bcast([array, _mpi_type(array.dtype)], root=0)
 
     def scatter_blocks(self, full: np.ndarray | None, block: np.ndarray, plan: Plan,
@@ -198,6 +202,8 @@ class Comm(GridTransfers):
             full[...] = block
             return
         self._count_blocks(full, plan)
+        if not self.is_driver:
+            self.bytes_sent += block.nbytes
         mpitype = _mpi_type(block.dtype)
         if self._contiguous_blocks(block.shape, plan):
             self.world.Gatherv([block, mpitype], self._vector_spec(full, plan, mpitype), root=0)
@@ -223,6 +229,7 @@ class Comm(GridTransfers):
         if self.size == 1:
             return
         self._count(array.nbytes * (self.size - 1))
+        self.bytes_sent += array.nbytes
         mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
         self.world.Allreduce(MPI.IN_PLACE, [array, _mpi_type(array.dtype)], op=mpi_op)
 
@@ -232,6 +239,7 @@ class Comm(GridTransfers):
             out[0] = array
             return
         self._count(array.nbytes * (self.size - 1))
+        self.bytes_sent += array.nbytes
         mpitype = _mpi_type(array.dtype)
         self.world.Allgather([array, mpitype], [out, mpitype])
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_STEP_ID")
@@ -88,6 +90,61 @@ def local_hosts(hosts: list[str]) -> bool:
     me = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", socket.gethostname().lower(),
           socket.getfqdn().lower()}
     return all(h.lower() in me or h.startswith("127.") for h in hosts)
+
+
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """(host, device slots) per line of a hostfile: ``host`` (one slot), ``host:k`` (MPICH) or
+    ``host slots=k`` (Open MPI); ``#`` starts a comment. A host listed on several lines keeps
+    them all (each line's slots are ranks on that host)."""
+    from ..errors import InputError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"--hostfile: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--hostfile: {path} is not a text file") from None
+    entries = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split()
+        host, count = words[0], "1"
+        if "slots=" in line:
+            count = line.split("slots=", 1)[1].split()[0]
+        elif ":" in host and host.rsplit(":", 1)[1].isdigit():
+            host, count = host.rsplit(":", 1)
+        elif len(words) > 1 or host.endswith(":"):
+            count = ""
+        if not host or not count.isdigit() or int(count) < 1:
+            raise InputError(f"--hostfile: {path}, line {number}: {raw.strip()!r} is not 'host', "
+                             "'host:k' (MPICH) or 'host slots=k' (Open MPI) with k a positive integer")
+        entries.append((host, int(count)))
+    if not entries:
+        raise InputError(f"--hostfile: {path} lists no host; write one line per device slot, "
+                         "e.g. 'localhost'")
+    return entries
+
+
+@contextlib.contextmanager
+def hostfile_for(path: str | None) -> Iterator[str | None]:
+    """``path`` rewritten in the syntax of this environment's MPI (a temporary file while the
+    context lasts), so either syntax works with either MPI; None stays None."""
+    if path is None:
+        yield None
+        return
+    entries = read_hostfile(path)
+    if implementation() == "openmpi":
+        text = "".join(f"{host} slots={k}\n" for host, k in entries)
+    else:
+        text = "".join(f"{host}:{k}\n" for host, k in entries)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", prefix="cmatrix-hosts-", suffix=".txt") as f:
+        f.write(text)
+        f.flush()
+        yield f.name
 
 
 def command(n: int, argv: list[str], hostfile: str | None = None) -> list[str]:

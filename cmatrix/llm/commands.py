@@ -57,6 +57,11 @@ class LlmProfile(Header, op="llm_profile"):
 
 
 @dataclass(frozen=True)
+class LlmStats(Header, op="llm_stats"):
+    model: int
+
+
+@dataclass(frozen=True)
 class LlmFree(Header, op="llm_free"):
     model: int
 
@@ -125,7 +130,7 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
     """Run ``x`` (tokens, hidden) through every layer from position ``start``; return the
     logits of the last token (or of every token) to the driver."""
     comm = rt.comm
-    model = None
+    model, sent = None, comm.bytes_sent
     with rt.step("prepare"):
         model = rt.models.get(h.model)
         if model is None:
@@ -143,18 +148,15 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
     # total (which it reads first) lies in the other; the last value carries the failure flag.
     size = h.shape[0] * h.shape[1]
     buffers = model.sum_buffers(size)
-    total, which = None, 0
+    total, which, waited = None, 0, 0.0
     for i in range(model.cfg.num_layers):
         for kind, block in (("attention", model.attention), ("mlp", model.mlp)):
             buffer, which = buffers[which], 1 - which
             with rt.step(kind):
                 block(i, total, buffer[:size].reshape(h.shape))
-            if prof is None:
-                rt.sum_flagged(buffer, model.wire)
-            else:
-                t = time.perf_counter()
-                rt.sum_flagged(buffer, model.wire)
-                prof.add("collectives", time.perf_counter() - t)
+            t = time.perf_counter()
+            rt.sum_flagged(buffer, model.wire)
+            waited += time.perf_counter() - t
             total = buffer[:size].reshape(h.shape)
     part = full = None
     with rt.step("logits"):
@@ -163,8 +165,11 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
             full = np.empty((part.shape[0], model.cfg.vocab_size), dtype=np.float32)
     rt.sync()
     comm.gather_blocks(part, full, Plan(1, h.vocab_counts))
-    if prof is not None:
-        prof.step(time.perf_counter() - began)
+    if h.shape[0] == 1:
+        model.counters.step(time.perf_counter() - began, waited, comm.bytes_sent - sent)
+        if prof is not None:
+            prof.add("collectives", waited)
+            prof.step(time.perf_counter() - began)
     return full
 
 
@@ -179,6 +184,22 @@ def _llm_profile(rt: Runtime, h: LlmProfile, _: Any) -> list[dict] | None:
             raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
         report = None if model.profile is None else {**model.profile.report(), "decoder": model.kind}
         model.set_profile(h.enable)
+    rt.sync()
+    reports = rt.comm.gather_objects(report)
+    return reports if rt.comm.is_driver else None
+
+
+@on_ranks(LlmStats)
+def _llm_stats(rt: Runtime, h: LlmStats, _: Any) -> list[dict] | None:
+    """Every rank's running totals to the driver: decode steps, their seconds (and how many of
+    them in collectives), bytes moved, and memory used and in all (see :class:`RankCounters`)."""
+    report = None
+    with rt.step("stats"):
+        model = rt.models.get(h.model)
+        if model is None:
+            raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
+        report = {**model.counters.report(), "memory_used": rt.backend.memory_used(),
+                  "memory": rt.backend.memory()}
     rt.sync()
     reports = rt.comm.gather_objects(report)
     return reports if rt.comm.is_driver else None

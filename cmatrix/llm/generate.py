@@ -22,7 +22,8 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    #: "max_new_tokens", "stop_token", "stop_string" or "max_positions"
+    #: "max_new_tokens", "stop_token", "stop_string", "max_positions", "interrupted" (Ctrl-C)
+    #: or "cancelled" (``cancel()`` said so)
     stop_reason: str
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -32,10 +33,17 @@ class GenerationResult:
     decode_steps: int = field(default=0)
     #: per rank, the decode steps' time by phase (``generate(profile=True)``)
     profile: list[dict] | None = None
+    #: leading prompt tokens already in the ranks' K/V caches (``reuse_cache=True``): not run again
+    cached_tokens: int = 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens run through the model (the rest came from the cache)."""
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -43,7 +51,8 @@ class GenerationResult:
 
     def summary(self) -> str:
         ms = 1000 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
-        return (f"prefill: {self.prompt_tokens} tokens, {self.prefill_tokens_per_s:.1f} tokens/s | "
+        cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"prefill: {self.prefill_tokens} tokens{cached}, {self.prefill_tokens_per_s:.1f} tokens/s | "
                 f"decode: {len(self.token_ids)} tokens, {self.decode_tokens_per_s:.2f} tokens/s "
                 f"({ms:.1f} ms/token) | moved {self.bytes_per_token / 1024:.1f} KiB/token "
                 f"(prefill {self.prefill_bytes / 1024:.1f} KiB) | stop: {self.stop_reason}")
@@ -96,7 +105,8 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None,
              stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-             stream: Callable[[str], Any] | None = None, profile: bool = False) -> GenerationResult:
+             stream: Callable[[str], Any] | None = None, profile: bool = False,
+             reuse_cache: bool = False, cancel: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after a prompt.
 
     The prompt is ``prompt`` (text; rendered with the tokenizer's chat template when it
@@ -106,7 +116,10 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     Generation stops at ``stop_token_ids`` (default: the model's end-of-sequence ids) or
     ``stop_strings`` (the text is cut before it). ``stream`` receives the new text as it
     is decoded. ``profile``: every rank times its decode steps by phase (``result.profile``;
-    ggml ranks then run their graphs node by node, which is slower).
+    ggml ranks then run their graphs node by node, which is slower). ``reuse_cache``: the
+    leading prompt tokens the ranks' K/V caches already hold (an earlier turn of the same
+    conversation) are not run again. ``cancel``: asked before each new token; True stops
+    (``stop_reason`` "cancelled").
     """
     options = check_options(max_new_tokens, stop_strings, stop_token_ids, temperature=temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
@@ -124,8 +137,10 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
 
     stats = model.cluster.stats
     moved = stats()["bytes_moved"]
+    cached = common_prefix(model.cached_ids, ids) if reuse_cache else 0
+    cached = min(cached, len(ids) - 1)  # the last prompt token runs again: its logits are needed
     t0 = time.perf_counter()
-    logits = model.forward(ids, start=0)
+    logits = model.forward(ids[cached:], start=cached)
     prefill_seconds = time.perf_counter() - t0
     prefill_bytes = stats()["bytes_moved"] - moved
     generated: list[int] = []
@@ -134,6 +149,9 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     reason, steps, t1 = "max_new_tokens", 0, time.perf_counter()
     try:
         while len(generated) < max_new_tokens:
+            if cancel is not None and cancel():
+                reason = "cancelled"
+                break
             token = sampler.next_token(logits, ids + generated)
             if token in stops:
                 reason = "stop_token"
@@ -163,8 +181,17 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
         text=text.finish(), token_ids=generated, prompt_tokens=len(ids), stop_reason=reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         bytes_per_token=decode_bytes / steps if steps else 0.0, prefill_bytes=prefill_bytes,
-        decode_steps=steps, profile=reports,
+        decode_steps=steps, profile=reports, cached_tokens=cached,
     )
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class _TextOut:

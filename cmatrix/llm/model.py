@@ -31,7 +31,7 @@ from ..core.plan import validate_weights
 from ..engine import progress
 from ..errors import InputError
 from .checkpoint import Checkpoint
-from .commands import LlmFree, LlmLoad, LlmProfile, LlmStep
+from .commands import LlmFree, LlmLoad, LlmProfile, LlmStats, LlmStep
 from .config import DecoderConfig
 from .layout import check_quant, fuse_gate_up, fuse_qkv, group_step, mlp_chunk, pack
 
@@ -43,6 +43,8 @@ MATRICES = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 class DecoderModel:
     """A decoder whose layers live on the cluster; see :func:`cmatrix.llm.load`."""
+
+    _bar: Any = progress.NoBar()  # the load's progress bar, while it loads
 
     def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
@@ -73,6 +75,8 @@ class DecoderModel:
                 self.checkpoint.check(tensor, shape)
         self.embeddings = self.checkpoint.get(*self._names["embed"])
         self.position = 0
+        #: the token ids the ranks' K/V caches hold, positions 0..position-1
+        self.cached_ids: list[int] = []
         self._tokenizer = None
         self._matrices: list[Any] = []
         self._id = None
@@ -92,6 +96,7 @@ class DecoderModel:
         m = self.cluster.shard(w, name=f"{self.name}.{suffix}", weights=self.weights, axis=axis,
                                quant=self.quant, quant_axis=1, cache=self.cache, align=align)
         self._matrices.append(m)
+        self._bar.update(int(shape[0] * shape[1] * self._stored_bytes_per_value()))
         dtype = "float32" if self.quant else self.dtype
         if tuple(m.shape) != shape or m.quant != self.quant or m.axis != axis or m.dtype != dtype:
             raise InputError(f"the cached {m.name} is {m.quant or m.dtype} {tuple(m.shape)} split along "
@@ -100,18 +105,24 @@ class DecoderModel:
                              "or 'auto' once")
         return m
 
+    def _stored_bytes_per_value(self) -> float:
+        """Bytes per weight as the ranks store it (quantised blocks: with their scales)."""
+        return {"q8_0": 34 / 32, "q4_0": 18 / 32}.get(self.quant or "", 4 if self.dtype == "float32" else 2)
+
     def _load(self) -> None:
         cfg, cl = self.config, self.cluster
         chunk = mlp_chunk(cfg, self.quant)
         layers, vectors = [], {}
-        per_layer = 4 * (cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-                         + 3 * cfg.hidden_size * cfg.intermediate_size)
-        with progress.bar(per_layer * cfg.num_layers, f"loading {self.path.name}") as bar:
+        matrices = cfg.num_layers * (cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                                     + 3 * cfg.hidden_size * cfg.intermediate_size) \
+            + cfg.vocab_size * cfg.hidden_size
+        total = int(matrices * self._stored_bytes_per_value())  # one bar: bytes as the ranks store them
+        with progress.bar(total, f"loading {self.path.name}") as self._bar:
             for i in range(cfg.num_layers):
                 layers.append(self._load_layer(i, chunk, vectors))
-                bar.update(per_layer)
-        head = self._shard(lambda: self._read("lm_head"), "lm_head", (cfg.vocab_size, cfg.hidden_size),
-                           align=1)
+            head = self._shard(lambda: self._read("lm_head"), "lm_head", (cfg.vocab_size, cfg.hidden_size),
+                               align=1)
+        self._bar = progress.NoBar()
         self._vocab_counts = list(head.counts)
         vectors["final_norm"] = self._read("final_norm")
         buffer, where = pack(vectors)
@@ -182,9 +193,11 @@ class DecoderModel:
             raise InputError("this model was closed")
         x = np.ascontiguousarray(self.embeddings[ids.astype(np.int64)])
         self.position = start  # until the step succeeds, the ranks' caches end here at most
+        del self.cached_ids[start:]
         logits = self.cluster.driver.run(LlmStep(self._id, x.shape, int(start), bool(all_logits),
                                                  tuple(self._vocab_counts)), x)
         self.position = start + ids.size
+        self.cached_ids.extend(int(t) for t in ids)
         return logits if all_logits else logits[0]
 
     def profile(self, enable: bool) -> list[dict]:
@@ -195,6 +208,18 @@ class DecoderModel:
             raise InputError("this model was closed")
         reports = self.cluster.driver.run(LlmProfile(self._id, bool(enable)))
         return [{"rank": r, "host": info.host, "backend": info.backend, **(rep or {"steps": 0})}
+                for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
+
+    def rank_stats(self) -> list[dict]:
+        """Per rank: host, backend, device, share, memory used and in all (bytes), and running
+        totals of its decode steps (``steps``, ``seconds``, ``collective_seconds``: the part
+        spent in collectives, waiting for the others included, and ``bytes_sent``: what it put into
+        the collectives)."""
+        if self._id is None:
+            raise InputError("this model was closed")
+        reports = self.cluster.driver.run(LlmStats(self._id))
+        return [{"rank": r, "host": info.host, "backend": info.backend, "device": info.device,
+                 "share": info.weight if self.weights is None else float(self.weights[r]), **rep}
                 for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
 
     def layout(self) -> list[dict]:

@@ -67,8 +67,30 @@ class StepProfile:
         return {"steps": self.steps, "ms_per_token": 1e3 * self.wall / n, "phases": ms}
 
 
+class RankCounters:
+    """Running totals of a rank's decode steps, always kept (two clock reads per collective):
+    what the dashboard's per-rank compute time per token comes from."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.collective_seconds = 0.0
+        self.bytes_sent = 0
+
+    def step(self, seconds: float, collective_seconds: float, bytes_sent: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.collective_seconds += collective_seconds
+        self.bytes_sent += bytes_sent
+
+    def report(self) -> dict:
+        return {"steps": self.steps, "seconds": self.seconds, "collective_seconds": self.collective_seconds,
+                "bytes_sent": self.bytes_sent}
+
+
 class RankPart:
-    """Mixin of the decoders: sum buffers reused between steps and an optional profile."""
+    """Mixin of the decoders: sum buffers reused between steps, running counters and an
+    optional profile."""
 
     profile: StepProfile | None = None
     #: the profile while a decode step runs (None otherwise: prefills are not profiled)
@@ -78,6 +100,13 @@ class RankPart:
     #: the type each block's partial sums travel in ("float32", "float16", "bfloat16")
     wire = "float32"
     _buffers: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+    _counters: RankCounters | None = None
+
+    @property
+    def counters(self) -> RankCounters:
+        if self._counters is None:
+            self._counters = RankCounters()
+        return self._counters
 
     def sum_buffers(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Two float32 buffers of ``size`` values plus a failure flag, reused while sizes match."""

@@ -17,13 +17,19 @@ from typing import Any
 from ..errors import CMatrixError, InputError
 
 
-def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True) -> None:
+def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
+                  command: str = "generate") -> None:
+    """The options of ``command`` ("generate", "chat" or "serve"): the model and its placement
+    for all three; the prompt for generate; sampling for generate and chat (serve takes it
+    per request)."""
     ap.add_argument("--model", required=model_required,
                     help="local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
-    ap.add_argument("--prompt", default="Tell me about clusters of old computers.")
-    ap.add_argument("--system", default=None, help="system message (with a chat template)")
-    ap.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, "
-                    "even if the tokenizer has a chat template")
+    if command == "generate":
+        ap.add_argument("--prompt", default="Tell me about clusters of old computers.")
+        ap.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, "
+                        "even if the tokenizer has a chat template")
+    if command in ("generate", "chat"):
+        ap.add_argument("--system", default=None, help="system message (with a chat template)")
     ap.add_argument("--weights", default=None, help="per-rank shares, e.g. 0.6,0.4 (default equal)")
     ap.add_argument("--backends", default=None,
                     help="backend for all ranks or one per rank, e.g. torch,ggml (default numpy)")
@@ -35,16 +41,19 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True) -> N
                     help="type of the activations sent between ranks (16-bit: half the bytes)")
     ap.add_argument("--cache", choices=("save", "load", "auto"), default=None,
                     help="save shards to each node's disk, or load them from there")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    if command == "serve":
+        return
+    ap.add_argument("--max-new-tokens", type=int, default=64 if command == "generate" else 512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--profile", action="store_true",
-                    help="print where each rank's decode time goes (matmul, attention, norms, "
-                         "collectives, other)")
+    if command == "generate":
+        ap.add_argument("--profile", action="store_true",
+                        help="print where each rank's decode time goes (matmul, attention, norms, "
+                             "collectives, other)")
 
 
 def parse_list(text: str | None, kind: type) -> Any:
@@ -59,26 +68,37 @@ def parse_list(text: str | None, kind: type) -> Any:
     return values[0] if kind is str and len(values) == 1 else values
 
 
-def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
-    """Load ``ns.model``, stream the answer to ``out`` (stdout), print the speed to stderr."""
+def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) -> Any:
+    """Check the sampling options and the tokenizer, load ``ns.model`` and say how it was placed.
+    ``need_chat``: refuse a tokenizer without a chat template before any weight moves."""
     from .generate import check_options
     from .model import load
     from .tokenizer import Tokenizer
 
-    out = out or sys.stdout
-    try:  # everything that can be checked is checked before the weights move
+    if hasattr(ns, "temperature"):  # serve takes these per request
         check_options(ns.max_new_tokens, ns.stop, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                       repetition_penalty=ns.repetition_penalty, seed=ns.seed)
-        if (Path(ns.model) / "config.json").exists():  # else load() says what the folder lacks
-            Tokenizer.from_dir(ns.model)
-        model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
-                     dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"))
-        placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
-                           for p in model.layout())
-        print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
-              f"rank(s) ({placed})", file=sys.stderr)
-        print("cmatrix: decoding with " + ", ".join(f"rank {r}: {k}" for r, k in enumerate(model.decoders)),
-              file=sys.stderr)
+    if (Path(ns.model) / "config.json").exists():  # else load() says what the folder lacks
+        tok = Tokenizer.from_dir(ns.model)
+        if need_chat and not tok.has_chat_template:
+            raise InputError(f"{ns.model}: the tokenizer has no chat template, so there is no chat "
+                             "format; use `cmatrix generate --no-chat` for plain text")
+    model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
+                 dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"))
+    placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
+                       for p in model.layout())
+    print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
+          f"rank(s) ({placed})", file=sys.stderr)
+    print("cmatrix: decoding with " + ", ".join(f"rank {r}: {k}" for r, k in enumerate(model.decoders)),
+          file=sys.stderr, flush=True)
+    return model
+
+
+def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
+    """Load ``ns.model``, stream the answer to ``out`` (stdout), print the speed to stderr."""
+    out = out or sys.stdout
+    try:  # everything that can be checked is checked before the weights move
+        model = load_model(cluster, ns)
 
         def stream(text: str) -> None:
             out.write(text)
