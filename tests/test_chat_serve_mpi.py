@@ -298,3 +298,12 @@ def test_launch_runs_doctor_and_generate_with_an_open_mpi_style_hostfile(tiny, t
     assert "decode: 3 tokens" in r.stderr, r
     # one bar for the whole load, none per tensor
     assert "loading tiny" in r.stderr and "send llm" not in r.stderr, r
+
+
+def test_readme_openai_example_runs_against_the_server(server):
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "OpenAI(base_url" in b)
+    assert "http://127.0.0.1:8000/v1" in block
+    script = block.replace("http://127.0.0.1:8000", server.url).replace("unused-on-loopback", KEY)
+    r = run_cmd([sys.executable, "-c", script], env=job_env(), timeout=120)
+    assert r.returncode == 0 and r.stdout.strip(), r

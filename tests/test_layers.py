@@ -8,7 +8,7 @@ inside functions (a deferred import is still a dependency). Layers, lowest first
     io, backends          2   files; devices (a backend never sees MPI)
     engine                3   comm (the only mpi4py importer), protocol, runtime, driver
     ops, llm              4   the commands, both halves
-    api                   5   the Cluster facade and the session
+    api, serve            5   the Cluster facade and the session; the HTTP server
     compat, nn, cli       6
     the package's __init__ and __main__   7
 
@@ -27,7 +27,7 @@ from cmatrix.engine.protocol import HEADERS, RANK_HALVES
 
 PACKAGE = Path(cmatrix.__file__).resolve().parent
 LAYERS = {"errors": 0, "_version": 0, "core": 1, "io": 2, "backends": 2, "engine": 3, "ops": 4, "llm": 4,
-          "api": 5, "compat": 6, "nn": 6, "cli": 6, "__init__": 7, "__main__": 7}
+          "api": 5, "serve": 5, "compat": 6, "nn": 6, "cli": 6, "__init__": 7, "__main__": 7}
 
 
 def _modules() -> dict[str, Path]:
