@@ -30,9 +30,9 @@ def tiny(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "jobs"))
     from tiny_llama import build
 
-    return build(tmp_path_factory.mktemp("chat") / "tiny", vocab_size=320, hidden_size=64, intermediate_size=96,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, scale=8.0,
-                 max_position_embeddings=1 << 16)
+    return build(tmp_path_factory.mktemp("chat") / "tiny", vocab_size=320, hidden_size=64,
+                 intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 scale=8.0, max_position_embeddings=1 << 16)
 
 
 def launch_argv(n: int, *args: str) -> list[str]:

@@ -50,7 +50,8 @@ def test_chat_request_is_rendered_and_tokenised(model):
     assert c.text == model.tokenizer.apply_chat_template(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert c.ids == model.tokenizer.encode(c.text, add_special_tokens=False)
-    assert c.options == {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": 3, "stop_strings": ["x"]}
+    assert c.options == {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": 3,
+                         "stop_strings": ["x"]}
     assert c.stream and c.include_usage and c.ident.startswith("chatcmpl-")
 
 
@@ -65,7 +66,8 @@ def test_max_tokens_defaults_to_and_is_capped_by_the_room_left(model):
 
 def test_bad_requests_get_a_400_naming_the_field(model):
     cases = [
-        ([], None), ({"messages": []}, "messages"), ({"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+        ([], None), ({"messages": []}, "messages"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
@@ -189,9 +191,8 @@ def test_hostfiles_in_either_syntax_are_written_for_the_mpi_in_use(text, tmp_pat
     assert launch.read_hostfile(str(path)) == [("a", 1), ("b", 2), ("c", 3)]
     for impl, expected in (("mpich", "a:1\nb:2\nc:3\n"), ("openmpi", "a slots=1\nb slots=2\nc slots=3\n")):
         monkeypatch.setattr(launch, "implementation", lambda *_, impl=impl: impl)
-        with launch.hostfile_for(str(path)) as translated:
-            with open(translated) as f:
-                assert f.read() == expected
+        with launch.hostfile_for(str(path)) as translated, open(translated) as f:
+            assert f.read() == expected
     with launch.hostfile_for(None) as nothing:
         assert nothing is None
 

@@ -20,7 +20,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)")]
+    reason="needs Debian's chromium and chromium-driver "
+           "(apt-get install chromium chromium-driver; .ci/run does)")]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,8 @@ def test_the_page_streams_an_answer_and_shows_the_ranks(browser, tmp_path):
     sys.path.insert(0, str(ROOT / "jobs"))
     from tiny_llama import build
 
-    model = build(tmp_path / "tiny", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, scale=8.0)
+    model = build(tmp_path / "tiny", vocab_size=320, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, scale=8.0)
     server = Server(2, model, "--name", "browser-tiny")
     try:
         browser.get(server.url + "/")
@@ -65,9 +66,13 @@ def test_the_page_streams_an_answer_and_shows_the_ranks(browser, tmp_path):
         note = wait.until(lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.note")
                                      if "prompt tokens" in e.text] or False)
         assert "generated" in note[0]
-        cells = wait.until(lambda b: [r.find_elements(By.TAG_NAME, "td")
-                                      for r in b.find_elements(By.CSS_SELECTOR, "#ranks tbody tr")
-                                      if r.find_elements(By.TAG_NAME, "td")[6].text not in ("", "–")] or False)
+
+        def speed_rows(b):
+            rows = [r.find_elements(By.TAG_NAME, "td")
+                    for r in b.find_elements(By.CSS_SELECTOR, "#ranks tbody tr")]
+            return [cells for cells in rows if cells[6].text not in ("", "–")] or False
+
+        cells = wait.until(speed_rows)
         assert float(cells[0][6].text) > 0  # compute ms per token
         assert "answered" in browser.find_element(By.ID, "summary").text
         user = browser.find_elements(By.CSS_SELECTOR, ".msg.user")

@@ -106,7 +106,8 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
              repetition_penalty: float = 1.0, seed: int | None = None,
              stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
              stream: Callable[[str], Any] | None = None, profile: bool = False,
-             reuse_cache: bool = False, cancel: Callable[[], bool] | None = None) -> GenerationResult:
+             reuse_cache: bool = False, cancel: Callable[[], bool] | None = None,
+             on_token: Callable[[int], Any] | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after a prompt.
 
     The prompt is ``prompt`` (text; rendered with the tokenizer's chat template when it
@@ -119,7 +120,8 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     ggml ranks then run their graphs node by node, which is slower). ``reuse_cache``: the
     leading prompt tokens the ranks' K/V caches already hold (an earlier turn of the same
     conversation) are not run again. ``cancel``: asked before each new token; True stops
-    (``stop_reason`` "cancelled").
+    (``stop_reason`` "cancelled"). ``on_token`` receives each new token id, after ``stream``
+    got the text it completed.
     """
     options = check_options(max_new_tokens, stop_strings, stop_token_ids, temperature=temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
@@ -157,7 +159,10 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
                 reason = "stop_token"
                 break
             generated.append(token)
-            if text.push(token):
+            stopped = text.push(token)
+            if on_token is not None:
+                on_token(token)
+            if stopped:
                 reason = "stop_string"
                 break
             if len(generated) == max_new_tokens:

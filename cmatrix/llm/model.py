@@ -113,9 +113,9 @@ class DecoderModel:
         cfg, cl = self.config, self.cluster
         chunk = mlp_chunk(cfg, self.quant)
         layers, vectors = [], {}
-        matrices = cfg.num_layers * (cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-                                     + 3 * cfg.hidden_size * cfg.intermediate_size) \
-            + cfg.vocab_size * cfg.hidden_size
+        hid = cfg.hidden_size  # q, k, v, o, gate, up and down per layer; the LM head
+        matrices = cfg.num_layers * (hid * 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+                                     + 3 * hid * cfg.intermediate_size) + cfg.vocab_size * hid
         total = int(matrices * self._stored_bytes_per_value())  # one bar: bytes as the ranks store them
         with progress.bar(total, f"loading {self.path.name}") as self._bar:
             for i in range(cfg.num_layers):

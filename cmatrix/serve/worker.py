@@ -92,15 +92,23 @@ class Worker:
             if room < 1:
                 ids, room = c.ids, self.model.config.max_positions - len(c.ids)
             options["max_new_tokens"] = min(options["max_new_tokens"], room)
+        pending: list[str] = []
+
+        def token(_: int) -> None:  # one chunk per token, as llama.cpp's server sends them
+            job.emit("text", "".join(pending))
+            pending.clear()
+
         try:
-            result = self.model.generate(token_ids=ids, stream=lambda text: job.emit("text", text),
-                                         cancel=cancel, reuse_cache=True, **options)
+            result = self.model.generate(token_ids=ids, stream=pending.append, on_token=token, cancel=cancel,
+                                         reuse_cache=True, **options)
         except CMatrixError as exc:
             job.emit("error", f"the cluster failed: {exc}")
             return
         except KeyboardInterrupt:
             job.emit("error", "the server is stopping")
             raise
+        if pending:  # text the last token completed only once generation ended
+            job.emit("text", "".join(pending))
         if c.text is not None:
             self.transcript.record(c.text, ids, result)
         self.served += 1
