@@ -5,6 +5,8 @@ the API key check, and the one progress bar."""
 from __future__ import annotations
 
 import base64
+import io
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -23,8 +25,6 @@ from cmatrix.serve.openai_api import ApiError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    import sys
-
     from conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "jobs"))
@@ -32,7 +32,8 @@ def model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tok")
     write_tokenizer(folder, 320)
-    return SimpleNamespace(tokenizer=Tokenizer.from_dir(folder), config=SimpleNamespace(max_positions=64))
+    return SimpleNamespace(tokenizer=Tokenizer.from_dir(folder),
+                           config=SimpleNamespace(max_positions=64, vocab_size=320))
 
 
 def _refused(body, kind="chat", model=None, positions=64) -> ApiError:
@@ -56,9 +57,12 @@ def test_chat_request_is_rendered_and_tokenised(model):
 
 
 def test_max_tokens_defaults_to_and_is_capped_by_the_room_left(model):
-    c = openai_api.parse({"prompt": "hello"}, "text", model, 64)
-    assert c.ids == model.tokenizer.encode("hello")
+    c = openai_api.parse({"messages": [{"role": "user", "content": "hello"}]}, "chat", model, 64)
     assert c.options["max_new_tokens"] == 64 - len(c.ids)
+    body = {"prompt": "hello", "max_tokens": None, "n": None, "stream": None}
+    c = openai_api.parse(body, "text", model, 64)
+    assert c.ids == model.tokenizer.encode("hello")
+    assert c.options["max_new_tokens"] == 16 and not c.stream  # OpenAI's default for completions
     c = openai_api.parse({"prompt": ["hello"], "max_tokens": 1000}, "text", model, 64)
     assert c.options["max_new_tokens"] == 64 - len(c.ids)
     assert openai_api.parse({"prompt": [5, 6, 7]}, "text", model, 64).ids == [5, 6, 7]
@@ -76,6 +80,8 @@ def test_bad_requests_get_a_400_naming_the_field(model):
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
         ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed"),
+        ({"messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed"),
+        ({"messages": [{"role": "user", "content": "x"}], "best_of": 2}, "best_of"),
         ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
         ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}, "frequency_penalty"),
         ({"messages": [{"role": "user", "content": "x"}], "wat": 1}, "wat"),
@@ -86,6 +92,7 @@ def test_bad_requests_get_a_400_naming_the_field(model):
         assert error.body()["error"]["type"] == "invalid_request_error"
     assert _refused({"prompt": ""}, "text", model).param == "prompt"
     assert _refused({"prompt": [1.5]}, "text", model).param == "prompt"
+    assert "[0, 320)" in _refused({"prompt": [5, 320]}, "text", model).message
 
 
 def test_a_prompt_that_fills_the_context_is_refused_with_its_length(model):
@@ -184,7 +191,8 @@ def test_the_api_key_is_checked_as_bearer_or_basic_password():
     assert not gate.allowed([])
 
 
-@pytest.mark.parametrize("text", ["a\nb:2\n# note\nc slots=3 max_slots=4\n", "a:1\nb slots=2\nc:3\n"])
+@pytest.mark.parametrize("text", ["a\nb:2\n# note\nc max_slots=4 slots=3\n", "a:1\nb slots=2\nc:3\n",
+                                  "a\nb slots=2 # two\n[c]:3\n"])
 def test_hostfiles_in_either_syntax_are_written_for_the_mpi_in_use(text, tmp_path, monkeypatch):
     path = tmp_path / "hosts"
     path.write_text(text)
@@ -197,7 +205,14 @@ def test_hostfiles_in_either_syntax_are_written_for_the_mpi_in_use(text, tmp_pat
         assert nothing is None
 
 
-@pytest.mark.parametrize("line", ["a slots=0", "a slots=x", "a b", "host:", ":2"])
+def test_ipv6_hosts_keep_their_colons(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_text("::1\nfe80::1 slots=2\n[fd00::5]:3\n")
+    assert launch.read_hostfile(str(path)) == [("::1", 1), ("fe80::1", 2), ("fd00::5", 3)]
+
+
+@pytest.mark.parametrize("line", ["a slots=0", "a slots=x", "a b", "host:", ":2", "bad:x", "a:2 slots=3",
+                                  "[::1]x"])
 def test_a_bad_hostfile_line_is_named(line, tmp_path):
     path = tmp_path / "hosts"
     path.write_text(f"ok\n{line}\n")
@@ -215,7 +230,37 @@ def test_only_the_outermost_progress_bar_shows(monkeypatch):
     assert not isinstance(progress.bar(100, "next"), progress.NoBar)
     monkeypatch.setenv("CMATRIX_PROGRESS", "")
     monkeypatch.setenv("CMATRIX_PROGRESS_MB", "0")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under pytest -s
     monkeypatch.setenv("CMATRIX_TTY", "1")  # cmatrix launch's stderr is a terminal
     assert progress.wanted(10)
     monkeypatch.setenv("CMATRIX_TTY", "0")
     assert not progress.wanted(10)
+
+
+def test_a_server_without_key_answers_only_loopback_names_and_json(model):
+    pytest.importorskip("starlette")
+    import queue
+
+    from starlette.testclient import TestClient
+
+    from cmatrix.serve.app import build
+
+    served = SimpleNamespace(tokenizer=model.tokenizer, config=model.config, cluster=SimpleNamespace(size=1))
+    worker = SimpleNamespace(model=served, jobs=queue.Queue(), busy=False, dashboard={"ranks": []})
+    client = TestClient(build(worker, "m"), base_url="http://127.0.0.1:8000")
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
+    # a page elsewhere whose name was pointed at 127.0.0.1 (DNS rebinding) gets nothing
+    assert client.get("/health", headers={"Host": "evil.example:8000"}).status_code == 400
+    assert client.get("/cmatrix/cluster", headers={"Host": "evil.example"}).status_code == 400
+    # a cross-site form or text/plain POST is refused before it is read
+    r = client.post("/v1/chat/completions", content=b'{"messages": []}',
+                    headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "x", "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert worker.jobs.qsize() == 0  # nothing refused was queued
+    # with a key, the key is what protects it: other names are answered when it is given
+    keyed = TestClient(build(worker, "m", api_key="k"), base_url="http://192.168.1.9:8000")
+    assert keyed.get("/health").status_code == 401
+    assert keyed.get("/health", headers={"Authorization": "Bearer k"}).status_code == 200

@@ -109,22 +109,44 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        words = line.split()
-        host, count = words[0], "1"
-        if "slots=" in line:
-            count = line.split("slots=", 1)[1].split()[0]
-        elif ":" in host and host.rsplit(":", 1)[1].isdigit():
-            host, count = host.rsplit(":", 1)
-        elif len(words) > 1 or host.endswith(":"):
-            count = ""
-        if not host or not count.isdigit() or int(count) < 1:
+        entry = _hostfile_entry(line)
+        if entry is None:
             raise InputError(f"--hostfile: {path}, line {number}: {raw.strip()!r} is not 'host', "
                              "'host:k' (MPICH) or 'host slots=k' (Open MPI) with k a positive integer")
-        entries.append((host, int(count)))
+        entries.append(entry)
     if not entries:
         raise InputError(f"--hostfile: {path} lists no host; write one line per device slot, "
                          "e.g. 'localhost'")
     return entries
+
+
+def _hostfile_entry(line: str) -> tuple[str, int] | None:
+    """(host, slots) of one hostfile line, or None if it is not 'host', 'host:k' or
+    'host slots=k' (Open MPI's max_slots=k is allowed and ignored). An IPv6 address has
+    several colons: it takes slots as '[addr]:k' or with slots=k."""
+    host, *options = line.split()
+    count = "1"
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "slots":
+            count = value
+        elif key != "max_slots":
+            return None
+    if host.startswith("["):  # [::1] or [::1]:2
+        address, _, tail = host[1:].partition("]")
+        if tail:
+            if not tail.startswith(":") or options:
+                return None
+            count = tail[1:]
+        host = address
+    elif host.count(":") == 1:
+        host, count_here = host.split(":")
+        if options:
+            return None
+        count = count_here
+    if not host or not count.isdigit() or int(count) < 1:
+        return None
+    return host, int(count)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,9 @@ class ChatSession:
         messages = [*self.history(), {"role": "user", "content": text}]
         prompt = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.transcript.ids_for(prompt)
+        if len(ids) >= self.model.config.max_positions:
+            raise InputError(f"the conversation has grown to {len(ids)} tokens and the model's context holds "
+                             f"{self.model.config.max_positions}: /reset starts a new one")
         result = self.model.generate(token_ids=ids, stream=stream or (lambda _: None), cancel=cancel,
                                      reuse_cache=True, **self.options)
         self.transcript.record(prompt, ids, result)

@@ -68,11 +68,16 @@ def listen(host: str, port: int, api_key: str | None) -> socket.socket:
 
 
 def run(cluster: Any, ns: argparse.Namespace) -> int:
-    """Listen, load the model, then answer requests until Ctrl-C (or SIGTERM)."""
-    import uvicorn
+    """Listen, load the model, then answer requests until Ctrl-C."""
+    try:
+        import uvicorn
 
+        from .app import build
+    except ImportError as exc:
+        print(f"cmatrix serve: {exc.name or exc} is not installed: pip install 'cmatrix[serve]'",
+              file=sys.stderr)
+        return 2
     from ..llm.run import load_model
-    from .app import build
     from .worker import Worker
 
     api_key = ns.api_key or os.environ.get(API_KEY_VARIABLE) or None
@@ -90,13 +95,17 @@ def run(cluster: Any, ns: argparse.Namespace) -> int:
         sock.close()
         return 2
     name = ns.name or model.path.name
-    server = uvicorn.Server(uvicorn.Config(build(worker, name, api_key), log_level="warning",
-                                           lifespan="off", timeout_graceful_shutdown=2))
+    app = build(worker, name, api_key, extra_hosts=(ns.host,))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=2))
     stop = threading.Event()
+    failed: list[BaseException] = []
 
     def serve() -> None:
         try:
             server.run(sockets=[sock])
+        except BaseException as exc:  # said by the main thread, which then ends the job
+            failed.append(exc)
         finally:
             stop.set()
 
@@ -115,4 +124,8 @@ def run(cluster: Any, ns: argparse.Namespace) -> int:
     finally:
         server.should_exit = True
         thread.join(10)
+    if failed:
+        print(f"cmatrix serve: the HTTP server stopped: {type(failed[0]).__name__}: {failed[0]}",
+              file=sys.stderr, flush=True)
+        return 1
     return status

@@ -23,6 +23,8 @@ from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -63,8 +65,14 @@ class ApiKey:
         await JSONResponse(error.body(), status_code=401, headers=challenge)(scope, receive, send)
 
 
-def build(worker: Worker, model_name: str, api_key: str | None = None) -> Any:
-    """The application serving ``worker``'s model as ``model_name``."""
+#: the Host names a server without a key answers to (with any port)
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def build(worker: Worker, model_name: str, api_key: str | None = None,
+          extra_hosts: tuple[str, ...] = ()) -> Any:
+    """The application serving ``worker``'s model as ``model_name``. Without ``api_key`` it
+    answers only requests addressed to a loopback name (or one of ``extra_hosts``)."""
     model = worker.model
     started = int(time.time())
 
@@ -90,11 +98,15 @@ def build(worker: Worker, model_name: str, api_key: str | None = None) -> Any:
 
     async def completions(request: Request, kind: str) -> Response:
         try:
+            # JSON only: a web page elsewhere can send a text/plain POST without asking first
+            if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                raise ApiError(415, "send the request as JSON (Content-Type: application/json)")
             try:
                 body = await request.json()
             except (ValueError, UnicodeDecodeError):
                 raise ApiError(400, "the request body is not JSON") from None
-            c = openai_api.parse(body, kind, model, model.config.max_positions)
+            # rendering and tokenising a long prompt must not hold up the other streams
+            c = await run_in_threadpool(openai_api.parse, body, kind, model, model.config.max_positions)
         except ApiError as error:
             return refused(error)
         job = Job(c, asyncio.get_running_loop())
@@ -122,6 +134,8 @@ def build(worker: Worker, model_name: str, api_key: str | None = None) -> Any:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", text, methods=["POST"]),
     ], exception_handlers={404: not_found, 405: bad_method})
+    if api_key is None:  # only this computer's names: no DNS rebinding onto a keyless server
+        app = TrustedHostMiddleware(app, allowed_hosts=[*LOCAL_NAMES, *extra_hosts])
     return ApiKey(app, api_key)
 
 

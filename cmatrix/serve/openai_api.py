@@ -17,6 +17,9 @@ from typing import Any
 
 from ..errors import CMatrixError
 
+#: max_tokens of a text completion that gives none (OpenAI's default)
+DEFAULT_COMPLETION_TOKENS = 16
+
 #: generate()'s stop reasons as the API's finish_reason
 FINISH = {"stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length",
           "max_positions": "length", "cancelled": "stop", "interrupted": "stop"}
@@ -66,8 +69,9 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
 
 
 def _refuse_unsupported(body: dict) -> None:
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
-        raise ApiError(400, "n: cmatrix serve answers with one choice (n = 1)", param="n")
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            raise ApiError(400, f"{name}: cmatrix serve answers with one choice (1)", param=name)
     if body.get("logprobs") or body.get("top_logprobs"):
         raise ApiError(400, "logprobs: not supported by cmatrix serve", param="logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -124,7 +128,7 @@ def chat_messages(body: dict) -> list[dict]:
 def parse(body: Any, kind: str, model: Any, max_positions: int) -> Completion:
     """Check a request body and tokenise its prompt (``kind``: "chat" or "text").
     Raises :class:`ApiError`; a prompt that fills the context is a 400."""
-    from ..llm.generate import prompt_ids
+    from ..llm.generate import check_options, prompt_ids
 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -132,15 +136,15 @@ def parse(body: Any, kind: str, model: Any, max_positions: int) -> Completion:
     if unknown:
         raise ApiError(400, f"unsupported field(s): {', '.join(unknown)}", param=unknown[0])
     _refuse_unsupported(body)
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null: the default, as OpenAI takes it
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: true or false", param="stream")
     usage_opt = body.get("stream_options") or {}
     if not isinstance(usage_opt, dict):
         raise ApiError(400, "stream_options: an object", param="stream_options")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"seed: an integer, got {seed!r}", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ApiError(400, f"seed: an integer >= 0, got {seed!r}", param="seed")
     text = None
     try:
         if kind == "chat":
@@ -153,6 +157,9 @@ def parse(body: Any, kind: str, model: Any, max_positions: int) -> Completion:
                 prompt = prompt[0]
             if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
                 ids = prompt_ids(model, None, prompt, None, None)
+                vocab = model.config.vocab_size
+                if any(not 0 <= t < vocab for t in ids):
+                    raise ApiError(400, f"prompt: token ids lie in [0, {vocab})", param="prompt")
             elif isinstance(prompt, str) and prompt:
                 ids = prompt_ids(model, prompt, None, None, False)
             else:
@@ -166,13 +173,20 @@ def parse(body: Any, kind: str, model: Any, max_positions: int) -> Completion:
         raise ApiError(400, f"the prompt has {len(ids)} tokens, and this model's context holds "
                        f"{max_positions}: shorten it (no room left to answer)",
                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")
+    limit = body.get("max_tokens") if limit is None else limit
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ApiError(400, f"max_tokens: a positive integer, got {limit!r}", param="max_tokens")
-    options = {"max_new_tokens": room if limit is None else min(limit, room),
+    if limit is None:  # OpenAI's defaults: a chat answers until it ends, a completion gives 16 tokens
+        limit = room if kind == "chat" else DEFAULT_COMPLETION_TOKENS
+    options = {"max_new_tokens": min(limit, room),
                "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
                "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
                "seed": seed, "stop_strings": _stops(body)}
+    try:
+        check_options(**options)
+    except CMatrixError as exc:  # what generate() would refuse, refused here with a 400
+        raise ApiError(400, str(exc), param=next((n for n in options if n in str(exc)), None)) from None
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     return Completion(kind=kind, ids=ids, options=options, stream=stream, text=text,
                       include_usage=bool(usage_opt.get("include_usage")),

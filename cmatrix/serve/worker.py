@@ -14,9 +14,10 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
-from ..errors import CMatrixError
+from ..errors import CMatrixError, InputError
 from ..llm.chat import Transcript
 from .openai_api import Completion
 
@@ -74,6 +75,11 @@ class Worker:
             self.busy = True
             try:
                 self._run(job)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a bug here must not leave the client waiting, nor end the server
+                traceback.print_exc()
+                job.emit("error", f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 self.busy = False
 
@@ -101,6 +107,9 @@ class Worker:
         try:
             result = self.model.generate(token_ids=ids, stream=pending.append, on_token=token, cancel=cancel,
                                          reuse_cache=True, **options)
+        except InputError as exc:  # refused before anything ran (the request was checked already)
+            job.emit("error", str(exc))
+            return
         except CMatrixError as exc:
             job.emit("error", f"the cluster failed: {exc}")
             return
@@ -112,11 +121,14 @@ class Worker:
         if c.text is not None:
             self.transcript.record(c.text, ids, result)
         self.served += 1
-        print(f"cmatrix serve: {c.ident} ({c.kind}): {result.summary()}", file=sys.stderr, flush=True)
-        self.refresh()
         job.emit("done", result)
+        print(f"cmatrix serve: {c.ident} ({c.kind}): {result.summary()}", file=sys.stderr, flush=True)
         if result.stop_reason == "interrupted":  # Ctrl-C while decoding: the server stops
             raise KeyboardInterrupt
+        try:
+            self.refresh()
+        except CMatrixError as exc:  # the next request will meet the failure too, and say it
+            print(f"cmatrix serve: could not read the ranks' figures: {exc}", file=sys.stderr, flush=True)
 
     def refresh(self) -> None:
         """Read the ranks' totals; the dashboard shows rates since the previous read that had
