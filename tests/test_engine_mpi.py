@@ -218,3 +218,28 @@ def test_a_child_process_of_a_rank_imports_cmatrix_without_starting_mpi(tmp_path
     r = mpirun(2, script, plain=True)
     assert r.returncode == 0, r
     assert "CHILD-OK" in r.stdout, r
+
+
+def test_ctrl_c_under_cmatrix_launch_reaches_the_driver_alone():
+    """The terminal's Ctrl-C (SIGINT to cmatrix launch's process group) goes to rank 0, which
+    handles it and goes on using the cluster: the launcher (Open MPI's would end the job) and
+    the workers never see it."""
+    import os
+    import signal
+    import subprocess
+
+    argv = [sys.executable, "-m", "cmatrix", "launch", "-n", "2", str(JOBS / "interrupted.py")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env(),
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        time.sleep(0.5)  # the rank cards are written during start-up, before READY
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "CAUGHT, then [[12.0, 15.0, 18.0, 21.0]]" in out, (out, err)
+    assert "Traceback" not in err, err

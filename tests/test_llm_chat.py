@@ -2,8 +2,9 @@
 gives for the same conversation, later turns run only their new tokens yet answer as a
 fresh run of the whole conversation does, and a conversation that outgrows the context
 says how to go on."""
+# ruff: noqa: F403, F405
 
-from llm_helpers import *  # noqa: F403
+from llm_helpers import *
 
 from cmatrix.llm.chat import ChatSession
 
