@@ -44,22 +44,22 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny):
     proc = subprocess.run(launch_argv(2, "chat", "--model", str(tiny), "--max-new-tokens", "8"),
                           input=lines, capture_output=True, text=True, env=job_env(), cwd=ROOT, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    turns = [(int(a), int(b or 0)) for a, b in PREFILL.findall(proc.stderr)]
-    assert len(turns) == 4, proc.stderr
+    turns = [(int(a), int(b or 0)) for a, b in PREFILL.findall(proc.stdout)]
+    assert len(turns) == 4, proc.stdout + proc.stderr
     (new1, cached1), (new2, cached2), (new3, cached3), (new4, cached4) = turns
     assert cached1 == 0
     # the second turn runs only its own text: the first turn's prompt and answer are cached
     # (all but the answer's last token, which was sampled and never run)
-    assert cached2 == new1 + 8 - 1, proc.stderr
-    assert new2 < new1 + 8, proc.stderr
+    assert cached2 == new1 + 8 - 1, proc.stdout
+    assert new2 < new1 + 8, proc.stdout
     # a new system message starts a new conversation: the system text is new, so more runs
     assert new3 > 0
-    assert "(new conversation, system: Be brief)" in proc.stderr
-    assert "unknown command /bogus" in proc.stderr
+    assert "(new conversation, system: Be brief)" in proc.stdout
+    assert "unknown command /bogus" in proc.stdout
     # after /reset the conversation of the third turn starts again with the same message: its
     # whole prompt is cached but the last token (run again for its logits)
-    assert "(new conversation)" in proc.stderr
-    assert (new4, cached4) == (1, new3 + cached3 - 1), proc.stderr
+    assert "(new conversation)" in proc.stdout
+    assert (new4, cached4) == (1, new3 + cached3 - 1), proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -78,9 +78,9 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    err = err.decode()
+    out, err = out.decode(errors="replace"), err.decode()
     assert proc.returncode == 0, err
-    assert "stop: interrupted] (stopped)" in err, err
+    assert "stop: interrupted] (stopped)" in out, out
     assert "Traceback" not in err and "Abort" not in err, err
 
 

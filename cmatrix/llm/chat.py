@@ -117,7 +117,13 @@ def run(cluster: Any, ns: argparse.Namespace, stdin: TextIO | None = None, out: 
         print(f"cmatrix chat: {exc}", file=sys.stderr)
         return 2
     interactive = stdin.isatty()
-    print(f"cmatrix chat: {model.path.name} on {cluster.size} rank(s). {HELP}", file=sys.stderr, flush=True)
+    # The conversation, notes and figures all go to ``out``: one stream keeps them in order
+    # (under mpiexec, stdout and stderr are relayed separately).
+    def say(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    say(f"cmatrix chat: {model.path.name} on {cluster.size} rank(s). {HELP}")
     while True:
         try:
             if interactive:
@@ -143,17 +149,17 @@ def run(cluster: Any, ns: argparse.Namespace, stdin: TextIO | None = None, out: 
                 return 0
             if command == "/reset":
                 chat.reset()
-                print("(new conversation)", file=sys.stderr, flush=True)
+                say("(new conversation)")
             elif command == "/system":
                 chat.set_system(arg.strip())
-                print(f"(new conversation, system: {chat.system or 'none'})", file=sys.stderr, flush=True)
+                say(f"(new conversation, system: {chat.system or 'none'})")
             else:
-                print(f"unknown command {command}; {HELP}", file=sys.stderr, flush=True)
+                say(f"unknown command {command}; {HELP}")
             continue
-        _turn(chat, line, out)
+        _turn(chat, line, out, say)
 
 
-def _turn(chat: ChatSession, line: str, out: TextIO) -> None:
+def _turn(chat: ChatSession, line: str, out: TextIO, say: Callable[[str], None]) -> None:
     def stream(text: str) -> None:
         out.write(text)
         out.flush()
@@ -161,12 +167,10 @@ def _turn(chat: ChatSession, line: str, out: TextIO) -> None:
     try:
         result = chat.ask(line, stream=stream)
     except KeyboardInterrupt:  # during the prompt's prefill: nothing was said
-        print("\n(stopped)", file=sys.stderr, flush=True)
+        say("\n(stopped)")
         return
     except CMatrixError as exc:
-        print(f"\ncmatrix chat: {exc}", file=sys.stderr, flush=True)
+        say(f"\ncmatrix chat: {exc}")
         return
-    out.write("\n")
-    out.flush()
     stopped = " (stopped)" if result.stop_reason == "interrupted" else ""
-    print(f"[{result.summary()}]{stopped}", file=sys.stderr, flush=True)
+    say(f"\n[{result.summary()}]{stopped}")
