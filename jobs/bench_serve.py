@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_llm import SCALE, SMALL, TINYLLAMA  # noqa: E402
+from serve_process import ServeProcess  # noqa: E402
 
 PROMPT = "Tell me about the clusters of old computers that people keep in their homes, and why."
 SUMMARY = re.compile(r"prefill: (\d+) tokens.*?, ([\d.]+) tokens/s \| "
@@ -75,36 +73,6 @@ def run_generate(args, path: Path) -> dict:
     prompt, prefill_rate, tokens, decode_rate = found.groups()
     return {"ttft_s": int(prompt) / float(prefill_rate), "decode_tokens_per_s": float(decode_rate),
             "tokens": int(tokens)}
-
-
-class Server:
-    def __init__(self, args, path: Path) -> None:
-        argv = launch(args.ranks, "serve", "--model", str(path), "--backends", args.backend, "--port", "0")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env=environment(), start_new_session=True)
-        self.url, self.log, ready = None, [], threading.Event()
-
-        def read() -> None:
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if (m := re.search(r"at (http://[\d.]+:\d+)/", line)):
-                    self.url = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(1800)
-        if self.url is None:
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.log)[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def run_http(client, tokens: int) -> dict:
@@ -155,7 +123,7 @@ def main() -> int:
         print(f"cmatrix generate, run {i + 1}/{args.repeats} ...", flush=True)
         gen.append(run_generate(args, path))
     print("cmatrix serve ...", flush=True)
-    server = Server(args, path)
+    server = ServeProcess(args.ranks, path, "--backends", args.backend, env=environment(), timeout=1800)
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=1800)
         http = []
@@ -168,7 +136,7 @@ def main() -> int:
     finally:
         server.stop()
     # the server's own figures for the timed requests (generate() inside it, before HTTP)
-    inside = [float(m.group(4)) for line in server.log if f"decode: {args.tokens} tokens" in line
+    inside = [float(m.group(4)) for line in server.lines if f"decode: {args.tokens} tokens" in line
               and (m := SUMMARY.search(line))]
     g_ttft, h_ttft = min(r["ttft_s"] for r in gen), min(r["ttft_s"] for r in http)
     g_rate = max(r["decode_tokens_per_s"] for r in gen)

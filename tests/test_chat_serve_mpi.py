@@ -98,43 +98,15 @@ def test_chat_refuses_a_model_without_a_chat_template_before_loading(tiny, tmp_p
     assert "layers on 2 rank(s)" not in r.stderr, r  # nothing was loaded
 
 
-class Server:
-    """`cmatrix launch -n N serve` in the background; its address read from what it prints."""
+def start_server(n: int, model, *args: str, env: dict | None = None):
+    """`cmatrix launch -n N serve` in the background (see jobs/serve_process.py)."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from serve_process import ServeProcess
 
-    def __init__(self, n: int, model, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen(launch_argv(n, "serve", "--model", str(model), "--port", "0", *args),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=job_env(env), cwd=ROOT, start_new_session=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.url = None
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(180) or self.url is None:
-            self.stop()
-            pytest.fail("the server did not start:\n" + "".join(self.lines))
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"at (http://[\d.]+:\d+)/", line)
-            if found:
-                self.url = found.group(1)
-                self.ready.set()
-        self.ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+    try:
+        return ServeProcess(n, model, *args, env=job_env(env))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 KEY = "test-key-1234"
@@ -144,7 +116,7 @@ KEY = "test-key-1234"
 def server(tiny):
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    s = Server(2, tiny, "--name", "tiny-chat", env={"CMATRIX_API_KEY": KEY})
+    s = start_server(2, tiny, "--name", "tiny-chat", env={"CMATRIX_API_KEY": KEY})
     yield s
     status = s.stop()
     assert status == 0, s.log

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_chat_serve_mpi import Server
+from test_chat_serve_mpi import start_server
 
 for _module in ("torch", "transformers", "tokenizers", "jinja2", "uvicorn"):
     pytest.importorskip(_module)
@@ -47,7 +47,7 @@ def test_the_page_streams_an_answer_and_shows_the_ranks(browser, tmp_path):
 
     model = build(tmp_path / "tiny", vocab_size=320, hidden_size=64, intermediate_size=96,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, scale=8.0)
-    server = Server(2, model, "--name", "browser-tiny")
+    server = start_server(2, model, "--name", "browser-tiny")
     try:
         browser.get(server.url + "/")
         assert "browser-tiny" in browser.title
