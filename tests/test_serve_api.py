@@ -250,9 +250,13 @@ def test_a_server_without_key_answers_only_loopback_names_and_json(model):
     client = TestClient(build(worker, "m"), base_url="http://127.0.0.1:8000")
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
+    assert client.get("/health", headers={"Host": "[::1]:8000"}).status_code == 200
+    assert client.get("/health", headers={"Host": "127.0.0.1"}).status_code == 200
     # a page elsewhere whose name was pointed at 127.0.0.1 (DNS rebinding) gets nothing
     assert client.get("/health", headers={"Host": "evil.example:8000"}).status_code == 400
     assert client.get("/cmatrix/cluster", headers={"Host": "evil.example"}).status_code == 400
+    assert client.get("/health", headers={"Host": "127.0.0.1.evil.example"}).json()["error"]["code"] \
+        == "invalid_host"
     # a cross-site form or text/plain POST is refused before it is read
     r = client.post("/v1/chat/completions", content=b'{"messages": []}',
                     headers={"Content-Type": "text/plain"})

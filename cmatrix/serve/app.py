@@ -24,7 +24,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -66,7 +65,30 @@ class ApiKey:
 
 
 #: the Host names a server without a key answers to (with any port)
-LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class LocalNames:
+    """ASGI middleware: answer only requests whose Host header names this computer (a page
+    elsewhere whose DNS name was pointed at 127.0.0.1 is refused: DNS rebinding)."""
+
+    def __init__(self, app: Any, names: set[str]) -> None:
+        self.app, self.names = app, {n.strip("[]").lower() for n in names}
+
+    @staticmethod
+    def host_of(header: str) -> str:
+        if header.startswith("["):  # [::1]:8000
+            return header[1:].partition("]")[0].lower()
+        return header.rpartition(":")[0].lower() if header.count(":") == 1 else header.lower()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+        if scope["type"] != "http" or self.host_of(host) in self.names:
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(400, f"this server answers only requests to {', '.join(sorted(self.names))} "
+                         "(start it with an API key to serve other names)", code="invalid_host")
+        await JSONResponse(error.body(), status_code=400)(scope, receive, send)
 
 
 def build(worker: Worker, model_name: str, api_key: str | None = None,
@@ -135,7 +157,7 @@ def build(worker: Worker, model_name: str, api_key: str | None = None,
         Route("/v1/completions", text, methods=["POST"]),
     ], exception_handlers={404: not_found, 405: bad_method})
     if api_key is None:  # only this computer's names: no DNS rebinding onto a keyless server
-        app = TrustedHostMiddleware(app, allowed_hosts=[*LOCAL_NAMES, *extra_hosts])
+        app = LocalNames(app, {*LOCAL_NAMES, *extra_hosts})
     return ApiKey(app, api_key)
 
 
