@@ -198,3 +198,57 @@ def test_ctrl_c_stops_generation_in_one_line_with_the_partial_summary(tmp_path):
     assert proc.returncode == 130, err
     assert "cmatrix: stopped by the user after" in err and "stop: interrupted" in err, err
     assert "Traceback" not in err and "Abort" not in err, err
+
+
+def _memory_cgroup(tmp_name: str):
+    """A new memory cgroup (v1 or v2) below this process's, or None where that cannot be made."""
+    import os
+    from pathlib import Path
+
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base, limit = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes"
+        elif controllers == "" and "memory" in Path("/sys/fs/cgroup/cgroup.controllers").read_text():
+            base, limit = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max"
+        else:
+            continue
+        group = base / f"{tmp_name}-{os.getpid()}"
+        try:
+            group.mkdir()
+            (group / limit).write_text(str(250 << 20))
+        except OSError:
+            if group.exists():
+                group.rmdir()
+            return None
+        return group
+    return None
+
+
+def test_a_share_that_does_not_fit_a_ranks_memory_is_refused_before_loading(tmp_path):
+    """Rank 1 is held to 250 MB by a memory cgroup; a 342 MB float32 model split equally does
+    not fit it. The load is refused before any data moves, naming rank 1 and suggesting
+    shares; those shares load and generate."""
+    _need()
+    group = _memory_cgroup("cmatrix-test")
+    if group is None:
+        pytest.skip("needs root and a memory cgroup this test can create (cgroup v1 or v2)")
+    try:
+        sys.path.insert(0, str(ROOT / "jobs"))
+        from tiny_llama import build
+
+        path = build(tmp_path / "model", vocab_size=8192, hidden_size=1024, intermediate_size=2816,
+                     num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, tokenizer=False)
+        r = mpirun(2, JOBS / "llm_memory_job.py", str(path), plain=True, timeout=300,
+                   env={"CMATRIX_TEST_CGROUP": str(group)})
+    finally:
+        group.rmdir()
+    assert r.returncode == 0, r
+    refusal = next(line for line in r.stdout.splitlines() if line.startswith("REFUSED:"))
+    assert "rank 1 (numpy)" in refusal and "free" in refusal and "rank 0 (" not in refusal, r
+    loaded = next(line for line in r.stdout.splitlines() if line.startswith("LOADED"))
+    assert loaded.endswith("generated 4"), r

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..core import quant as q
-from ..core.dtypes import SUPPORTED, to_float32
+from ..core.dtypes import STORAGE, SUPPORTED, to_float32
+from . import hostmem
 from .catalog import DENSE_OPS, NODE_OPS, NodeOp
 
 
@@ -130,6 +131,17 @@ class Backend(ABC):
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             return None
+
+    def memory_free(self) -> tuple[int | None, str]:
+        """(bytes this rank can still place on its device, or None if unknown; the name of the
+        pool it shares with other ranks of its host: "ram", a memory cgroup, a GPU)."""
+        return hostmem.available()
+
+    def stored_bytes(self, dtype: str, quant: str | None = None) -> float:
+        """Bytes one weight value of ``dtype`` (or quantised ``quant``) takes once uploaded.
+        By default a backend keeps dense dtypes as they are and quantised blocks as the
+        float32 values they stand for."""
+        return 4.0 if quant else float(STORAGE[dtype].itemsize)
 
     def memory_used(self) -> int | None:
         """Bytes of that memory this rank uses now (the process's resident set on CPU paths)."""

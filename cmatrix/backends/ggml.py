@@ -97,6 +97,11 @@ class GGMLBackend(Backend):
             raise CMatrixError("ggml could not create its graph allocator")
 
     # -- memory ---------------------------------------------------------------------------------
+    def stored_bytes(self, dtype: str, quant: str | None = None) -> float:
+        if quant:  # 32 values in one block with its float16 scale
+            return q.BLOCK_BYTES[quant] / q.BLOCK
+        return float(STORAGE[dtype].itemsize)
+
     def upload(self, data: np.ndarray, dtype: str, quant: str | None = None,
                quant_axis: int = 0) -> GGMLHandle:
         """Make ``data`` resident; with ``quant``, as ggml blocks along ``quant_axis``."""

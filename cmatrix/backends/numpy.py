@@ -23,6 +23,9 @@ class NumpyBackend(Backend):
         self._limits = threadpool_limits(limits=threads, user_api="blas")
         self.device = "cpu (BLAS)" if accel else "cpu"
 
+    def stored_bytes(self, dtype: str, quant: str | None = None) -> float:
+        return 4.0  # every block is float32 here
+
     def upload_dense(self, data: np.ndarray, dtype: str) -> np.ndarray:
         # aligned: the LLM decoder's ggml graphs multiply these arrays where they lie
         return aligned(to_float32(data, dtype))

@@ -165,6 +165,11 @@ class OpenCLBackend(Backend):
         """Global memory of the OpenCL device in bytes."""
         return int(self._device.global_mem_size)
 
+    def memory_free(self) -> tuple[int | None, str]:
+        if self.is_cpu:  # PoCL and other CPU devices allocate from host memory
+            return super().memory_free()
+        return self.memory(), f"opencl:{self.device}"  # OpenCL tells no free memory: its size
+
     # -- programs -----------------------------------------------------------------
     def build(self, name: str, options: str = "", source: str | None = None) -> cl.Program:
         """Kernel file ``name`` built with ``options``, once per backend (cached); a given

@@ -246,6 +246,13 @@ class TorchBackend(Backend):
             return int(torch.mps.recommended_max_memory())
         return super().memory()
 
+    def memory_free(self) -> tuple[int | None, str]:
+        if self.torch_device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.torch_device)[0]), f"cuda:{self.torch_device.index or 0}"
+        if self.torch_device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+            return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()), "mps"
+        return super().memory_free()
+
     def memory_used(self) -> int | None:
         if self.torch_device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.torch_device))

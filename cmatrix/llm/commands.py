@@ -62,6 +62,12 @@ class LlmStats(Header, op="llm_stats"):
 
 
 @dataclass(frozen=True)
+class LlmMemory(Header, op="llm_memory"):
+    dtype: str                          # the weight matrices' type, or
+    quant: str | None                   # their quantisation
+
+
+@dataclass(frozen=True)
 class LlmFree(Header, op="llm_free"):
     model: int
 
@@ -200,6 +206,28 @@ def _llm_stats(rt: Runtime, h: LlmStats, _: Any) -> list[dict] | None:
             raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
         report = {**model.counters.report(), "memory_used": rt.backend.memory_used(),
                   "memory": rt.backend.memory()}
+    rt.sync()
+    reports = rt.comm.gather_objects(report)
+    return reports if rt.comm.is_driver else None
+
+
+def bytes_per_weight(device: Any, dtype: str, quant: str | None) -> float:
+    """Bytes one weight value will take on this rank: its backend's storage, plus the float32
+    copy the ggml graphs multiply where the backend keeps another type (CPU torch ranks with
+    16-bit weights)."""
+    own = device.backend.stored_bytes(dtype, quant)
+    if device.name != "ggml" and own != 4.0 and decoder_for(device).__name__ == "GraphDecoder":
+        return own + 4.0
+    return own
+
+
+@on_ranks(LlmMemory)
+def _llm_memory(rt: Runtime, h: LlmMemory, _: Any) -> list[dict] | None:
+    """Every rank's free memory, its pool and bytes per weight value, for the driver's plan."""
+    report = None
+    with rt.step("memory"):
+        free, pool = rt.backend.memory_free()
+        report = {"free": free, "pool": pool, "per_value": bytes_per_weight(rt.backend, h.dtype, h.quant)}
     rt.sync()
     reports = rt.comm.gather_objects(report)
     return reports if rt.comm.is_driver else None

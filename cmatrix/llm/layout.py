@@ -37,6 +37,21 @@ def mlp_chunk(cfg: DecoderConfig, quant: str | None) -> int:
     return 1
 
 
+def matrix_splits(cfg: DecoderConfig, quant: str | None) -> dict[str, tuple[tuple[int, int], int, int]]:
+    """Each weight matrix of a layer ("qkv", "o", "gate_up", "down") and the LM head: its
+    (shape, split axis, alignment of the split), as the decoder shards it."""
+    step, chunk = group_step(cfg, quant), mlp_chunk(cfg, quant)
+    hid, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+    return {
+        "qkv": ((heads + 2 * cfg.num_kv_heads * cfg.head_dim, hid), 0,
+                step * (cfg.group_size + 2) * cfg.head_dim),
+        "o": ((hid, heads), 1, step * cfg.group_size * cfg.head_dim),
+        "gate_up": ((2 * inter, hid), 0, 2 * chunk),
+        "down": ((hid, inter), 1, chunk),
+        "lm_head": ((cfg.vocab_size, hid), 0, 1),
+    }
+
+
 def check_quant(cfg: DecoderConfig, quant: str | None) -> None:
     if quant is None:
         return

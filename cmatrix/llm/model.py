@@ -30,10 +30,12 @@ from ..core.dtypes import from_float32
 from ..core.plan import validate_weights
 from ..engine import progress
 from ..errors import InputError
+from . import memory_plan
 from .checkpoint import Checkpoint
-from .commands import LlmFree, LlmLoad, LlmProfile, LlmStats, LlmStep
+from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep
 from .config import DecoderConfig
-from .layout import check_quant, fuse_gate_up, fuse_qkv, group_step, mlp_chunk, pack
+from .layout import check_quant, fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
+from .memory_plan import RankMemory
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -73,6 +75,7 @@ class DecoderModel:
         for key, (tensor, shape) in self._names.items():
             if cache != "load" or key.rsplit(".", 1)[-1] not in MATRICES:
                 self.checkpoint.check(tensor, shape)
+        self._check_memory()
         self.embeddings = self.checkpoint.get(*self._names["embed"])
         self.position = 0
         #: the token ids the ranks' K/V caches hold, positions 0..position-1
@@ -105,6 +108,13 @@ class DecoderModel:
                              "or 'auto' once")
         return m
 
+    def _check_memory(self) -> None:
+        """Refuse, before anything is read or sent, a split that does not fit some rank's memory."""
+        reports = self.cluster.driver.run(LlmMemory(self.dtype, self.quant))
+        ranks = [RankMemory(r, info.host, info.backend, rep["free"], rep["pool"], rep["per_value"])
+                 for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
+        memory_plan.check(self.config, self.weights, self.quant, self.dtype, ranks)
+
     def _stored_bytes_per_value(self) -> float:
         """Bytes per weight as the ranks store it (quantised blocks: with their scales)."""
         return {"q8_0": 34 / 32, "q4_0": 18 / 32}.get(self.quant or "", 4 if self.dtype == "float32" else 2)
@@ -113,9 +123,8 @@ class DecoderModel:
         cfg, cl = self.config, self.cluster
         chunk = mlp_chunk(cfg, self.quant)
         layers, vectors = [], {}
-        hid = cfg.hidden_size  # q, k, v, o, gate, up and down per layer; the LM head
-        matrices = cfg.num_layers * (hid * 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
-                                     + 3 * hid * cfg.intermediate_size) + cfg.vocab_size * hid
+        sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, self.quant).items()}
+        matrices = cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
         total = int(matrices * self._stored_bytes_per_value())  # one bar: bytes as the ranks store them
         with progress.bar(total, f"loading {self.path.name}") as self._bar:
             for i in range(cfg.num_layers):
@@ -138,19 +147,20 @@ class DecoderModel:
     def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
         """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""
         cfg = self.config
-        step, width = group_step(cfg, self.quant), cfg.group_size * cfg.head_dim
+        width = cfg.group_size * cfg.head_dim
 
         def r(part: str) -> np.ndarray | None:
             return self._read(f"{i}.{part}")
 
-        hid, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
-        qkv = self._shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), f"layers.{i}.qkv",
-                          (heads + 2 * cfg.num_kv_heads * cfg.head_dim, hid),
-                          align=step * (cfg.group_size + 2) * cfg.head_dim)
-        o = self._shard(lambda: r("o"), f"layers.{i}.o", (hid, heads), align=step * width, axis=1)
-        gate_up = self._shard(lambda: fuse_gate_up(r("gate"), r("up"), chunk), f"layers.{i}.gate_up",
-                              (2 * inter, hid), align=2 * chunk)
-        down = self._shard(lambda: r("down"), f"layers.{i}.down", (hid, inter), align=chunk, axis=1)
+        def shard(build, part: str) -> Any:
+            shape, axis, align = splits[part]
+            return self._shard(build, f"layers.{i}.{part}", shape, align=align, axis=axis)
+
+        splits = matrix_splits(cfg, self.quant)
+        qkv = shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), "qkv")
+        o = shard(lambda: r("o"), "o")
+        gate_up = shard(lambda: fuse_gate_up(r("gate"), r("up"), chunk), "gate_up")
+        down = shard(lambda: r("down"), "down")
         if [c // ((cfg.group_size + 2) * cfg.head_dim) for c in qkv.counts] != [c // width for c in o.counts]:
             raise InputError("internal: q/k/v and o_proj were split differently")
         self._qkv_counts, self._gate_up_counts = list(qkv.counts), list(gate_up.counts)
