@@ -158,16 +158,23 @@ _BUFFER_FROM_PTR = _exact("ggml_backend_cpu_buffer_from_ptr", ctypes.c_void_p,
 
 
 class Borrowed:
-    """A C-contiguous 2-D float32 host array (rows, k) seen as a ggml tensor (ne0 = k) without
-    a copy: another backend's resident weight, multiplied by ggml's CPU kernels. The array
-    is kept alive with the tensor; ggml never frees its memory."""
+    """A C-contiguous 2-D host array of ``rows`` lines seen as a ggml tensor without a copy:
+    another backend's resident weight, multiplied by ggml's CPU kernels. float32 by default
+    (ne0 = k columns); with ``gtype`` and ``ne0``, lines of that ggml type (e.g. q8_0/q4_0
+    blocks, as bytes) of ``ne0`` values each. The array is kept
+    alive with the tensor; ggml never frees its memory."""
 
     ALIGNMENT = 32  # ggml's TENSOR_ALIGNMENT: a CPU buffer from a pointer must start on it
 
-    def __init__(self, array: np.ndarray) -> None:
-        if array.dtype != np.float32 or array.ndim != 2 or not array.flags.c_contiguous:
+    def __init__(self, array: np.ndarray, gtype: int | None = None, ne0: int | None = None) -> None:
+        if gtype is None and array.dtype != np.float32 or array.ndim != 2 or not array.flags.c_contiguous:
             raise CMatrixError(f"ggml borrows C-contiguous 2-D float32 arrays, got {array.dtype} "
                                f"{array.shape}")
+        gtype = ggml.GGML_TYPE_F32 if gtype is None else gtype
+        ne0 = array.shape[1] if ne0 is None else ne0
+        if ggml.ggml_row_size(gtype, ne0) * array.shape[0] != array.nbytes:
+            raise CMatrixError(f"{array.nbytes} bytes are not {array.shape[0]} lines of {ne0} values "
+                               f"of ggml type {gtype}")
         if array.ctypes.data % self.ALIGNMENT:
             raise CMatrixError("this array does not start on a 32-byte boundary")
         if _BUFFER_FROM_PTR is None:
@@ -177,7 +184,7 @@ class Borrowed:
                                                    no_alloc=True))
         if not ctx:
             raise CMatrixError("ggml_init failed for a borrowed tensor")
-        self.tensor = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F32, array.shape[1], array.shape[0])
+        self.tensor = ggml.ggml_new_tensor_2d(ctx, gtype, ne0, array.shape[0])
         buf = _BUFFER_FROM_PTR(array.ctypes.data, array.nbytes)
         self._finalizer = weakref.finalize(self, _release, ctx, buf)
         if not buf or ggml.ggml_backend_tensor_alloc(buf, self.tensor, array.ctypes.data) != \
@@ -187,6 +194,6 @@ class Borrowed:
 
     @classmethod
     def fits(cls, array: np.ndarray) -> bool:
-        """Whether :class:`Borrowed` can take ``array`` as it is."""
+        """Whether :class:`Borrowed` can take float32 ``array`` as it is."""
         return (_BUFFER_FROM_PTR is not None and array.dtype == np.float32 and array.ndim == 2
                 and array.flags.c_contiguous and array.size > 0 and array.ctypes.data % cls.ALIGNMENT == 0)

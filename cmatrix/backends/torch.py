@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..core.arrays import aligned
 from ..core.dtypes import STORAGE
 from .base import Backend
+from .host_quant import HostBlocks
 
 # Set per rank by launchers that hand each rank its own device.
 _VISIBILITY = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
@@ -51,7 +52,7 @@ def pick_device(device_index: int, accel: bool) -> tuple[torch.device, str, str 
     return torch.device("cpu"), "cpu", "torch sees no CUDA/ROCm device"
 
 
-class TorchBackend(Backend):
+class TorchDense(Backend):
     name = "torch"
 
     def __init__(self, device_index: int = 0, threads: int = 1, accel: bool = True) -> None:
@@ -246,6 +247,11 @@ class TorchBackend(Backend):
             return int(torch.mps.recommended_max_memory())
         return super().memory()
 
+    def stored_bytes(self, dtype: str, quant: str | None = None) -> float:
+        if self.torch_device.type == "cpu" and not quant:
+            return 4.0  # half blocks are widened on the CPU (see upload_dense)
+        return super().stored_bytes(dtype, quant)
+
     def memory_free(self) -> tuple[int | None, str]:
         if self.torch_device.type == "cuda":
             return int(torch.cuda.mem_get_info(self.torch_device)[0]), f"cuda:{self.torch_device.index or 0}"
@@ -259,3 +265,19 @@ class TorchBackend(Backend):
         if self.torch_device.type == "mps" and hasattr(torch.mps, "current_allocated_memory"):
             return int(torch.mps.current_allocated_memory())
         return super().memory_used()
+
+
+class TorchBackend(HostBlocks, TorchDense):
+    """The torch backend: dense blocks as tensors on its device; quantised ones as blocks in
+    host memory on the CPU (a GPU holds their float32 values)."""
+
+    @property
+    def keeps_blocks(self) -> bool:
+        """Quantised weights stay blocks on the CPU (a GPU holds their float32 values)."""
+        return self.torch_device.type == "cpu"
+
+    def to_host(self, x: torch.Tensor) -> np.ndarray:
+        return x.float().numpy()
+
+    def from_host(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array)

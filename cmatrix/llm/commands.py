@@ -211,23 +211,14 @@ def _llm_stats(rt: Runtime, h: LlmStats, _: Any) -> list[dict] | None:
     return reports if rt.comm.is_driver else None
 
 
-def bytes_per_weight(device: Any, dtype: str, quant: str | None) -> float:
-    """Bytes one weight value will take on this rank: its backend's storage, plus the float32
-    copy the ggml graphs multiply where the backend keeps another type (CPU torch ranks with
-    16-bit weights)."""
-    own = device.backend.stored_bytes(dtype, quant)
-    if device.name != "ggml" and own != 4.0 and decoder_for(device).__name__ == "GraphDecoder":
-        return own + 4.0
-    return own
-
-
 @on_ranks(LlmMemory)
 def _llm_memory(rt: Runtime, h: LlmMemory, _: Any) -> list[dict] | None:
     """Every rank's free memory, its pool and bytes per weight value, for the driver's plan."""
     report = None
     with rt.step("memory"):
         free, pool = rt.backend.memory_free()
-        report = {"free": free, "pool": pool, "per_value": bytes_per_weight(rt.backend, h.dtype, h.quant)}
+        # the ggml graphs of numpy and CPU torch ranks borrow the backend's arrays and blocks
+        report = {"free": free, "pool": pool, "per_value": rt.backend.stored_bytes(h.dtype, h.quant)}
     rt.sync()
     reports = rt.comm.gather_objects(report)
     return reports if rt.comm.is_driver else None

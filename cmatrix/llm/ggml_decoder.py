@@ -27,6 +27,7 @@ import ggml
 import numpy as np
 
 from ..backends.ggml import Borrowed, GGMLBackend
+from ..backends.host_quant import QuantBlocks
 from ..core.arrays import aligned
 from ..errors import CMatrixError
 from .config import DecoderConfig
@@ -147,11 +148,18 @@ class _Graph:
                 raise CMatrixError("ggml graph compute failed")
 
 
-def _host_float32(handle: Any) -> np.ndarray:
-    """A numpy or CPU torch rank's resident weight as a float32 array ggml can borrow: the
-    array itself (the backends keep blocks aligned), or a copy if it is not aligned."""
-    array = handle.numpy() if hasattr(handle, "numpy") and not isinstance(handle, np.ndarray) else handle
-    return array if Borrowed.fits(array) else aligned(np.asarray(array, dtype=np.float32))
+#: ggml's type of quantised blocks
+_GTYPE = {"q8_0": ggml.GGML_TYPE_Q8_0, "q4_0": ggml.GGML_TYPE_Q4_0}
+
+
+def borrow(handle: Any) -> Borrowed:
+    """A numpy or CPU torch rank's resident weight as a ggml tensor without a copy: quantised
+    blocks as they lie, float32 arrays as they are (the backends keep them aligned; an array
+    that is not gets an aligned copy)."""
+    if isinstance(handle, QuantBlocks):
+        return Borrowed(handle.blocks, _GTYPE[handle.kind], handle.width)
+    array = handle if isinstance(handle, np.ndarray) else handle.numpy()
+    return Borrowed(array if Borrowed.fits(array) else aligned(np.asarray(array, dtype=np.float32)))
 
 
 class GraphDecoder(RankPart):
@@ -176,7 +184,7 @@ class GraphDecoder(RankPart):
             self.kind = f"ggml on {device.name}"
 
             def weight(blk: Any) -> Any:
-                self._borrowed.append(Borrowed(_host_float32(blk.handle)))
+                self._borrowed.append(borrow(blk.handle))
                 return self._borrowed[-1].tensor
         self.backend = gb.ggml_backend
         self.buffer_type = ggml.ggml_backend_get_default_buffer_type(self.backend)
