@@ -27,9 +27,10 @@ CHAT_TEMPLATE = (
 def build(out: str | Path, model_type: str = "llama", vocab_size: int = 512, hidden_size: int = 256,
           intermediate_size: int = 512, num_hidden_layers: int = 4, num_attention_heads: int = 8,
           num_key_value_heads: int = 4, seed: int = 0, scale: float = 1.0, tokenizer: bool = True,
-          **extra) -> Path:
+          save_dtype: str = "float32", **extra) -> Path:
     """Write a random checkpoint to ``out``; ``scale`` multiplies the initial weights (larger
-    values give logits far from uniform, which makes comparisons meaningful)."""
+    values give logits far from uniform, which makes comparisons meaningful); ``save_dtype``:
+    the tensors' type in the file (e.g. "bfloat16", as most published models)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,7 +52,7 @@ def build(out: str | Path, model_type: str = "llama", vocab_size: int = 512, hid
                 p.uniform_(-0.5, 0.5)
             else:
                 p.mul_(scale)
-    model.save_pretrained(out)
+    model.to(getattr(torch, save_dtype)).save_pretrained(out)
     if tokenizer:
         write_tokenizer(out, vocab_size)
     return out

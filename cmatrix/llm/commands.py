@@ -218,7 +218,8 @@ def _llm_memory(rt: Runtime, h: LlmMemory, _: Any) -> list[dict] | None:
     with rt.step("memory"):
         free, pool = rt.backend.memory_free()
         # the ggml graphs of numpy and CPU torch ranks borrow the backend's arrays and blocks
-        report = {"free": free, "pool": pool, "per_value": rt.backend.stored_bytes(h.dtype, h.quant)}
+        report = {"free": free, "pool": pool, "per_value": rt.backend.stored_bytes(h.dtype, h.quant),
+                  "used": rt.backend.memory_used()}
     rt.sync()
     reports = rt.comm.gather_objects(report)
     return reports if rt.comm.is_driver else None

@@ -109,8 +109,9 @@ class DecoderModel:
         return m
 
     def _check_memory(self) -> None:
-        """Refuse, before anything is read or sent, a split that does not fit some rank's memory."""
-        reports = self.cluster.driver.run(LlmMemory(self.dtype, self.quant))
+        """Refuse, before anything is read or sent, a split that does not fit some rank's memory.
+        ``memory_before`` keeps what each rank reported (free, used, bytes per value)."""
+        self.memory_before = reports = self.cluster.driver.run(LlmMemory(self.dtype, self.quant))
         ranks = [RankMemory(r, info.host, info.backend, rep["free"], rep["pool"], rep["per_value"])
                  for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
         memory_plan.check(self.config, self.weights, self.quant, self.dtype, ranks)
