@@ -56,7 +56,7 @@ def test_ranks_in_one_pool_share_its_memory():
 
 def test_no_shares_fit_says_how_to_store_fewer_bytes_and_unknown_memory_is_not_checked():
     small = [rank(0, 150 * MiB), rank(1, 150 * MiB, host="b")]
-    with pytest.raises(InputError, match="No shares fit.*q4_0"):
+    with pytest.raises(InputError, match="Found no shares that fit.*q4_0"):
         mp.check(CFG, [0.5, 0.5], None, "float32", small)
     mp.check(CFG, [0.5, 0.5], None, "float32", [rank(0, None), rank(1, None, host="b")])
 
@@ -64,3 +64,27 @@ def test_no_shares_fit_says_how_to_store_fewer_bytes_and_unknown_memory_is_not_c
 def test_the_check_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("CMATRIX_MEMORY_CHECK", "0")
     mp.check(CFG, [0.5, 0.5], None, "float32", [rank(0, 1), rank(1, 1, host="b")])
+
+
+def test_suggested_shares_keep_a_zero_share_at_zero_and_sum_to_one():
+    reports = [rank(0, 20 << 30), rank(1, 20 << 30, host="b"), rank(2, 200 * MiB, host="c")]
+    with pytest.raises(InputError) as info:
+        mp.check(CFG, [0.0, 0.5, 0.5], None, "float32", reports)
+    shares = [float(x) for x in str(info.value).split("--weights ")[1].split()[0].split(",")]
+    assert shares[0] == 0.0 and abs(sum(shares) - 1) < 1e-9 and shares[2] < 0.5
+    mp.check(CFG, shares, None, "float32", reports)
+
+
+def test_page_cache_in_a_cgroup_is_not_counted_as_used(tmp_path, monkeypatch):
+    from cmatrix.backends import hostmem
+
+    group = tmp_path / "memory" / "job"
+    group.mkdir(parents=True)
+    (group / "memory.limit_in_bytes").write_text(str(1000 * MiB))
+    (group / "memory.usage_in_bytes").write_text(str(900 * MiB))
+    (group / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {600 * MiB}\n")
+    monkeypatch.setattr(hostmem, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(hostmem, "_cgroups", lambda: [(group / "memory.limit_in_bytes",
+                                                       group / "memory.usage_in_bytes", "/job")])
+    free, pool = hostmem.available()
+    assert pool == "cgroup /job" and free == 700 * MiB

@@ -112,7 +112,7 @@ class GGMLBackend(Backend):
             raise CMatrixError(f"quantised blocks need a 2-D matrix and axis 0 or 1, got {data.shape}")
         q.check_row_length(data.shape[quant_axis], quant)
         values = to_float32(data, dtype)
-        rows = np.ascontiguousarray(values.T if quant_axis == 0 else values, dtype=np.float32)
+        rows = values.T if quant_axis == 0 else values  # quantize() takes any strides, a tile at a time
         h = GGMLHandle(tuple(data.shape), "float32", quant=quant, quant_axis=quant_axis)
         if rows.size:
             # q4_0 in the CPU's repacked layout (whole groups of 8 rows): about 1.8x faster products

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..core import quant as q
 from ..core.arrays import aligned
@@ -33,7 +34,9 @@ class QuantBlocks:
             raise CMatrixError(f"quantised blocks need a 2-D matrix and axis 0 or 1, got {values.shape}")
         q.check_row_length(values.shape[axis], kind)
         lines = values.T if axis == 0 else values
-        self.blocks = aligned(q.quantize(lines, kind))
+        self.blocks = aligned(np.empty((lines.shape[0], lines.shape[1] // q.BLOCK * q.BLOCK_BYTES[kind]),
+                                       dtype=np.uint8))
+        q.quantize(lines, kind, out=self.blocks)
         self.kind, self.axis, self.shape = kind, axis, tuple(values.shape)
         self.width = values.shape[axis]  # values per line
 
@@ -65,9 +68,9 @@ class QuantBlocks:
 class HostBlocks:
     """Backend mixin: quantised uploads stay :class:`QuantBlocks` in host memory, and products
     with them dequantise tile by tile. Hooks it uses: ``keeps_blocks`` (False sends quantised
-    uploads down the backend's own path), ``to_host(handle)`` (a float32 numpy view or copy)
-    and ``from_host(array)`` (a handle of the backend); everything else goes to the backend
-    (``super()``)."""
+    uploads down the backend's own path), ``to_host(handle)`` (a float32 numpy view or copy),
+    ``from_host(array)`` (a handle of the backend) and ``threads`` (BLAS threads for the
+    products); everything else goes to the backend (``super()``)."""
 
     keeps_blocks = True
 
@@ -90,7 +93,8 @@ class HostBlocks:
 
     def matmul(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
         if isinstance(b, QuantBlocks):
-            return self.from_host(b.product(self.to_host(a), transpose_a, transpose_b))
+            with threadpool_limits(limits=self.threads, user_api="blas"):  # the rank's threads, not all
+                return self.from_host(b.product(self.to_host(a), transpose_a, transpose_b))
         if isinstance(a, QuantBlocks):
             raise CMatrixError(f"a {a.kind} block can only be the weight b of a matmul")
         return super().matmul(a, b, transpose_a, transpose_b)

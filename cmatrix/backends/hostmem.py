@@ -21,6 +21,7 @@ def available() -> tuple[int | None, str]:
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is None or usage is None or limit >= _NO_LIMIT:
             continue
+        usage -= _inactive_file(usage_file.parent)  # page cache the kernel gives back at need
         room = max(limit - usage, 0)
         if free is None or room < free:
             free, pool = room, f"cgroup {group}"
@@ -61,6 +62,18 @@ def _cgroups() -> list[tuple[Path, Path, str]]:
                 break
             group = group.parent
     return found
+
+
+def _inactive_file(folder: Path) -> int:
+    """Reclaimable file cache charged to a cgroup (v2 ``inactive_file``, v1 ``total_inactive_file``)."""
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def _read_int(path: Path) -> int | None:

@@ -168,7 +168,8 @@ class OpenCLBackend(Backend):
     def memory_free(self) -> tuple[int | None, str]:
         if self.is_cpu:  # PoCL and other CPU devices allocate from host memory
             return super().memory_free()
-        return self.memory(), f"opencl:{self.device}"  # OpenCL tells no free memory: its size
+        # OpenCL tells no free memory: its size; one pool per device this host's ranks use
+        return self.memory(), f"{self.device} #{self.device_index}"
 
     # -- programs -----------------------------------------------------------------
     def build(self, name: str, options: str = "", source: str | None = None) -> cl.Program:

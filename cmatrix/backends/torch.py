@@ -254,7 +254,9 @@ class TorchDense(Backend):
 
     def memory_free(self) -> tuple[int | None, str]:
         if self.torch_device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.torch_device)[0]), f"cuda:{self.torch_device.index or 0}"
+            props = torch.cuda.get_device_properties(self.torch_device)
+            ident = getattr(props, "uuid", None) or f"{props.name} #{self.torch_device.index or 0}"
+            return int(torch.cuda.mem_get_info(self.torch_device)[0]), f"cuda {ident}"
         if self.torch_device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
             return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()), "mps"
         return super().memory_free()

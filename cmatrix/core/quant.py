@@ -38,11 +38,26 @@ def check_row_length(n: int, kind: str, what: str = "row") -> None:
                          f"(pad it, or keep this matrix in float16/float32)")
 
 
-def quantize(x: np.ndarray, kind: str) -> np.ndarray:
-    """Rows of float32 ``x`` (row length a multiple of 32) -> uint8 blocks, one row per row."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+#: float32 bytes of rows quantised at once: the temporaries stay a few MiB for any matrix
+TILE_BYTES = 4 << 20
+
+
+def quantize(x: np.ndarray, kind: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 ``x`` (row length a multiple of 32; any strides) -> uint8 blocks, one row
+    per row (into ``out`` if given), a tile of rows at a time."""
     rows, n = x.shape
     check_row_length(n, kind)
+    if out is None:
+        out = np.empty((rows, n // BLOCK * BLOCK_BYTES[kind]), dtype=np.uint8)
+    step = max(1, TILE_BYTES // (4 * max(n, 1)))
+    for start in range(0, rows, step):
+        out[start:start + step] = _quantize_tile(x[start:start + step], kind)
+    return out
+
+
+def _quantize_tile(x: np.ndarray, kind: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = x.shape
     blocks = x.reshape(rows, n // BLOCK, BLOCK)
     out = np.empty((rows, n // BLOCK), dtype=_BLOCK_DTYPE[kind])
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -157,6 +157,8 @@ def borrow(handle: Any) -> Borrowed:
     blocks as they lie, float32 arrays as they are (the backends keep them aligned; an array
     that is not gets an aligned copy)."""
     if isinstance(handle, QuantBlocks):
+        if handle.axis != 1:  # the decoder's weights are quantised along their input (rows)
+            raise CMatrixError(f"a {handle.kind} weight quantised along axis 0 cannot be borrowed")
         return Borrowed(handle.blocks, _GTYPE[handle.kind], handle.width)
     array = handle if isinstance(handle, np.ndarray) else handle.numpy()
     return Borrowed(array if Borrowed.fits(array) else aligned(np.asarray(array, dtype=np.float32)))

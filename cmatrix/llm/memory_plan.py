@@ -43,28 +43,38 @@ class RankMemory:
     per_value: float
 
 
-def per_rank_values(cfg: DecoderConfig, weights: Sequence[float], quant: str | None) -> list[int]:
-    """Weight values each rank holds, split as the decoder splits them."""
-    held = [0] * len(weights)
+def _per_matrix(cfg: DecoderConfig, weights: Sequence[float], quant: str | None) -> dict[str, list[int]]:
+    """Per matrix of a layer (and the LM head): the values each rank holds of it."""
+    out = {}
     for part, (shape, axis, align) in matrix_splits(cfg, quant).items():
         if quant and axis == 1:  # the blocks run along the rows: whole blocks per rank
             align = math.lcm(align, q.BLOCK)
         counts = Plan.from_weights(shape[axis], weights, axis, align).counts
+        out[part] = [c * shape[1 - axis] for c in counts]
+    return out
+
+
+def per_rank_values(cfg: DecoderConfig, weights: Sequence[float], quant: str | None) -> list[int]:
+    """Weight values each rank holds, split as the decoder splits them."""
+    held = [0] * len(weights)
+    for part, values in _per_matrix(cfg, weights, quant).items():
         times = 1 if part == "lm_head" else cfg.num_layers
-        for r, c in enumerate(counts):
-            held[r] += times * c * shape[1 - axis]
+        for r, v in enumerate(values):
+            held[r] += times * v
     return held
 
 
 def fixed_bytes(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, context: int) -> list[int]:
-    """Per rank, what does not scale with bytes per value: K/V cache, overhead, the driver's
-    embeddings and its float32 copy of the largest matrix."""
+    """Per rank, what does not scale with bytes per value: K/V cache, overhead, the float32
+    block each matrix arrives in before its backend stores it (the largest counts), and the
+    driver's embeddings and its float32 copies of the largest matrix."""
     shape, axis, align = matrix_splits(cfg, quant)["qkv"]
     unit = (cfg.group_size + 2) * cfg.head_dim
     groups = [c // unit for c in Plan.from_weights(shape[axis], weights, axis, align).counts]
     cache = [cfg.num_layers * 2 * g * cfg.head_dim * context * 4 for g in groups]
     largest = max(rows * cols for (rows, cols), _, _ in matrix_splits(cfg, quant).values())
-    out = [c + OVERHEAD for c in cache]
+    arriving = [4 * max(values) for values in zip(*_per_matrix(cfg, weights, quant).values(), strict=True)]
+    out = [c + a + OVERHEAD for c, a in zip(cache, arriving, strict=True)]
     out[0] += 4 * (cfg.vocab_size * cfg.hidden_size + 2 * largest)
     return out
 
@@ -106,9 +116,9 @@ def check(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, dtype
         text = ",".join(f"{s:g}" for s in shares)
         lines.append(f"Shares that fit: --weights {text} (weights={shares}).")
     else:
-        lines.append("No shares fit on these ranks: add ranks or memory, or store fewer bytes per weight "
-                     "(quant='q4_0' keeps about 0.56 bytes per weight on ggml ranks, dtype='bfloat16' "
-                     "2 bytes on ggml, torch and OpenCL ranks).")
+        lines.append("Found no shares that fit on these ranks: add ranks or memory, or store fewer bytes "
+                     "per weight (quant='q4_0' keeps about 0.56 bytes per weight on ggml, numpy and CPU "
+                     "torch ranks; dtype='bfloat16' 2 bytes on ggml, OpenCL and GPU torch ranks).")
     lines.append("CMATRIX_MEMORY_CHECK=0 skips this check.")
     raise InputError(" ".join(lines))
 
@@ -155,9 +165,12 @@ def suggest(values: Sequence[int], reports: Sequence[RankMemory], fixed: Sequenc
             shares[r] += over * ((shares[r] if sum(shares[x] for x in open_ranks) else 1.0) / base)
     if any(s > c + 1e-9 for s, c in zip(shares, cap, strict=True)) or abs(sum(shares) - 1) > 1e-6:
         return None
-    rounded = [math.floor(1000 * s) / 1000 for s in shares]
-    spare = [r for r in range(len(shares)) if rounded[r] + 0.001 <= cap[r]]
-    if not spare:
-        return None
-    rounded[spare[0]] = round(rounded[spare[0]] + 1 - sum(rounded), 3)
-    return [round(s, 3) for s in rounded]
+    # three decimals, rounded down; the thousandths left go one at a time to the ranks with
+    # a share and the most room left (never to a rank given none)
+    milli = [math.floor(1000 * s + 1e-9) for s in shares]
+    for _ in range(1000 - sum(milli)):
+        open_ranks = [r for r in range(len(milli)) if weights[r] > 0 and (milli[r] + 1) / 1000 <= cap[r]]
+        if not open_ranks:
+            return None
+        milli[max(open_ranks, key=lambda r: cap[r] - milli[r] / 1000)] += 1
+    return [m / 1000 for m in milli]

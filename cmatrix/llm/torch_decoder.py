@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backends.host_quant import QuantBlocks
 from .config import DecoderConfig
 from .rank_part import RankPart, cache_capacity
 
@@ -34,10 +35,10 @@ class TorchDecoder(RankPart):
         self.cfg, self.groups, self.chunk = cfg, groups, chunk
         self.device = device.backend.torch_device
         self.kind = f"torch {self.device.type}"
-        self.w = [{part: None if blk.empty else blk.handle for part, blk in parts.items()}
+        self.w = [{part: None if blk.empty else _tensor(blk.handle) for part, blk in parts.items()}
                   for parts in layers]
         self.mlp_rows = [parts["down"].shape[1] for parts in layers]
-        self.head = None if lm_head.empty else lm_head.handle
+        self.head = None if lm_head.empty else _tensor(lm_head.handle)
         self.vocab_rows = lm_head.shape[0]
         self.vec = {name: torch.from_numpy(np.array(v, dtype=np.float32)).to(self.device)
                     for name, v in vectors.items()}
@@ -185,3 +186,11 @@ class TorchDecoder(RankPart):
             return np.zeros((rows.shape[0], 0), dtype=np.float32)
         y = self._linear(self._norm(rows, "final_norm"), self.head)
         return y.numpy() if self._cpu else y.cpu().numpy()
+
+
+def _tensor(handle: Any) -> Any:
+    """A weight as a tensor: quantised blocks a CPU torch rank keeps (this decoder runs there
+    only when CMATRIX_DECODER=torch asks) become their float32 values."""
+    if isinstance(handle, QuantBlocks):
+        return torch.from_numpy(handle.values())
+    return handle
