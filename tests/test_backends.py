@@ -134,6 +134,20 @@ def test_quantised_matmul(backend, kind, transpose_b, m):
     _close(got, x64 @ w_op, np.abs(x64) @ np.abs(w_op), QUANT_TOL)
 
 
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_quantised_weight_times_a_transposed_16_bit_activation(backend, kind):
+    """op(a) read through its transpose, in float16: the quantised path takes any operand a."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    a = rng.standard_normal((64, 3)).astype(np.float16)  # op(a) = a.T: 3 x 64
+    wq = backend.upload(w, "float32", quant=kind, quant_axis=1)
+    got = backend.download(backend.matmul(backend.upload(a, "float16"), wq, True, True), "float32")
+    ref = a.astype(np.float64).T @ quant.roundtrip(w, kind, 1).astype(np.float64).T
+    _close(got, ref, np.abs(a.astype(np.float64).T) @ np.abs(w.astype(np.float64).T), QUANT_TOL)
+    with pytest.raises(Exception, match="axis"):  # blocks run along axis 1: not usable as w @ x
+        backend.matmul(backend.upload(np.ones((3, 40), np.float32), "float32"), wq, False, False)
+
+
 def test_capabilities(backend):
     assert backend.supports("matmul", "float32", (4, 4))
     assert backend.supports("matmul", "q4_0", (3, 64))

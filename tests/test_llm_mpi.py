@@ -41,6 +41,7 @@ def test_decoder_matches_transformers(n, weights, names, decoder, tmp_path):
     # the numpy path: the blocks dequantised tile by tile, the reference's rounding: within 1e-4
     ("q8_0", ["numpy", "torch"], 4, "numpy"),
     ("q4_0", ["torch", "numpy"], 4, "numpy"),
+    ("q8_0", ["opencl", "numpy"], 4, "numpy"),  # OpenCL's own kernels over its blocks
     # ggml's kernels (on ggml ranks, and over numpy and CPU torch ranks' own blocks) also
     # round the activations: the documented bound
     ("q8_0", ["ggml", "torch"], 1, "auto"),

@@ -25,6 +25,7 @@ import pyopencl as cl
 from ..core.dtypes import STORAGE, SUPPORTED, from_float32, to_float32
 from ..errors import CMatrixError
 from .base import Backend
+from .opencl_quant import DeviceBlocks
 
 KIND = {"float32": 0, "float16": 1, "bfloat16": 2}  # A_KIND / B_KIND in kernels/common.cl
 
@@ -131,8 +132,8 @@ class CLArray:
         return f"CLArray({self.shape}, {self.dtype})"
 
 
-class OpenCLBackend(Backend):
-    """One rank's OpenCL device; see the module docstring for device choice."""
+class OpenCLDense(Backend):
+    """One rank's OpenCL device with dense blocks; see the module docstring for device choice."""
 
     name = "opencl"
     dtypes = SUPPORTED  # float16 without cl_khr_fp16 (vload_half), bfloat16 by shifts
@@ -286,6 +287,12 @@ class OpenCLBackend(Backend):
 
     def _workers(self) -> int:
         return max(1, int(self._device.max_compute_units)) if self.is_cpu else 1
+
+
+
+class OpenCLBackend(DeviceBlocks, OpenCLDense):
+    """The OpenCL backend: dense blocks in their storage type, quantised ones as blocks (see
+    :mod:`.opencl_quant`), both multiplied by cmatrix's kernels on the device."""
 
 
 def _fit(tiles: dict[str, int], device: cl.Device) -> dict[str, int]:
