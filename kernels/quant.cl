@@ -57,3 +57,67 @@ __kernel void q4_0_product(const int m, const int n, const int k, const int a_ro
     }
     y[(size_t)i * n + j] = acc;
 }
+
+#if A_KIND == 0
+/* The common case, a float32 op(a) stored row by row: blocks of a and of codes in 8-wide
+ * vectors, which a CPU runtime turns into SIMD (the strided kernels above it cannot).
+ * 8 wide, not 16: PoCL loads only half of a float16 vector. The codes go through private
+ * memory first: they start 2 bytes into a block, and a vector load from global memory may
+ * be made as if it were aligned. */
+inline float sum8(const float8 s)
+{
+    const float4 t = s.lo + s.hi;
+    return (t.x + t.y) + (t.z + t.w);
+}
+
+__kernel void q8_0_rows(const int m, const int n, const int k, __global const float *a,
+                        __global const uchar *w, __global float *y)
+{
+    const int j = get_global_id(0), i = get_global_id(1);
+    if (i >= m || j >= n)
+        return;
+    const int blocks = k / 32;
+    __global const uchar *line = w + (size_t)j * blocks * 34;
+    __global const float *row = a + (size_t)i * k;
+    float acc = 0.0f;
+    for (int b = 0; b < blocks; ++b) {
+        __global const uchar *block = line + b * 34;
+        char codes[32];
+        for (int t = 0; t < 32; ++t)
+            codes[t] = (char)block[2 + t];
+        __global const float *x = row + b * 32;
+        float8 s = vload8(0, x) * convert_float8(vload8(0, codes));
+        s += vload8(1, x) * convert_float8(vload8(1, codes));
+        s += vload8(2, x) * convert_float8(vload8(2, codes));
+        s += vload8(3, x) * convert_float8(vload8(3, codes));
+        acc += block_scale(block) * sum8(s);
+    }
+    y[(size_t)i * n + j] = acc;
+}
+
+__kernel void q4_0_rows(const int m, const int n, const int k, __global const float *a,
+                        __global const uchar *w, __global float *y)
+{
+    const int j = get_global_id(0), i = get_global_id(1);
+    if (i >= m || j >= n)
+        return;
+    const int blocks = k / 32;
+    __global const uchar *line = w + (size_t)j * blocks * 18;
+    __global const float *row = a + (size_t)i * k;
+    float acc = 0.0f;
+    for (int b = 0; b < blocks; ++b) {
+        __global const uchar *block = line + b * 18;
+        uchar bytes[16];
+        for (int t = 0; t < 16; ++t)
+            bytes[t] = block[2 + t];
+        const uchar8 q0 = vload8(0, bytes), q1 = vload8(1, bytes);
+        __global const float *x = row + b * 32;
+        float8 s = vload8(0, x) * (convert_float8(q0 & (uchar8)15) - 8.0f);
+        s += vload8(1, x) * (convert_float8(q1 & (uchar8)15) - 8.0f);
+        s += vload8(2, x) * (convert_float8(q0 >> (uchar8)4) - 8.0f);
+        s += vload8(3, x) * (convert_float8(q1 >> (uchar8)4) - 8.0f);
+        acc += block_scale(block) * sum8(s);
+    }
+    y[(size_t)i * n + j] = acc;
+}
+#endif

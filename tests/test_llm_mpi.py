@@ -206,7 +206,7 @@ def test_ctrl_c_stops_generation_in_one_line_with_the_partial_summary(tmp_path):
     assert "Traceback" not in err and "Abort" not in err, err
 
 
-def _memory_cgroup(tmp_name: str):
+def _memory_cgroup(tmp_name: str, limit_bytes: int = 250 << 20):
     """A new memory cgroup (v1 or v2) below this process's, or None where that cannot be made."""
     import os
     from pathlib import Path
@@ -226,7 +226,7 @@ def _memory_cgroup(tmp_name: str):
         group = base / f"{tmp_name}-{os.getpid()}"
         try:
             group.mkdir()
-            (group / limit).write_text(str(250 << 20))
+            (group / limit).write_text(str(limit_bytes))
         except OSError:
             if group.exists():
                 group.rmdir()
@@ -258,3 +258,31 @@ def test_a_share_that_does_not_fit_a_ranks_memory_is_refused_before_loading(tmp_
     assert "rank 1 (numpy)" in refusal and "free" in refusal and "rank 0 (" not in refusal, r
     loaded = next(line for line in r.stdout.splitlines() if line.startswith("LOADED"))
     assert loaded.endswith("generated 4"), r
+
+
+def test_a_q4_0_model_larger_than_the_ranks_memory_limits_loads_and_generates(tmp_path):
+    """A 644 MB float32 model on two ranks held to 300 MB and 200 MB by memory cgroups: as
+    q4_0 every rank keeps its blocks (the driver reads and sends one tensor at a time), so
+    it loads and generates."""
+    _need()
+    groups = [_memory_cgroup("cmatrix-test-r0", 300 << 20), _memory_cgroup("cmatrix-test-r1", 200 << 20)]
+    if None in groups:
+        for g in groups:
+            if g is not None:
+                g.rmdir()
+        pytest.skip("needs root and memory cgroups this test can create (cgroup v1 or v2)")
+    try:
+        sys.path.insert(0, str(ROOT / "jobs"))
+        from tiny_llama import build
+
+        path = build(tmp_path / "model", vocab_size=8192, hidden_size=1024, intermediate_size=2816,
+                     num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8, tokenizer=False)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        assert size > 500 << 20  # more than the two limits together
+        r = mpirun(2, JOBS / "llm_small_memory_job.py", str(path), plain=True, timeout=300,
+                   env={"CMATRIX_TEST_CGROUPS": ",".join(map(str, groups))})
+    finally:
+        for g in groups:
+            g.rmdir()
+    assert r.returncode == 0, r
+    assert "LOADED q4_0, generated 4" in r.stdout, r

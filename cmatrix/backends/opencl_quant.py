@@ -80,12 +80,17 @@ class DeviceBlocks:
         out = self._empty((m, b.lines))
         if m * b.lines == 0:
             return out
-        a_row, a_col = (1, a.shape[1]) if transpose_a else (a.shape[1], 1)
-        kernel = self._kernel("quant.cl", f"{b.kind}_product", a.dtype, "float32")
         group = (16, 1)
         size = (-(-b.lines // group[0]) * group[0], m)
-        self._run(kernel, size, group, np.int32(m), np.int32(b.lines), np.int32(k), np.int32(a_row),
-                  np.int32(a_col), a.buffer, b.buffer, out.buffer)
+        head = (np.int32(m), np.int32(b.lines), np.int32(k))
+        if a.dtype == "float32" and not transpose_a:  # rows of float32: the vector kernel
+            kernel = self._kernel("quant.cl", f"{b.kind}_rows", a.dtype, "float32")
+            self._run(kernel, size, group, *head, a.buffer, b.buffer, out.buffer)
+            return out
+        a_row, a_col = (1, a.shape[1]) if transpose_a else (a.shape[1], 1)
+        kernel = self._kernel("quant.cl", f"{b.kind}_product", a.dtype, "float32")
+        strides = (np.int32(a_row), np.int32(a_col))
+        self._run(kernel, size, group, *head, *strides, a.buffer, b.buffer, out.buffer)
         return out
 
     def matmul_float32(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
