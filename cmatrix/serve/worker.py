@@ -57,11 +57,9 @@ class Worker:
         self._read_at = 0.0
         self.refresh()
 
-    def submit(self, job: Job) -> int:
-        """Queue ``job``; returns how many jobs are ahead of it."""
-        ahead = self.jobs.qsize() + int(self.busy)
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` behind the others."""
         self.jobs.put(job)
-        return ahead
 
     def run(self, stop: threading.Event) -> None:
         """Serve jobs until ``stop`` is set (KeyboardInterrupt goes through: Ctrl-C stops)."""
