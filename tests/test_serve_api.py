@@ -268,3 +268,11 @@ def test_a_server_without_key_answers_only_loopback_names_and_json(model):
     keyed = TestClient(build(worker, "m", api_key="k"), base_url="http://192.168.1.9:8000")
     assert keyed.get("/health").status_code == 401
     assert keyed.get("/health", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_serve_without_its_extra_names_the_package(monkeypatch, capsys):
+    from cmatrix import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: import fails
+    assert serve.run(None, SimpleNamespace()) == 2
+    assert "uvicorn is not installed: pip install 'cmatrix[serve]'" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core import quant as q
 from ..core.arrays import HostArray
 from ..core.dtypes import from_float32
 from ..core.plan import validate_weights
@@ -118,7 +119,9 @@ class DecoderModel:
 
     def _stored_bytes_per_value(self) -> float:
         """Bytes per weight as the ranks store it (quantised blocks: with their scales)."""
-        return {"q8_0": 34 / 32, "q4_0": 18 / 32}.get(self.quant or "", 4 if self.dtype == "float32" else 2)
+        if self.quant:
+            return q.BLOCK_BYTES[self.quant] / q.BLOCK
+        return 4.0 if self.dtype == "float32" else 2.0
 
     def _load(self) -> None:
         cfg, cl = self.config, self.cluster
@@ -237,9 +240,9 @@ class DecoderModel:
         """Per rank: KV groups (query heads), MLP rows and vocabulary rows it holds."""
         cfg = self.config
         unit = (cfg.group_size + 2) * cfg.head_dim
-        return [{"rank": r, "kv_groups": q // unit, "heads": q // unit * cfg.group_size,
+        return [{"rank": r, "kv_groups": rows // unit, "heads": rows // unit * cfg.group_size,
                  "mlp_rows": g // 2, "vocab_rows": v}
-                for r, (q, g, v) in enumerate(zip(self._qkv_counts, self._gate_up_counts,
+                for r, (rows, g, v) in enumerate(zip(self._qkv_counts, self._gate_up_counts,
                                                   self._vocab_counts, strict=True))]
 
     @property

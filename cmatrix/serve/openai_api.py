@@ -181,6 +181,7 @@ def parse(body: Any, kind: str, model: Any, max_positions: int) -> Completion:
         limit = room if kind == "chat" else DEFAULT_COMPLETION_TOKENS
     options = {"max_new_tokens": min(limit, room),
                "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+               # top_p 0 (OpenAI allows it) keeps only the likeliest token; the sampler wants > 0
                "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
                "seed": seed, "stop_strings": _stops(body)}
     try:
