@@ -1,16 +1,17 @@
 """Write a Llama checkpoint folder (config.json + *.safetensors) as a GGUF file for llama.cpp.
 
-    python jobs/gguf_export.py MODEL_DIR OUT.gguf [--type f32|f16]
+    python jobs/gguf_export.py MODEL_DIR OUT.gguf [--type f32|f16|bf16|q8_0|q4_0]
 
 Needs only numpy, safetensors and the `gguf` package, so it runs in the benchmark's
-own environment (jobs/bench_llm.py) beside llama-cpp-python. Writes the Llama
-architecture's metadata, a placeholder vocabulary of the config's size (benchmarks
-feed token ids, never text), and the tensors under llama.cpp's names. q_proj and
-k_proj rows are reordered: Hugging Face rotates each head's two halves
-(rotate_half), llama.cpp's Llama rotates adjacent pairs, so each head's rows go from
-[first half, second half] to interleaved pairs. Weight matrices are written as
-float32 or float16; norms and the token embeddings stay float32 (as cmatrix keeps them).
-Quantise the result with llama.cpp.
+own environment (jobs/bench_llm.py) beside llama-cpp-python, and in the tests. Writes the
+architecture's metadata (llama, mistral as llama, qwen2), the folder's tokenizer when it
+has a tokenizer.json (byte-level BPE as "gpt2", SentencePiece-style BPE with byte fallback
+as "llama"; otherwise a placeholder vocabulary of the config's size, for benchmarks that
+feed token ids), and the tensors under llama.cpp's names. Llama q_proj and k_proj rows are
+reordered: Hugging Face rotates each head's two halves (rotate_half), llama.cpp's Llama
+rotates adjacent pairs, so each head's rows go from [first half, second half] to
+interleaved pairs (Qwen2 files keep Hugging Face's order). Weight matrices are written in
+--type; norms and the token embeddings stay float32 (as cmatrix keeps them).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def _tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -41,21 +45,131 @@ def _pairs_from_halves(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, d // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def export(folder: Path, out: Path, kind: str = "f32") -> Path:
+def _write_vocab(w, folder: Path, vocab: int) -> None:
+    """The folder's tokenizer.json as GGUF tokenizer metadata, or a placeholder vocabulary."""
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        w.add_tokenizer_model("llama")
+        w.add_token_list([b"<unk>", b"<s>", b"</s>"] + [f"<t{i}>".encode() for i in range(3, vocab)])
+        w.add_token_scores([0.0] * vocab)
+        w.add_token_types([2, 3, 3] + [1] * (vocab - 3))  # unknown, control, control, normal
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        return
+    data = json.loads(file.read_text(encoding="utf-8"))
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise SystemExit(f"{file}: a {model.get('type')} model; this exporter writes BPE vocabularies only")
+    ids = dict(model["vocab"])
+    specials = {t["content"]: t for t in data.get("added_tokens", [])}
+    for t in specials.values():
+        ids[t["content"]] = t["id"]
+    tokens = [""] * max(max(ids.values()) + 1, vocab)
+    for t, i in ids.items():
+        tokens[i] = t
+    for i, t in enumerate(tokens):
+        tokens[i] = t or f"<unused{i}>"
+    sentencepiece = bool(model.get("byte_fallback"))
+    types = []
+    for t in tokens:
+        if t in specials:
+            types.append(2 if t == model.get("unk_token") else 3 if specials[t].get("special") else 4)
+        elif t.startswith("<unused"):
+            types.append(5)
+        elif sentencepiece and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(6)
+        else:
+            types.append(1)
+    if sentencepiece:
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([-float(i) for i in range(len(tokens))])  # trained BPE ids follow merge order
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    config = {}
+    if (folder / "tokenizer_config.json").is_file():
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+    def token_id(key: str) -> int | None:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return ids.get(value) if isinstance(value, str) else None
+
+    if (bos := token_id("bos_token")) is not None:
+        w.add_bos_token_id(bos)
+    if (eos := token_id("eos_token")) is not None:
+        w.add_eos_token_id(eos)
+    if (unk := token_id("unk_token")) is not None:
+        w.add_unk_token_id(unk)
+    post = data.get("post_processor") or {}
+    w.add_add_bos_token(post.get("type") == "TemplateProcessing" and bos is not None
+                        and any(p.get("SpecialToken", {}).get("id") == config.get("bos_token")
+                                or p.get("SpecialToken", {}).get("id") == tokens[bos]
+                                for p in post.get("single", [])))
+    if sentencepiece:
+        w.add_add_space_prefix(True)
+    if isinstance(config.get("chat_template"), str):
+        w.add_chat_template(config["chat_template"])
+
+
+def _llama3_divisors(s: dict, head_dim: int, theta: float) -> np.ndarray:
+    """Llama 3.1's rope scaling as llama.cpp stores it: one divisor per rotary frequency."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = (old / wavelen - low) / (high - low)
+    divisors = np.where(wavelen < old / high, 1.0,
+                        np.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return divisors.astype(np.float32)
+
+
+#: (name, float32 values) -> (array to write, its GGUF type), for matrices; tests pass their own
+Encoder = Callable[[str, np.ndarray], tuple[np.ndarray, object]]
+
+
+def encoder(kind: str) -> Encoder:
+    """How --type writes one weight matrix."""
+    import gguf
+
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+
+    def encode(name: str, value: np.ndarray) -> tuple[np.ndarray, object]:
+        if kind == "f32":
+            return value, qtype
+        if kind == "f16":
+            return value.astype(np.float16), qtype
+        return gguf.quants.quantize(value, qtype), qtype
+
+    return encode
+
+
+def export(folder: Path, out: Path, kind: str = "f32", encode: Encoder | None = None) -> Path:
+    """Write ``folder`` to ``out`` with weight matrices in ``kind`` (or as ``encode`` writes them)."""
     import gguf
 
     cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("model_type") != "llama":
-        raise SystemExit(f"{folder}: model_type {cfg.get('model_type')!r}; this exporter writes llama only")
-    if cfg.get("rope_scaling"):
-        raise SystemExit(f"{folder}: rope scaling is not exported")
+    model_type = cfg.get("model_type")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise SystemExit(f"{folder}: model_type {model_type!r}; this exporter writes llama, mistral, qwen2")
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # older, newer transformers
+    theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "llama3"):
+        raise SystemExit(f"{folder}: rope scaling {scaling} is not exported (llama3's is)")
+    arch = "qwen2" if model_type == "qwen2" else "llama"
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads", heads)
     head_dim = cfg.get("head_dim") or hidden // heads
     vocab, layers = cfg["vocab_size"], cfg["num_hidden_layers"]
     tensors = _tensors(folder)
+    encode = encode or encoder(kind)
 
-    w = gguf.GGUFWriter(str(out), "llama")
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_name(folder.name)
     w.add_context_length(cfg.get("max_position_embeddings", 2048))
     w.add_embedding_length(hidden)
@@ -67,37 +181,43 @@ def export(folder: Path, out: Path, kind: str = "f32") -> Path:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
-    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([b"<unk>", b"<s>", b"</s>"] + [f"<t{i}>".encode() for i in range(3, vocab)])
-    w.add_token_scores([0.0] * vocab)
-    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))  # unknown, control, control, normal
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    w.add_rope_freq_base(theta)
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+                  "q4_0": "MOSTLY_Q4_0"}
+    w.add_file_type(getattr(gguf.LlamaFileType, file_types.get(kind, "ALL_F32")))
+    _write_vocab(w, folder, vocab)
 
     def put(name: str, value: np.ndarray, matrix: bool = True) -> None:
-        value = np.asarray(value, dtype=np.float32)
-        if matrix and kind == "f16":
-            value = value.astype(np.float16)
-        w.add_tensor(name, np.ascontiguousarray(value))
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        if not matrix:
+            w.add_tensor(name, value)
+            return
+        data, qtype = encode(name, value)
+        w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
 
     def get(name: str) -> np.ndarray:
         t = tensors[name]
         return t.astype(np.float32) if t.dtype != np.uint16 else \
             (t.astype(np.uint32) << 16).view(np.float32)
 
+    def rows(w: np.ndarray, n: int) -> np.ndarray:
+        return w if arch == "qwen2" else _pairs_from_halves(w, n)
+
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        put("rope_freqs.weight", _llama3_divisors(scaling, head_dim, theta), matrix=False)
     put("token_embd.weight", get("model.embed_tokens.weight"), matrix=False)  # cmatrix keeps it float32
     put("output_norm.weight", get("model.norm.weight"), matrix=False)
-    head = "model.embed_tokens.weight" if cfg.get("tie_word_embeddings") else "lm_head.weight"
-    put("output.weight", get(head))
+    if not cfg.get("tie_word_embeddings"):  # llama.cpp ties by leaving output.weight out
+        put("output.weight", get("lm_head.weight"))
     for i in range(layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         put(b + "attn_norm.weight", get(p + "input_layernorm.weight"), matrix=False)
-        put(b + "attn_q.weight", _pairs_from_halves(get(p + "self_attn.q_proj.weight"), heads))
-        put(b + "attn_k.weight", _pairs_from_halves(get(p + "self_attn.k_proj.weight"), kv_heads))
+        put(b + "attn_q.weight", rows(get(p + "self_attn.q_proj.weight"), heads))
+        put(b + "attn_k.weight", rows(get(p + "self_attn.k_proj.weight"), kv_heads))
         put(b + "attn_v.weight", get(p + "self_attn.v_proj.weight"))
+        if arch == "qwen2":
+            for part in "qkv":
+                put(b + f"attn_{part}.bias", get(p + f"self_attn.{part}_proj.bias"), matrix=False)
         put(b + "attn_output.weight", get(p + "self_attn.o_proj.weight"))
         put(b + "ffn_norm.weight", get(p + "post_attention_layernorm.weight"), matrix=False)
         put(b + "ffn_gate.weight", get(p + "mlp.gate_proj.weight"))
@@ -114,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("out")
-    ap.add_argument("--type", choices=("f32", "f16"), default="f32")
+    ap.add_argument("--type", choices=TYPES, default="f32")
     a = ap.parse_args(argv)
     path = export(Path(a.model), Path(a.out), a.type)
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)")

@@ -52,6 +52,8 @@ class DecoderConfig:
     windows: tuple[int | None, ...]
     bos_token_id: Any = None
     eos_token_id: Any = None
+    #: per rotary frequency, a divisor stored with the weights (GGUF's ``rope_freqs`` of Llama 3.1+)
+    rope_freq_factors: tuple[float, ...] | None = None
 
     @property
     def group_size(self) -> int:
@@ -138,9 +140,11 @@ class DecoderConfig:
         scaling = self.rope_scaling or {"rope_type": "default"}
         kind = scaling["rope_type"]
         if kind == "linear":
-            return (base / np.float32(scaling["factor"])).astype(np.float32)
-        if kind == "llama3":
-            return _llama3(base, scaling)
+            base = (base / np.float32(scaling["factor"])).astype(np.float32)
+        elif kind == "llama3":
+            base = _llama3(base, scaling)
+        if self.rope_freq_factors is not None:
+            base = (base / np.asarray(self.rope_freq_factors, dtype=np.float32)).astype(np.float32)
         return base
 
 

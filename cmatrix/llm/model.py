@@ -35,6 +35,7 @@ from . import memory_plan
 from .checkpoint import Checkpoint
 from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep
 from .config import DecoderConfig
+from .gguf_file import GgufCheckpoint, is_gguf
 from .layout import check_quant, fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
 from .memory_plan import RankMemory
 
@@ -53,7 +54,12 @@ class DecoderModel:
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
                  dtype: str | None = None, wire: str = "float32") -> None:
         self.cluster, self.path = cluster, Path(path)
-        self.config = cfg = DecoderConfig.from_dir(self.path)
+        self.checkpoint, self.config = open_checkpoint(self.path)
+        cfg = self.config
+        #: what was converted on the way in (a GGUF file's K-quants...), or None
+        self.conversion_note: str | None = None
+        if isinstance(self.checkpoint, GgufCheckpoint):
+            dtype, quant, self.conversion_note = self.checkpoint.default_types(dtype, quant)
         check_quant(cfg, quant)
         if dtype not in WEIGHT_DTYPES:
             raise InputError(f"dtype: one of {', '.join(map(repr, WEIGHT_DTYPES))}, got {dtype!r}")
@@ -69,7 +75,6 @@ class DecoderModel:
         self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
         self.quant, self.cache = quant, cache
         self.name = name or _default_name(self.path)
-        self.checkpoint = Checkpoint(self.path)
         self._names = _tensor_names(cfg, self.checkpoint)
         # Check everything that will be read before any data moves (with cache="load" the
         # matrices come from the ranks' disks: only embeddings, norms and biases are read).
@@ -247,16 +252,16 @@ class DecoderModel:
 
     @property
     def tokenizer(self) -> Any:
-        """The folder's tokenizer (tokenizer.json), read on first use."""
+        """The model's tokenizer (the folder's tokenizer.json, or a GGUF file's vocabulary), read on
+        first use."""
         if self._tokenizer is None:
-            from .tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.from_dir(self.path)
+            self._tokenizer = read_tokenizer(self.path)
         return self._tokenizer
 
     def stop_ids(self) -> set[int]:
         """End-of-sequence ids: the tokenizer's when it has one, else config.json's."""
-        if (self.path / "tokenizer.json").exists():
+        if (self.path / "tokenizer.json").exists() or isinstance(self.checkpoint, GgufCheckpoint) \
+                and self.checkpoint.value("tokenizer.ggml.tokens") is not None:
             return set(self.tokenizer.eos_ids)
         eos = self.config.eos_token_id
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -275,6 +280,27 @@ class DecoderModel:
             for m in self._matrices:
                 self.cluster.free(m)
         self._id, self._matrices = None, []
+
+
+def open_checkpoint(path: Path) -> tuple[Checkpoint | GgufCheckpoint, DecoderConfig]:
+    """The tensors and config of a Hugging Face folder or a ``.gguf`` file."""
+    if is_gguf(path):
+        ckpt = GgufCheckpoint(path)
+        return ckpt, ckpt.config
+    if path.is_file():
+        raise InputError(f"{path}: a file, but not a GGUF file; the model is a Hugging Face folder "
+                         "(config.json, *.safetensors) or a .gguf file")
+    cfg = DecoderConfig.from_dir(path)
+    return Checkpoint(path), cfg
+
+
+def read_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a model folder (tokenizer.json) or of a ``.gguf`` file."""
+    if is_gguf(path):
+        return GgufCheckpoint(path).tokenizer()
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
 
 
 def _default_name(path: Path) -> str:
@@ -324,7 +350,8 @@ def _tensor_names(cfg: DecoderConfig, ckpt: Checkpoint) -> dict[str, tuple[str |
 def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
          quant: str | None = None, cache: str | None = None, name: str | None = None,
          dtype: str | None = None, wire: str = "float32") -> DecoderModel:
-    """Load a Llama-family checkpoint (a local Hugging Face folder) onto the cluster.
+    """Load a Llama-family checkpoint (a local Hugging Face folder or a ``.gguf`` file) onto the
+    cluster.
 
     ``weights``: per-rank shares (default the cluster's); attention is split in whole
     KV groups, so a rank may hold no heads. ``quant``: "q8_0"/"q4_0" for every weight
@@ -336,7 +363,9 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None 
     they are; default float32); norms, biases and activations stay float32. ``wire``:
     "float16" or "bfloat16" sends each block's partial sums in that type (half the bytes
     per token, for slow links; the sums are still taken in float32); default "float32",
-    exact.
+    exact. A GGUF file's matrices keep their stored type when neither ``dtype`` nor ``quant``
+    is given (F16/BF16/Q8_0/Q4_0; other block types become q8_0 or q4_0, and
+    ``model.conversion_note`` says so).
     """
     return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype,
                         wire=wire)

@@ -23,7 +23,8 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
     for all three; the prompt for generate; sampling for generate and chat (serve takes it
     per request)."""
     ap.add_argument("--model", required=model_required,
-                    help="local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+                    help="local Hugging Face model folder (config.json, *.safetensors, tokenizer.json) "
+                         "or a .gguf file")
     if command == "generate":
         ap.add_argument("--prompt", default="Tell me about clusters of old computers.")
         ap.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, "
@@ -34,9 +35,10 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
     ap.add_argument("--backends", default=None,
                     help="backend for all ranks or one per rank, e.g. torch,ggml (default numpy)")
     ap.add_argument("--quant", choices=("q8_0", "q4_0"), default=None,
-                    help="quantise every weight matrix (ggml ranks keep the blocks)")
+                    help="quantise every weight matrix (default: none, or a .gguf file's own blocks)")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                    help="keep the weight matrices in this type on the ranks (default float32)")
+                    help="keep the weight matrices in this type on the ranks (default float32, or a "
+                         ".gguf file's own 16-bit type)")
     ap.add_argument("--wire", choices=("float32", "float16", "bfloat16"), default="float32",
                     help="type of the activations sent between ranks (16-bit: half the bytes)")
     ap.add_argument("--cache", choices=("save", "load", "auto"), default=None,
@@ -72,19 +74,21 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
     """Check the sampling options and the tokenizer, load ``ns.model`` and say how it was placed.
     ``need_chat``: refuse a tokenizer without a chat template before any weight moves."""
     from .generate import check_options
-    from .model import load
-    from .tokenizer import Tokenizer
+    from .gguf_file import is_gguf
+    from .model import load, read_tokenizer
 
     if hasattr(ns, "temperature"):  # serve takes these per request
         check_options(ns.max_new_tokens, ns.stop, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                       repetition_penalty=ns.repetition_penalty, seed=ns.seed)
-    if (Path(ns.model) / "config.json").exists():  # else load() says what the folder lacks
-        tok = Tokenizer.from_dir(ns.model)
+    if (Path(ns.model) / "config.json").exists() or is_gguf(ns.model):  # else load() says what is amiss
+        tok = read_tokenizer(ns.model)
         if need_chat and not tok.has_chat_template:
             raise InputError(f"{ns.model}: the tokenizer has no chat template, so there is no chat "
                              "format; use `cmatrix generate --no-chat` for plain text")
     model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
                  dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"))
+    if model.conversion_note:
+        print(f"cmatrix: {model.conversion_note}", file=sys.stderr)
     placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
                        for p in model.layout())
     print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "

@@ -1,0 +1,191 @@
+"""GGUF files as models, on a one-rank cluster in this process: tiny random checkpoints written
+as GGUF by jobs/gguf_export.py (F32, F16, BF16, Q8_0, Q4_0 by the gguf package's own
+quantiser; Q4_K/Q6_K as random blocks), read by cmatrix and, as the reference, by
+transformers' own GGUF loader. The multi-rank run is in tests/test_llm_mpi.py."""
+# ruff: noqa: F403, F405
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+gguf = pytest.importorskip("gguf")
+
+from llm_helpers import *  # noqa: E402, I001 - the llm tests' fixtures; puts jobs/ on the path
+
+from gguf_export import TYPES, export  # noqa: E402
+from test_llm_tokenizer import _sentencepiece_like  # noqa: E402
+
+from cmatrix.core import quant as q  # noqa: E402
+from cmatrix.llm.gguf_file import GgufCheckpoint  # noqa: E402
+from cmatrix.llm.model import read_tokenizer  # noqa: E402
+
+TEXTS = ["Hello world, this is cmatrix!", "two  spaces\n\nnew lines 12345 ünïcode 😀",
+         "Old computers, together"]
+
+
+@pytest.fixture(scope="module")
+def files(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    return {kind: export(tiny, out / f"tiny-{kind}.gguf", kind) for kind in TYPES}
+
+
+def reference(file: Path, ids=IDS, roundtrip: str | None = None) -> np.ndarray:
+    """transformers' logits for ``file`` (its own GGUF reader); ``roundtrip``: the weight matrices
+    first rounded through that block type, as cmatrix stores converted blocks."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
+                                                            dtype=torch.float32).eval()
+    if roundtrip:
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if p.ndim == 2 and "embed" not in name:
+                    p.copy_(torch.from_numpy(q.roundtrip(p.numpy(), roundtrip)))
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].numpy()
+
+
+def exact_logits(cl, file: Path, monkeypatch, **options) -> tuple[np.ndarray, object]:
+    """cmatrix's logits for ``file`` on the exact numpy path (no activation rounding)."""
+    monkeypatch.setenv("CMATRIX_DECODER", "numpy")
+    m = cm.llm.load(cl, file, **options)
+    try:
+        return m.forward(IDS, start=0, all_logits=True), m
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("kind, dtype, quant", [
+    ("f32", "float32", None), ("f16", "float16", None), ("bf16", "bfloat16", None),
+    ("q8_0", "float32", "q8_0"), ("q4_0", "float32", "q4_0")])
+def test_each_stored_type_is_kept_and_gives_transformers_logits(cl, files, kind, dtype, quant, monkeypatch):
+    got, m = exact_logits(cl, files[kind], monkeypatch)
+    assert (m.dtype, m.quant, m.conversion_note) == (dtype, quant, None)
+    want = reference(files[kind])
+    np.testing.assert_allclose(got, want, atol=TOL * max(1.0, np.abs(want).max()))
+
+
+def test_llama_cpp_rows_are_put_back_in_hugging_face_order(cl, files, tiny, ref_logits, monkeypatch):
+    """The F32 file holds Llama's q/k rows as llama.cpp reorders them; cmatrix's logits are the
+    original folder's (transformers on the safetensors)."""
+    got, _ = exact_logits(cl, files["f32"], monkeypatch)
+    np.testing.assert_allclose(got, ref_logits, atol=TOL * np.abs(ref_logits).max())
+    ckpt = GgufCheckpoint(files["f32"])
+    assert not np.array_equal(ckpt._values(ckpt._tensor("model.layers.0.self_attn.q_proj.weight")),
+                              tensors(tiny)["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_q8_0_and_q4_0_blocks_arrive_unchanged(files):
+    """A kept block type is stored on the ranks as the file's own blocks: cmatrix quantises the
+    values those blocks stand for back to the same bytes."""
+    for kind in ("q8_0", "q4_0"):
+        reader = gguf.GGUFReader(str(files[kind]))
+        matrices = [t for t in reader.tensors if t.tensor_type.name == kind.upper()]
+        assert len(matrices) == 15
+        for t in matrices:
+            blocks = np.asarray(t.data)
+            assert np.array_equal(q.quantize(q.dequantize(blocks, kind), kind), blocks), t.name
+
+
+def _random_k_blocks(name: str, value: np.ndarray):
+    """Random but valid Q6_K (down, output) or Q4_K (the rest) blocks in place of ``value``:
+    the mix of a llama.cpp Q4_K_M file; small block scales keep the weights near the model's."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rows, cols = value.shape
+    six = name.endswith(("ffn_down.weight", "output.weight"))
+    size, qtype = (210, gguf.GGMLQuantizationType.Q6_K) if six else (144, gguf.GGMLQuantizationType.Q4_K)
+    if cols % 256:
+        pytest.skip("K-quant rows need multiples of 256 values")
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    if six:  # ql, qh, 16 int8 scales, then d
+        blocks[..., 208:210] = np.full(blocks.shape[:2], 2e-4, "<f2")[..., None].view(np.uint8)
+    else:  # d, dmin, 12 bytes of 6-bit scales and mins, codes
+        blocks[..., 0:2] = np.full(blocks.shape[:2], 1e-3, "<f2")[..., None].view(np.uint8)
+        blocks[..., 2:4] = np.full(blocks.shape[:2], 5e-4, "<f2")[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1), qtype
+
+
+@pytest.fixture(scope="module")
+def k_quant_file(tmp_path_factory):
+    path = build(tmp_path_factory.mktemp("wide"), vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return export(path, path / "mixed-k.gguf", encode=_random_k_blocks)
+
+
+def test_k_quants_are_converted_with_a_note_and_match_their_rounding(cl, k_quant_file, monkeypatch):
+    ckpt = GgufCheckpoint(k_quant_file)
+    assert set(ckpt.matrix_types()) == {"Q4_K", "Q6_K"}
+    got, m = exact_logits(cl, k_quant_file, monkeypatch)
+    assert m.quant == "q4_0" and "Q6_K" in m.conversion_note and "q4_0" in m.conversion_note
+    want = reference(k_quant_file, roundtrip="q4_0")
+    np.testing.assert_allclose(got, want, atol=TOL * max(1.0, np.abs(want).max()))
+    got, m = exact_logits(cl, k_quant_file, monkeypatch, quant="q8_0")  # the caller's choice wins
+    assert m.quant == "q8_0" and m.conversion_note is None
+    want = reference(k_quant_file, roundtrip="q8_0")
+    np.testing.assert_allclose(got, want, atol=TOL * max(1.0, np.abs(want).max()))
+
+
+def test_llama3_rope_frequencies_stored_in_the_file(cl, tmp_path, monkeypatch):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4}
+    path = build(tmp_path / "llama3", **{**TINY, "rope_scaling": scaling})
+    file = export(path, tmp_path / "llama3.gguf")
+    ckpt = GgufCheckpoint(file)
+    assert ckpt.config.rope_freq_factors is not None and ckpt.config.rope_scaling is None
+    want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = want(torch.tensor([IDS])).logits[0].numpy()
+    got, _ = exact_logits(cl, file, monkeypatch)
+    np.testing.assert_allclose(got, want, atol=TOL * np.abs(want).max())
+
+
+@pytest.mark.parametrize("vocab", ["byte_level", "sentencepiece"])
+def test_the_tokenizer_comes_from_the_file(tiny, tmp_path, vocab):
+    """The GGUF vocabulary (merges, or SentencePiece scores) rebuilt by cmatrix encodes and
+    decodes as the original tokenizer.json and as transformers' reading of the same file."""
+    folder = tmp_path / vocab
+    shutil.copytree(tiny, folder)
+    if vocab == "sentencepiece":
+        _sentencepiece_like().save(str(folder / "tokenizer.json"))
+    file = export(folder, tmp_path / f"{vocab}.gguf")
+    mine, original = read_tokenizer(file), Tokenizer.from_dir(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)
+    for text in TEXTS + (["  leading spaces", "<s>hi</s> there"] if vocab == "byte_level" else []):
+        ids = original.encode(text)
+        assert mine.encode(text) == ids == theirs.encode(text), text
+        assert mine.decode(ids) == original.decode(ids), text
+    if vocab == "sentencepiece":
+        # llama.cpp puts a space before the text (and after each special token) even when the text
+        # starts with one; Hugging Face's Metaspace("first") does not: the file follows llama.cpp
+        pieces = [mine._tok.id_to_token(i) for i in mine.encode(" a</s>b", add_special_tokens=False)]
+        assert pieces == ["▁", "▁", "a", "</s>", "▁", "b"], pieces
+    assert mine.bos_id == original.bos_id and mine.eos_ids >= {original.token_to_id("</s>")}
+    assert mine.chat_template == original.chat_template and mine.has_chat_template
+
+
+def test_generate_reads_prompt_and_stops_with_the_files_tokenizer(cl, files, tiny):
+    m = cm.llm.load(cl, files["q8_0"])
+    try:
+        result = m.generate("Old computers", max_new_tokens=5, chat=False)
+        assert result.prompt_tokens == len(Tokenizer.from_dir(tiny).encode("Old computers"))
+        assert m.stop_ids() == {Tokenizer.from_dir(tiny).token_to_id("</s>")}
+    finally:
+        m.close()
+
+
+def test_bad_files_are_refused_before_anything_moves(cl, files, tiny, tmp_path):
+    not_gguf = tmp_path / "model.safetensors"
+    shutil.copy(tiny / "model.safetensors", not_gguf)
+    refused(cl, lambda: cm.llm.load(cl, not_gguf), "a file, but not a GGUF file")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(files["f32"].read_bytes()[:5000])
+    refused(cl, lambda: cm.llm.load(cl, cut), "not a readable GGUF file")
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    refused(cl, lambda: cm.llm.load(cl, tmp_path / "gpt2.gguf"), "architecture 'gpt2' is not supported")
+
+    def ints(name, value):
+        return value.astype(np.int32), gguf.GGMLQuantizationType.I32
+
+    bad = export(tiny, tmp_path / "i32.gguf", encode=ints)
+    refused(cl, lambda: cm.llm.load(cl, bad), "is I32; cmatrix reads F32, F16, BF16, Q8_0, Q4_0")
