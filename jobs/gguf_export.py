@@ -81,9 +81,9 @@ def _write_vocab(w, folder: Path, vocab: int) -> None:
             types.append(6)
         else:
             types.append(1)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])  # trained BPE ids follow merge order
     if sentencepiece:
         w.add_tokenizer_model("llama")
-        w.add_token_scores([-float(i) for i in range(len(tokens))])  # trained BPE ids follow merge order
     else:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt2")

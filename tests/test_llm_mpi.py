@@ -112,6 +112,43 @@ def test_generate_command_streams_what_transformers_generates(tmp_path):
     assert all(int(row[-7]) >= 1 and float(row[-6]) > 0 for row in rows), r  # steps, ms/token
 
 
+def test_generate_command_runs_a_gguf_file_as_transformers_does(tmp_path):
+    """`cmatrix generate --model tiny.gguf` on 2 ranks (OpenCL's and CPU torch's own q4_0 blocks,
+    the exact path): the file's tokenizer reads the prompt and the text is transformers' greedy
+    continuation, transformers reading the same file."""
+    _need("torch", "opencl")
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from gguf_export import export
+    from tiny_llama import build
+
+    path = build(tmp_path / "tiny", vocab_size=320, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, scale=4.0)
+    file = export(path, tmp_path / "tiny-q4_0.gguf", "q4_0")
+    prompt = "Old computers, together"
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)
+    ids = tok.encode(prompt)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    want = tok.decode([t for t in out if t != 2])
+    from conftest import job_env
+
+    from cmatrix.engine import launch
+
+    cmd = launch.command(2, [sys.executable, "-m", "cmatrix", "generate", "--model", str(file),
+                             "--prompt", prompt, "--no-chat", "--max-new-tokens", "12",
+                             "--weights", "0.5,0.5", "--backends", "opencl,torch"], None)
+    r = run_cmd(cmd, {**job_env(), "CMATRIX_DECODER": "numpy"}, timeout=180)
+    assert r.returncode == 0, r
+    assert r.stdout.rstrip("\n") == want, r
+    assert f"prefill: {len(ids)} tokens" in r.stderr, r
+
+
 def test_generate_command_refuses_a_missing_model(tmp_path):
     from conftest import job_env
 

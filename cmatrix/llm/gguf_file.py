@@ -110,8 +110,8 @@ class GgufCheckpoint:
         a = self.arch
         tokens = self._reader.get_field("tokenizer.ggml.tokens")
         embed = self._tensors.get("token_embd.weight")
-        vocab = self.value(f"{a}.vocab_size") or (len(tokens.data) if tokens is not None else None) \
-            or (int(embed.shape[-1]) if embed is not None else None)
+        vocab = self.value(f"{a}.vocab_size") or (int(embed.shape[-1]) if embed is not None else None) \
+            or (len(tokens.data) if tokens is not None else None)
         heads = self.value(f"{a}.attention.head_count")
         hidden = self.value(f"{a}.embedding_length")
         raw: dict[str, Any] = {
