@@ -86,7 +86,7 @@ def _write_vocab(w, folder: Path, vocab: int) -> None:
         w.add_tokenizer_model("llama")
     else:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt2")
+        w.add_tokenizer_pre("gpt-2")
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     w.add_token_list(tokens)
     w.add_token_types(types)

@@ -30,7 +30,7 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "smaug-bpe": _LLAMA3, "qwen2": _QWEN2,
-                  "gpt2": None, "gpt-2": None, "default": None}
+                  "gpt-2": None}  # None: GPT-2's own expression
 
 
 def tokenizer_from_gguf(ckpt: Any) -> Tokenizer:
@@ -77,7 +77,7 @@ def tokenizer_from_gguf(ckpt: Any) -> Tokenizer:
 
 
 def _byte_level(tk: Any, ckpt: Any, tokens: list[str], where: str) -> Any:
-    pre = ckpt.value("tokenizer.ggml.pre", "default")
+    pre = ckpt.value("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZERS:
         raise InputError(f"{where}: pre-tokenizer {pre!r} is not known here (known: "
                          f"{', '.join(PRE_TOKENIZERS)}); use the model's Hugging Face folder instead")
