@@ -54,12 +54,12 @@ class DecoderModel:
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
                  dtype: str | None = None, wire: str = "float32") -> None:
         self.cluster, self.path = cluster, Path(path)
-        self.checkpoint, self.config = open_checkpoint(self.path)
-        cfg = self.config
+        gguf = gguf_checkpoint(self.path)
+        self.config = cfg = gguf.config if gguf else DecoderConfig.from_dir(self.path)
         #: what was converted on the way in (a GGUF file's K-quants...), or None
         self.conversion_note: str | None = None
-        if isinstance(self.checkpoint, GgufCheckpoint):
-            dtype, quant, self.conversion_note = self.checkpoint.default_types(dtype, quant)
+        if gguf:
+            dtype, quant, self.conversion_note = gguf.default_types(dtype, quant)
         check_quant(cfg, quant)
         if dtype not in WEIGHT_DTYPES:
             raise InputError(f"dtype: one of {', '.join(map(repr, WEIGHT_DTYPES))}, got {dtype!r}")
@@ -75,6 +75,7 @@ class DecoderModel:
         self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
         self.quant, self.cache = quant, cache
         self.name = name or _default_name(self.path)
+        self.checkpoint = gguf or Checkpoint(self.path)
         self._names = _tensor_names(cfg, self.checkpoint)
         # Check everything that will be read before any data moves (with cache="load" the
         # matrices come from the ranks' disks: only embeddings, norms and biases are read).
@@ -282,16 +283,14 @@ class DecoderModel:
         self._id, self._matrices = None, []
 
 
-def open_checkpoint(path: Path) -> tuple[Checkpoint | GgufCheckpoint, DecoderConfig]:
-    """The tensors and config of a Hugging Face folder or a ``.gguf`` file."""
+def gguf_checkpoint(path: Path) -> GgufCheckpoint | None:
+    """The GGUF file at ``path``; None for a folder; refuses any other file."""
     if is_gguf(path):
-        ckpt = GgufCheckpoint(path)
-        return ckpt, ckpt.config
+        return GgufCheckpoint(path)
     if path.is_file():
         raise InputError(f"{path}: a file, but not a GGUF file; the model is a Hugging Face folder "
                          "(config.json, *.safetensors) or a .gguf file")
-    cfg = DecoderConfig.from_dir(path)
-    return Checkpoint(path), cfg
+    return None
 
 
 def read_tokenizer(path: str | os.PathLike) -> Any:
