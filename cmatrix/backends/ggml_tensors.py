@@ -193,7 +193,8 @@ class Borrowed:
             raise CMatrixError("ggml could not wrap a host array")
 
     @classmethod
-    def fits(cls, array: np.ndarray) -> bool:
-        """Whether :class:`Borrowed` can take float32 ``array`` as it is."""
-        return (_BUFFER_FROM_PTR is not None and array.dtype == np.float32 and array.ndim == 2
+    def fits(cls, array: np.ndarray, any_type: bool = False) -> bool:
+        """Whether :class:`Borrowed` can take float32 ``array`` (with ``any_type``: lines of any
+        type) as it is."""
+        return (_BUFFER_FROM_PTR is not None and (any_type or array.dtype == np.float32) and array.ndim == 2
                 and array.flags.c_contiguous and array.size > 0 and array.ctypes.data % cls.ALIGNMENT == 0)

@@ -3,7 +3,9 @@
 Blocks live as tensors on the rank's device between calls and are computed in
 their own dtype (half-precision GEMMs on GPUs); in a matmul of two dtypes the
 smaller operand is converted to the larger one's (a resident half weight is
-never widened per call). On the CPU, half blocks are held as float32.
+never widened per call). On the CPU, half blocks stay half (half the memory) but
+compute as float32: torch's CPU half kernels are slow and round every product, so a
+product widens a few MiB of the half operand's rows at a time (:func:`cpu_product`).
 
 Node-side operations (activations, softmax/RMSNorm pieces, rotary embeddings,
 attention, ...) stay on the tensor's device and compute in float32 (half tensors
@@ -52,6 +54,32 @@ def pick_device(device_index: int, accel: bool) -> tuple[torch.device, str, str 
     return torch.device("cpu"), "cpu", "torch sees no CUDA/ROCm device"
 
 
+#: float32 bytes of a half operand widened at once by cpu_product
+TILE_BYTES = 4 << 20
+
+
+def cpu_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 on the CPU, a half operand widened a tile of its lines at a time (its
+    float32 copy never exists whole): the values of widening it first, the speed of float32."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if b.dtype != torch.float32 and b.numel() >= a.numel():  # tile b's columns (rows of b.T)
+        out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+        af = a.float()
+        step = max(1, TILE_BYTES // (4 * max(b.shape[0], 1)))
+        for i in range(0, b.shape[1], step):
+            torch.matmul(af, b[:, i:i + step].float(), out=out[:, i:i + step])
+        return out
+    if a.dtype != torch.float32:  # tile a's rows
+        out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+        bf = b.float()
+        step = max(1, TILE_BYTES // (4 * max(a.shape[1], 1)))
+        for i in range(0, a.shape[0], step):
+            torch.matmul(a[i:i + step].float(), bf, out=out[i:i + step])
+        return out
+    return a @ b.float()
+
+
 class TorchDense(Backend):
     name = "torch"
 
@@ -65,18 +93,13 @@ class TorchDense(Backend):
 
     def upload_dense(self, data: np.ndarray, dtype: str) -> torch.Tensor:
         host = np.ascontiguousarray(data)
+        if self.torch_device.type == "cpu":
+            # aligned: the LLM decoder's ggml graphs multiply CPU weights where they lie
+            host = aligned(host)
         if dtype == "bfloat16":  # bits in uint16: reinterpret, never convert
             tensor = torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
-        elif self.torch_device.type == "cpu" and dtype == "float32":
-            # aligned: the LLM decoder's ggml graphs multiply CPU weights where they lie
-            tensor = torch.from_numpy(aligned(host))
         else:
             tensor = torch.from_numpy(host)
-        if dtype != "float32" and self.torch_device.type == "cpu":
-            # torch's CPU half kernels are slow (a 4096^2 float16 GEMV takes ~40x longer than
-            # in float32, bfloat16 ~2x) and round every product to the half type: hold half
-            # blocks widened once, as the numpy backend does.
-            return tensor.float()
         return tensor.to(self.torch_device)
 
     def download(self, x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -87,11 +110,13 @@ class TorchDense(Backend):
 
     @staticmethod
     def _common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if a.dtype != b.dtype:
+        if a.dtype != b.dtype or a.device.type == "cpu":  # the CPU computes half in float32
             return a.float(), b.float()
         return a, b
 
     def matmul(self, a, b, transpose_a=False, transpose_b=False) -> torch.Tensor:
+        if self.torch_device.type == "cpu":
+            return cpu_product(a.T if transpose_a else a, b.T if transpose_b else b)
         if a.dtype != b.dtype:
             # Meet in the larger operand's dtype (a resident half weight times a float32
             # activation computes in half, as GPU inference does) instead of widening the
@@ -105,7 +130,7 @@ class TorchDense(Backend):
     def matmul_float32(self, a, b, transpose_a=False, transpose_b=False) -> torch.Tensor:
         """A product left in float32 (a partial sum): half GEMMs accumulate in float32 but
         would round their output to half."""
-        if a.dtype == b.dtype == torch.float32:
+        if a.dtype == b.dtype == torch.float32 or self.torch_device.type == "cpu":
             return self.matmul(a, b, transpose_a, transpose_b)
         a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
         if a.dtype == b.dtype and a.is_cuda:
@@ -246,11 +271,6 @@ class TorchDense(Backend):
         if self.torch_device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
             return int(torch.mps.recommended_max_memory())
         return super().memory()
-
-    def stored_bytes(self, dtype: str, quant: str | None = None) -> float:
-        if self.torch_device.type == "cpu" and not quant:
-            return 4.0  # half blocks are widened on the CPU (see upload_dense)
-        return super().stored_bytes(dtype, quant)
 
     def memory_free(self) -> tuple[int | None, str]:
         if self.torch_device.type == "cuda":

@@ -150,23 +150,33 @@ class _Graph:
 
 #: ggml's type of quantised blocks
 _GTYPE = {"q8_0": ggml.GGML_TYPE_Q8_0, "q4_0": ggml.GGML_TYPE_Q4_0}
+_HALF = {"torch.float16": ggml.GGML_TYPE_F16, "torch.bfloat16": ggml.GGML_TYPE_BF16}
 
 
 def borrow(handle: Any) -> Borrowed:
     """A numpy or CPU torch rank's resident weight as a ggml tensor without a copy: quantised
-    blocks as they lie, float32 arrays as they are (the backends keep them aligned; an array
+    blocks as they lie, a CPU torch rank's 16-bit tensors as F16/BF16, float32 arrays as they are
+    (the backends keep them aligned; an array
     that is not gets an aligned copy)."""
     if isinstance(handle, QuantBlocks):
         if handle.axis != 1:  # the decoder's weights are quantised along their input (rows)
             raise CMatrixError(f"a {handle.kind} weight quantised along axis 0 cannot be borrowed")
         return Borrowed(handle.blocks, _GTYPE[handle.kind], handle.width)
+    if not isinstance(handle, np.ndarray) and str(handle.dtype) in _HALF:  # a CPU torch rank's half weight
+        import torch  # the handle is a torch tensor, so torch is there
+
+        kind = _HALF[str(handle.dtype)]
+        array = (handle if handle.dtype == torch.float16 else handle.view(torch.int16)).numpy()
+        if not Borrowed.fits(array, any_type=True):
+            array = aligned(np.ascontiguousarray(array))
+        return Borrowed(array, kind, array.shape[1])
     array = handle if isinstance(handle, np.ndarray) else handle.numpy()
     return Borrowed(array if Borrowed.fits(array) else aligned(np.asarray(array, dtype=np.float32)))
 
 
 class GraphDecoder(RankPart):
     """The blocks this rank holds, each run as one cached ggml graph (see the module doc).
-    On a numpy or CPU torch rank the graphs run over that backend's own float32 arrays,
+    On a numpy or CPU torch rank the graphs run over that backend's own arrays (float32, 16-bit, blocks),
     borrowed without a copy."""
 
     kind = "ggml graphs"

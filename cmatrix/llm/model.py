@@ -123,6 +123,15 @@ class DecoderModel:
                  for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
         memory_plan.check(self.config, self.weights, self.quant, self.dtype, ranks)
 
+    def stored_types(self) -> list[str]:
+        """Per rank, the type its weight matrices are held in: ``"float16"``, ``"q4_0"``, or
+        ``"float32 (widened from bfloat16)"`` where its backend widens (numpy; quantised
+        weights on a GPU torch rank)."""
+        kind = self.quant or self.dtype
+        kept = q.BLOCK_BYTES[self.quant] / q.BLOCK if self.quant else 4.0 if self.dtype == "float32" else 2.0
+        return [kind if rep["per_value"] <= kept else f"float32 (widened from {kind})"
+                for rep in self.memory_before]
+
     def _stored_bytes_per_value(self) -> float:
         """Bytes per weight as the ranks store it (quantised blocks: with their scales)."""
         if self.quant:
@@ -231,7 +240,8 @@ class DecoderModel:
                 for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
 
     def rank_stats(self) -> list[dict]:
-        """Per rank: host, backend, device, share, memory used and in all (bytes), and running
+        """Per rank: host, backend, device, share, the type its weights are held in (see
+        :meth:`stored_types`), memory used and in all (bytes), and running
         totals of its decode steps (``steps``, ``seconds``, ``collective_seconds``: the part
         spent in collectives, waiting for the others included, and ``bytes_sent``: what it put into
         the collectives)."""
@@ -239,8 +249,10 @@ class DecoderModel:
             raise InputError("this model was closed")
         reports = self.cluster.driver.run(LlmStats(self._id))
         return [{"rank": r, "host": info.host, "backend": info.backend, "device": info.device,
-                 "share": info.weight if self.weights is None else float(self.weights[r]), **rep}
-                for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
+                 "share": info.weight if self.weights is None else float(self.weights[r]),
+                 "weights": held, **rep}
+                for r, (info, rep, held) in enumerate(zip(self.cluster.ranks, reports, self.stored_types(),
+                                                          strict=True))]
 
     def layout(self) -> list[dict]:
         """Per rank: KV groups (query heads), MLP rows and vocabulary rows it holds."""

@@ -93,7 +93,9 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
                        for p in model.layout())
     print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
           f"rank(s) ({placed})", file=sys.stderr)
-    print("cmatrix: decoding with " + ", ".join(f"rank {r}: {k}" for r, k in enumerate(model.decoders)),
+    print("cmatrix: decoding with " + ", ".join(
+        f"rank {r}: {k} ({held})" for r, (k, held) in enumerate(zip(model.decoders, model.stored_types(),
+                                                                      strict=True))),
           file=sys.stderr, flush=True)
     return model
 

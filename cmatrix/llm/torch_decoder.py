@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..backends.host_quant import QuantBlocks
+from ..backends.torch import cpu_product
 from .config import DecoderConfig
 from .rank_part import RankPart, cache_capacity
 
@@ -125,6 +126,8 @@ class TorchDecoder(RankPart):
         with self._timed("matmul"):
             if w.dtype == torch.float32:
                 return h @ w.T
+            if not h.is_cuda and w.device.type == "cpu":  # the CPU computes half in float32
+                return cpu_product(h, w.T)
             if h.is_cuda:
                 try:
                     return torch.mm(h.to(w.dtype), w.T, out_dtype=torch.float32)

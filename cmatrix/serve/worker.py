@@ -147,7 +147,8 @@ class Worker:
             ms, wait_ms, per_token = self._rates.get(r["rank"], (None, None, None))
             rows.append({"rank": r["rank"], "host": r["host"], "backend": r["backend"], "device": r["device"],
                          "memory_used": r["memory_used"], "memory": r["memory"], "share": r["share"],
-                         "decoder": self.model.decoders[r["rank"]], "compute_ms_per_token": ms,
+                         "decoder": self.model.decoders[r["rank"]], "weights": r["weights"],
+                         "compute_ms_per_token": ms,
                          "wait_ms_per_token": wait_ms, "bytes_sent_per_token": per_token,
                          "decode_steps": r["steps"]})
         self.dashboard = {"model": self.model.name, "ranks": rows, "busy": self.busy,

@@ -83,7 +83,7 @@ t.check("profile phases add up to the step time", all(
     for p, r in zip(phases, reports, strict=True)), f"{reports}")
 model.close()
 
-ggml_holds = "ggml" in backends
+ggml_holds = any(k in ("ggml graphs", "ggml on torch") for k in kinds)  # ggml multiplies 16-bit weights
 for dtype, torch_type in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     rounded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -96,6 +96,15 @@ for dtype, torch_type in (("float16", torch.float16), ("bfloat16", torch.bfloat1
     err, scale = float(np.abs(got - want16).max()), float(np.abs(want16).max())
     bound = GGML_REL[dtype] * scale if ggml_holds else TOL
     t.check(f"{dtype} weights", err <= bound, f"max error {err:.2e} (bound {bound:.2e})")
+    part = cl.driver.runtime.models[m._id]
+    if part.kind == "ggml on torch":  # a CPU torch rank keeps 16-bit weights, and ggml uses them in place
+        blocks = [blk for parts in part.blocks[0] for blk in parts.values()] + [part.blocks[1]]
+        held = [blk.handle for blk in blocks if not blk.empty]
+        t.check(f"{dtype} kept 16-bit on CPU torch and borrowed",
+                all(h.dtype == torch_type for h in held)
+                and {b.array.ctypes.data for b in part._borrowed} == {h.data_ptr() for h in held}
+                and all(b.array.itemsize == 2 for b in part._borrowed),
+                f"{[h.dtype for h in held][:3]}, {len(part._borrowed)} borrowed")
     m.close()
 
 if cl.size > 1:  # 16-bit partial sums between ranks (one rank sends nothing)
