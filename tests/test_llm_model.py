@@ -153,6 +153,23 @@ def test_a_pytorch_bin_checkpoint_is_refused(cl, tiny, tmp_path):
     assert "pickle" in str(err) and ".bin" in str(err)
 
 
+def test_local_weights_takes_a_mode_and_cannot_be_forced_with_a_cache(cl, tiny):
+    refused(cl, lambda: cm.llm.load(cl, tiny, local_weights="yes"), r"local_weights: one of 'auto', 'on'")
+    refused(cl, lambda: cm.llm.load(cl, tiny, local_weights="on", cache="save"), r"give one of them")
+
+
+def test_the_driver_reads_its_own_blocks_locally(cl, tiny, model):
+    """One rank: the driver is a rank with the copy; 'off' sends the same values."""
+    assert model.local_ranks == (True,) and model.local_problems == [None]
+    off = cm.llm.load(cl, tiny, local_weights="off")
+    try:
+        assert off.local_ranks == (False,)
+        np.testing.assert_array_equal(off.forward(IDS, start=0, all_logits=True),
+                                      model.forward(IDS, start=0, all_logits=True))
+    finally:
+        off.close()
+
+
 # ---- the model on one rank --------------------------------------------------------------
 
 

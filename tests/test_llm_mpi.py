@@ -3,6 +3,8 @@ checkpoints; 1-4 ranks, uneven shares with a zero, mixed backends, quantised wei
 `generate` command end to end; failures on any rank while loading or decoding."""
 
 import json
+import os
+import shutil
 import sys
 
 import pytest
@@ -150,6 +152,43 @@ def test_generate_command_runs_a_gguf_file_as_transformers_does(tmp_path):
     assert r.stdout.rstrip("\n") == want, r
     assert f"prefill: {len(ids)} tokens" in r.stderr, r
     assert "rank 0: numpy+opencl (q4_0), rank 1: numpy+torch (q4_0)" in r.stderr, r  # blocks as in the file
+    assert f"ranks 0, 1 read their weights from their own copy of {file}" in r.stderr, r
+
+
+@pytest.mark.parametrize("situation", ["same", "gguf", "differs"])
+def test_ranks_read_their_blocks_from_their_own_copy(situation, tmp_path):
+    """local_weights: every rank with the driver's copy at the same path reads its own blocks
+    (a folder, or a GGUF file); a rank whose copy differs (rank 1 sees another model there,
+    bind-mounted in a mount namespace of its own, as on another host) is sent its blocks."""
+    _need()
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from conftest import job_env
+    from tiny_llama import build
+
+    from cmatrix.engine import launch
+
+    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, scale=4.0)
+    path = build(tmp_path / "model", **settings)
+    if situation == "gguf":
+        pytest.importorskip("gguf")
+        from gguf_export import export
+
+        path = export(path, tmp_path / "model-q8_0.gguf", "q8_0")
+    job = [sys.executable, str(JOBS / "llm_local_job.py"), str(path), "same" if situation != "differs"
+           else "differs"]
+    cmd = launch.command(2, job)
+    if situation == "differs":
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("needs root and unshare(1) to give one rank a mount namespace of its own")
+        other = build(tmp_path / "other", seed=1, **settings)
+        cmd = launch.command(1, job) + [":", "-n", "1", "unshare", "-m", "sh", "-c",
+                                        'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(other),
+                                        str(path), *job]
+    r = run_cmd(cmd, job_env(), timeout=240)
+    assert r.returncode == 0, r
+    checks = 9 if situation != "differs" else 3
+    assert f"local: {checks} checks, 0 failures on 2 ranks" in r.stdout, r
 
 
 def test_generate_command_refuses_a_missing_model(tmp_path):

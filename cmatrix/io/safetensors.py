@@ -47,6 +47,19 @@ class Index:
         return native(data.reshape(e["shape"]))
 
 
+    def read_rows(self, path: Path, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of tensor ``name`` (along its first dimension), reading only their bytes."""
+        e = self.entries[name]
+        dt = DTYPES[e["dtype"]]
+        shape = e["shape"]
+        line = math.prod(shape[1:])
+        lo, hi = max(0, min(lo, shape[0])), max(0, min(hi, shape[0]))
+        hi = max(lo, hi)
+        data = np.fromfile(path, dtype=dt, count=(hi - lo) * line,
+                           offset=self.data_start + e["data_offsets"][0] + lo * line * dt.itemsize)
+        return native(data.reshape(hi - lo, *shape[1:]))
+
+
 def read_index(path: Path) -> Index:
     """Parse and validate the header of the safetensors file at ``path``."""
     size = path.stat().st_size

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..core.dtypes import to_float32
 from ..errors import InputError
 from ..io import safetensors as st
+from .config import DecoderConfig
 
 _LOGICAL = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -73,6 +75,17 @@ class Checkpoint:
         data = self._indexes[file].read(file, name)
         return np.ascontiguousarray(to_float32(data, _LOGICAL[entry["dtype"]]), dtype=np.float32)
 
+    def rows(self, name: str, shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of tensor ``name`` as float32, reading only their bytes."""
+        entry = self.check(name, shape)
+        file = self.files[name]
+        data = self._indexes[file].read_rows(file, name, lo, hi)
+        return np.ascontiguousarray(to_float32(data, _LOGICAL[entry["dtype"]]), dtype=np.float32)
+
+    def columns(self, name: str, shape: tuple[int, int], lo: int, hi: int) -> np.ndarray:
+        """Columns ``lo:hi`` of matrix ``name`` as float32, read a band of rows at a time."""
+        return columns_in_bands(self.rows, name, shape, lo, hi)
+
     def _entry(self, name: str) -> dict:
         if name not in self.files:
             near = ", ".join(sorted(self.files)[:6])
@@ -84,3 +97,56 @@ class Checkpoint:
             return self._indexes[file].entries[name]
         except KeyError:
             raise InputError(f"{file}: the index says it holds {name!r}, but it does not") from None
+
+
+#: bytes of a matrix read at once when only some of its columns are wanted
+BAND_BYTES = 8 << 20
+
+
+def columns_in_bands(rows: Any, name: str, shape: tuple[int, int], lo: int, hi: int) -> np.ndarray:
+    """Columns ``lo:hi`` of a matrix whose ``rows(name, shape, a, b)`` can be read, a band at a time."""
+    out = np.empty((shape[0], hi - lo), dtype=np.float32)
+    step = max(1, BAND_BYTES // (4 * max(shape[1], 1)))
+    for a in range(0, shape[0], step):
+        out[a:a + step] = rows(name, shape, a, min(a + step, shape[0]))[:, lo:hi]
+    return out
+
+
+def tensor_names(cfg: DecoderConfig, ckpt: Any) -> dict[str, tuple[str | None, tuple[int, ...]]]:
+    """key -> (Hugging Face tensor name, expected shape) for everything the decoder reads from
+    ``ckpt`` (a :class:`Checkpoint` or a GGUF file)."""
+    hid, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+    names: dict[str, tuple[str | None, tuple[int, ...]]] = {
+        "embed": ("model.embed_tokens.weight", (cfg.vocab_size, hid)),
+        "final_norm": ("model.norm.weight", (hid,)),
+    }
+    tied = cfg.tie_word_embeddings
+    if not tied and "lm_head.weight" not in ckpt:
+        raise InputError(f"{ckpt.path}: no lm_head.weight, and config.json does not tie it to the "
+                         "embeddings (tie_word_embeddings)")
+    names["lm_head"] = ("model.embed_tokens.weight" if tied else "lm_head.weight", (cfg.vocab_size, hid))
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names.update({
+            f"{i}.q": (p + "self_attn.q_proj.weight", (nq, hid)),
+            f"{i}.k": (p + "self_attn.k_proj.weight", (nkv, hid)),
+            f"{i}.v": (p + "self_attn.v_proj.weight", (nkv, hid)),
+            f"{i}.o": (p + "self_attn.o_proj.weight", (hid, nq)),
+            f"{i}.gate": (p + "mlp.gate_proj.weight", (inter, hid)),
+            f"{i}.up": (p + "mlp.up_proj.weight", (inter, hid)),
+            f"{i}.down": (p + "mlp.down_proj.weight", (hid, inter)),
+            f"{i}.attn_norm": (p + "input_layernorm.weight", (hid,)),
+            f"{i}.mlp_norm": (p + "post_attention_layernorm.weight", (hid,)),
+        })
+        if cfg.qkv_bias:
+            names.update({f"{i}.q_bias": (p + "self_attn.q_proj.bias", (nq,)),
+                          f"{i}.k_bias": (p + "self_attn.k_proj.bias", (nkv,)),
+                          f"{i}.v_bias": (p + "self_attn.v_proj.bias", (nkv,))})
+        if cfg.o_bias:
+            names[f"{i}.o_bias"] = (p + "self_attn.o_proj.bias", (hid,))
+        if cfg.mlp_bias:
+            names.update({f"{i}.gate_bias": (p + "mlp.gate_proj.bias", (inter,)),
+                          f"{i}.up_bias": (p + "mlp.up_proj.bias", (inter,)),
+                          f"{i}.down_bias": (p + "mlp.down_proj.bias", (hid,))})
+    return names

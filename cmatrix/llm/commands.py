@@ -22,6 +22,7 @@ from ..core.plan import Plan
 from ..engine.protocol import Header, on_ranks
 from ..engine.runtime import Runtime
 from ..errors import CMatrixError
+from . import local_weights
 from .config import DecoderConfig
 from .layers import RankDecoder
 from .layout import unpack
@@ -104,6 +105,7 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
     """Build this rank's part of decoder ``h.model`` from its resident weight blocks; the
     driver gets how each rank runs its part."""
     comm, decoder = rt.comm, None
+    local_weights.forget()  # every block is in place: close the checkpoint the rank read them from
     with rt.step("prepare"):
         if not comm.is_driver:
             vectors = np.empty(h.vectors_size, dtype=np.float32)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .checkpoint import columns_in_bands
 from .config import DecoderConfig
 
 MAGIC = b"GGUF"
@@ -190,11 +191,22 @@ class GgufCheckpoint:
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Tensor ``name`` (a Hugging Face name) as float32, rows in Hugging Face's order."""
         t = self.check(name, shape)
-        values = self._values(t)
+        return self._hf_rows(name, self._values(t))
+
+    def rows(self, name: str, shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of tensor ``name`` as float32 (only those rows are read and dequantised);
+        q/k ranges are whole heads."""
+        t = self.check(name, shape)
+        return self._hf_rows(name, self._values(t, lo, hi))
+
+    def columns(self, name: str, shape: tuple[int, int], lo: int, hi: int) -> np.ndarray:
+        """Columns ``lo:hi`` of matrix ``name`` as float32, read a band of rows at a time."""
+        return columns_in_bands(self.rows, name, shape, lo, hi)
+
+    def _hf_rows(self, name: str, values: np.ndarray) -> np.ndarray:
         short = gguf_name(name)
         if self._pairs and values.ndim == 2 and short.endswith((".attn_q.weight", ".attn_k.weight")):
-            heads = self.config.num_heads if ".attn_q." in short else self.config.num_kv_heads
-            values = halves_from_pairs(values, heads)
+            values = halves_from_pairs(values, values.shape[0] // self.config.head_dim)
         return np.ascontiguousarray(values, dtype=np.float32)
 
     def _plain(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -211,17 +223,21 @@ class GgufCheckpoint:
             raise InputError(f"{self.path}: the file has no tensor {short!r} (it has e.g. {near})")
         return self._tensors[short]
 
-    def _values(self, t: Any) -> np.ndarray:
+    def _values(self, t: Any, lo: int | None = None, hi: int | None = None) -> np.ndarray:
         from gguf.quants import dequantize
 
         shape = tuple(int(n) for n in reversed(t.shape))
+        data = np.asarray(t.data)
+        if lo is not None:  # GGUF rows (of any type) are independent: slice, then dequantise
+            data = data.reshape(shape[0], -1)[lo:hi]
+            shape = (data.shape[0], *shape[1:])
         kind = t.tensor_type.name
         try:
             if kind == "F32":
-                return np.asarray(t.data, dtype=np.float32).reshape(shape)
+                return data.view(np.float32).reshape(shape)
             if kind == "F16":
-                return np.asarray(t.data).view(np.float16).reshape(shape).astype(np.float32)
-            return np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(shape)
+                return data.view(np.float16).reshape(shape).astype(np.float32)
+            return np.asarray(dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{self.path}: {t.name} ({kind} {shape}) cannot be read: {exc}") from None
 

@@ -66,15 +66,18 @@ def check_quant(cfg: DecoderConfig, quant: str | None) -> None:
 
 
 def fuse_qkv(qw: np.ndarray, kw: np.ndarray, vw: np.ndarray, cfg: DecoderConfig) -> np.ndarray:
-    """q, k, v rows (or biases) regrouped by KV group: [q of group 0, k 0, v 0, q of group 1, ...]."""
-    g, d = cfg.num_kv_heads, cfg.head_dim
+    """q, k, v rows (or biases) regrouped by KV group: [q of group 0, k 0, v 0, q of group 1, ...];
+    the rows of any run of whole groups give that run's fused rows."""
+    d = cfg.head_dim
+    g = kw.shape[0] // d
     tail = qw.shape[1:]
     parts = (qw.reshape(g, cfg.group_size * d, *tail), kw.reshape(g, d, *tail), vw.reshape(g, d, *tail))
     return np.ascontiguousarray(np.concatenate(parts, axis=1).reshape(-1, *tail))
 
 
 def fuse_gate_up(gate: np.ndarray, up: np.ndarray, chunk: int) -> np.ndarray:
-    """gate and up rows (or biases) interleaved in chunks: [gate 0, up 0, gate 1, up 1, ...]."""
+    """gate and up rows (or biases) interleaved in chunks: [gate 0, up 0, gate 1, up 1, ...]; the
+    rows of any run of whole chunks give that run's fused rows."""
     tail = gate.shape[1:]
     n = gate.shape[0] // chunk
     both = np.stack([gate.reshape(n, chunk, *tail), up.reshape(n, chunk, *tail)], axis=1)

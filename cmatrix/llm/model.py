@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import weakref
@@ -28,11 +29,12 @@ import numpy as np
 from ..core import quant as q
 from ..core.arrays import HostArray
 from ..core.dtypes import from_float32
-from ..core.plan import validate_weights
+from ..core.plan import Plan, validate_weights
 from ..engine import progress
 from ..errors import InputError
+from . import local_weights as lw
 from . import memory_plan
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, tensor_names
 from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep
 from .config import DecoderConfig
 from .gguf_file import GgufCheckpoint, is_gguf
@@ -52,7 +54,7 @@ class DecoderModel:
 
     def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
-                 dtype: str | None = None, wire: str = "float32") -> None:
+                 dtype: str | None = None, wire: str = "float32", local_weights: str = "auto") -> None:
         self.cluster, self.path = cluster, Path(path)
         gguf = gguf_checkpoint(self.path)
         self.config = cfg = gguf.config if gguf else DecoderConfig.from_dir(self.path)
@@ -70,25 +72,35 @@ class DecoderModel:
         if wire not in WIRE_TYPES:
             raise InputError(f"wire: one of {', '.join(map(repr, WIRE_TYPES))}, got {wire!r}")
         self.wire = wire
+        if local_weights not in lw.MODES:
+            raise InputError(f"local_weights: one of {', '.join(map(repr, lw.MODES))}, got {local_weights!r}")
+        if local_weights == "on" and cache is not None:
+            raise InputError("local_weights='on' reads the checkpoint on every rank; cache= reads each "
+                             "rank's saved blocks instead: give one of them")
         if cache is not None and cache not in CACHE_MODES:
             raise InputError(f"cache: one of {', '.join(map(repr, CACHE_MODES))} or None, got {cache!r}")
         self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
         self.quant, self.cache = quant, cache
         self.name = name or _default_name(self.path)
         self.checkpoint = gguf or Checkpoint(self.path)
-        self._names = _tensor_names(cfg, self.checkpoint)
+        self._names = tensor_names(cfg, self.checkpoint)
         # Check everything that will be read before any data moves (with cache="load" the
         # matrices come from the ranks' disks: only embeddings, norms and biases are read).
         for key, (tensor, shape) in self._names.items():
             if cache != "load" or key.rsplit(".", 1)[-1] not in MATRICES:
                 self.checkpoint.check(tensor, shape)
         self._check_memory()
+        #: per rank: None if it read its weight blocks from its own copy of the checkpoint, else why not
+        self.local_problems: list[str | None] = ["cache= was given"] * cluster.size
+        if cache is None:  # with a cache, blocks come from the ranks' cache files or the driver
+            self.local_problems = lw.check_ranks(cluster.driver, cluster.ranks, self.path, local_weights)
         self.embeddings = self.checkpoint.get(*self._names["embed"])
         self.position = 0
         #: the token ids the ranks' K/V caches hold, positions 0..position-1
         self.cached_ids: list[int] = []
         self._tokenizer = None
         self._matrices: list[Any] = []
+        self._local_blocks: list[int] = []  # ids of blocks placed by llm_shard_local
         self._id = None
         self._load()
 
@@ -98,8 +110,12 @@ class DecoderModel:
         tensor, shape = self._names[key]
         return None if tensor is None else self.checkpoint.get(tensor, shape)
 
-    def _shard(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int = 0) -> Any:
-        """One weight matrix onto the ranks (``build()`` makes it; not called for cache='load')."""
+    def _shard(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int = 0,
+               part: str = "", layer: int = -1) -> Any:
+        """One weight matrix onto the ranks (``build()`` makes it; not called for cache='load',
+        nor when every rank reads its block from its own copy)."""
+        if any(self.local_ranks):
+            return self._shard_local(build, suffix, shape, align, axis, part, layer)
         w = None if self.cache == "load" else build()
         if w is not None and self.quant is None and self.dtype != "float32":
             w = HostArray(from_float32(w, self.dtype), self.dtype, "numpy")
@@ -113,6 +129,29 @@ class DecoderModel:
                              f"axis {m.axis}; {self.path} with quant={self.quant!r} needs "
                              f"{self.quant or dtype} {shape} along axis {axis}: load it with cache='save' "
                              "or 'auto' once")
+        return m
+
+    @property
+    def local_ranks(self) -> tuple[bool, ...]:
+        """Per rank: whether it read its weight blocks from its own copy of the checkpoint."""
+        return tuple(p is None for p in self.local_problems)
+
+    def _shard_local(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int, part: str,
+                     layer: int) -> Any:
+        """``_shard`` where some ranks read their blocks from their own copy of the checkpoint."""
+        if self.quant and axis == 1:  # every rank holds whole blocks (as Cluster.shard aligns them)
+            align = math.lcm(align, q.BLOCK)
+        plan = Plan.from_weights(shape[axis], self.weights, axis, align)
+        dtype = "float32" if self.quant else self.dtype
+
+        def whole() -> np.ndarray:
+            w = build()
+            return w if dtype == "float32" else from_float32(w, dtype)
+
+        m = lw.shard_local(self.cluster.driver, self.path, self.config, part, layer, self._chunk, plan, shape,
+                           dtype, self.quant, f"{self.name}.{suffix}", self.local_ranks, whole)
+        self._local_blocks.append(m.id)
+        self._bar.update(int(shape[0] * shape[1] * self._stored_bytes_per_value()))
         return m
 
     def _check_memory(self) -> None:
@@ -140,7 +179,7 @@ class DecoderModel:
 
     def _load(self) -> None:
         cfg, cl = self.config, self.cluster
-        chunk = mlp_chunk(cfg, self.quant)
+        self._chunk = chunk = mlp_chunk(cfg, self.quant)
         layers, vectors = [], {}
         sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, self.quant).items()}
         matrices = cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
@@ -149,7 +188,7 @@ class DecoderModel:
             for i in range(cfg.num_layers):
                 layers.append(self._load_layer(i, chunk, vectors))
             head = self._shard(lambda: self._read("lm_head"), "lm_head", (cfg.vocab_size, cfg.hidden_size),
-                               align=1)
+                               align=1, part="lm_head")
         self._bar = progress.NoBar()
         self._vocab_counts = list(head.counts)
         vectors["final_norm"] = self._read("final_norm")
@@ -157,7 +196,7 @@ class DecoderModel:
         d = cl.driver
         self._id = d.new_id()
         # A model dropped without close() is freed on the ranks with the next command.
-        self._finalizer = weakref.finalize(self, d.free_later, self._id)
+        self._finalizer = weakref.finalize(self, _free_later, d, [self._id, *self._local_blocks])
         #: how each rank runs its part ("ggml graphs", "ggml on numpy", "torch cuda", "numpy+opencl")
         self.decoders: list[str] = d.run(LlmLoad(
             self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
@@ -173,7 +212,7 @@ class DecoderModel:
 
         def shard(build, part: str) -> Any:
             shape, axis, align = splits[part]
-            return self._shard(build, f"layers.{i}.{part}", shape, align=align, axis=axis)
+            return self._shard(build, f"layers.{i}.{part}", shape, align=align, axis=axis, part=part, layer=i)
 
         splits = matrix_splits(cfg, self.quant)
         qkv = shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), "qkv")
@@ -289,10 +328,17 @@ class DecoderModel:
         """Free the decoder's blocks and caches on every rank."""
         if self._id is not None and not self.cluster.closed:
             self._finalizer.detach()
+            for ident in self._local_blocks:  # freed with the next command
+                self.cluster.driver.free_later(ident)
             self.cluster.driver.run(LlmFree(self._id))
             for m in self._matrices:
                 self.cluster.free(m)
-        self._id, self._matrices = None, []
+        self._id, self._matrices, self._local_blocks = None, [], []
+
+
+def _free_later(driver: Any, idents: list[int]) -> None:
+    for ident in idents:
+        driver.free_later(ident)
 
 
 def gguf_checkpoint(path: Path) -> GgufCheckpoint | None:
@@ -319,48 +365,9 @@ def _default_name(path: Path) -> str:
     return f"llm.{stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
 
 
-def _tensor_names(cfg: DecoderConfig, ckpt: Checkpoint) -> dict[str, tuple[str | None, tuple[int, ...]]]:
-    """key -> (tensor name in the checkpoint, expected shape) for everything the decoder reads."""
-    hid, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
-    names: dict[str, tuple[str | None, tuple[int, ...]]] = {
-        "embed": ("model.embed_tokens.weight", (cfg.vocab_size, hid)),
-        "final_norm": ("model.norm.weight", (hid,)),
-    }
-    tied = cfg.tie_word_embeddings
-    if not tied and "lm_head.weight" not in ckpt:
-        raise InputError(f"{ckpt.path}: no lm_head.weight, and config.json does not tie it to the "
-                         "embeddings (tie_word_embeddings)")
-    names["lm_head"] = ("model.embed_tokens.weight" if tied else "lm_head.weight", (cfg.vocab_size, hid))
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        names.update({
-            f"{i}.q": (p + "self_attn.q_proj.weight", (nq, hid)),
-            f"{i}.k": (p + "self_attn.k_proj.weight", (nkv, hid)),
-            f"{i}.v": (p + "self_attn.v_proj.weight", (nkv, hid)),
-            f"{i}.o": (p + "self_attn.o_proj.weight", (hid, nq)),
-            f"{i}.gate": (p + "mlp.gate_proj.weight", (inter, hid)),
-            f"{i}.up": (p + "mlp.up_proj.weight", (inter, hid)),
-            f"{i}.down": (p + "mlp.down_proj.weight", (hid, inter)),
-            f"{i}.attn_norm": (p + "input_layernorm.weight", (hid,)),
-            f"{i}.mlp_norm": (p + "post_attention_layernorm.weight", (hid,)),
-        })
-        if cfg.qkv_bias:
-            names.update({f"{i}.q_bias": (p + "self_attn.q_proj.bias", (nq,)),
-                          f"{i}.k_bias": (p + "self_attn.k_proj.bias", (nkv,)),
-                          f"{i}.v_bias": (p + "self_attn.v_proj.bias", (nkv,))})
-        if cfg.o_bias:
-            names[f"{i}.o_bias"] = (p + "self_attn.o_proj.bias", (hid,))
-        if cfg.mlp_bias:
-            names.update({f"{i}.gate_bias": (p + "mlp.gate_proj.bias", (inter,)),
-                          f"{i}.up_bias": (p + "mlp.up_proj.bias", (inter,)),
-                          f"{i}.down_bias": (p + "mlp.down_proj.bias", (hid,))})
-    return names
-
-
 def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
          quant: str | None = None, cache: str | None = None, name: str | None = None,
-         dtype: str | None = None, wire: str = "float32") -> DecoderModel:
+         dtype: str | None = None, wire: str = "float32", local_weights: str = "auto") -> DecoderModel:
     """Load a Llama-family checkpoint (a local Hugging Face folder or a ``.gguf`` file) onto the
     cluster.
 
@@ -374,10 +381,13 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None 
     they are; default float32); norms, biases and activations stay float32. ``wire``:
     "float16" or "bfloat16" sends each block's partial sums in that type (half the bytes
     per token, for slow links; the sums are still taken in float32); default "float32",
-    exact. A GGUF file's matrices keep their stored type when neither ``dtype`` nor ``quant``
+    exact. ``local_weights``: "auto" (default) lets every rank whose host has the checkpoint at
+    the same path, with the same files, read its own blocks (the driver sends the others
+    theirs); "on" requires every rank to; "off" sends everything from the driver. A GGUF file's
+    matrices keep their stored type when neither ``dtype`` nor ``quant``
     is given (F16/BF16/Q8_0/Q4_0; other block types become q8_0 or q4_0, and
     ``model.conversion_note`` says so).
     """
     return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype,
-                        wire=wire)
+                        wire=wire, local_weights=local_weights)
 

@@ -43,6 +43,10 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
                     help="type of the activations sent between ranks (16-bit: half the bytes)")
     ap.add_argument("--cache", choices=("save", "load", "auto"), default=None,
                     help="save shards to each node's disk, or load them from there")
+    ap.add_argument("--local-weights", choices=("auto", "on", "off"), default="auto",
+                    help="ranks whose host has the model at the same path (same files) read their "
+                         "own part of it; 'on': every rank must, 'off': the driver sends everything "
+                         "(default auto)")
     if command == "serve":
         return
     ap.add_argument("--max-new-tokens", type=int, default=64 if command == "generate" else 512)
@@ -86,9 +90,17 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
             raise InputError(f"{ns.model}: the tokenizer has no chat template, so there is no chat "
                              "format; use `cmatrix generate --no-chat` for plain text")
     model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
-                 dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"))
+                 dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"),
+                 local_weights=getattr(ns, "local_weights", "auto"))
     if model.conversion_note:
         print(f"cmatrix: {model.conversion_note}", file=sys.stderr)
+    if any(model.local_ranks):
+        readers = [str(r) for r, ok in enumerate(model.local_ranks) if ok]
+        print(f"cmatrix: rank{'s' * (len(readers) > 1)} {', '.join(readers)} read their weights from their "
+              f"own copy of {model.path}", file=sys.stderr)
+        for r, problem in enumerate(model.local_problems):
+            if problem is not None:
+                print(f"cmatrix: rank {r} was sent its weights ({problem})", file=sys.stderr)
     placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
                        for p in model.layout())
     print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "

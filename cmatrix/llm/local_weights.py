@@ -1,0 +1,237 @@
+"""Ranks that read their part of the weights from their own copy of the checkpoint.
+
+A rank whose host has the model at the same absolute path as the driver (a shared folder,
+or a copy) and whose copy matches the driver's (:func:`fingerprint`: every file's size, its
+header and bytes sampled through it) reads the rows or columns of each weight matrix it
+holds itself, and only those: the driver sends it nothing, so weights need not cross the
+driver's network link. The driver reads a matrix only when some rank has no such copy, and
+sends that rank its block as ``shard`` would. Both halves of both commands are here:
+
+- ``llm_local_check``: which ranks have a matching copy (with the reason where one has not);
+- ``llm_shard_local``: one weight matrix of the decoder onto the ranks, each rank with a
+  copy building its block from the file (:func:`read_block`), the others receiving theirs.
+
+Blocks are the same values the driver would send: the same fused layout (:mod:`.layout`),
+the same conversion to the stored type, then the backend's own upload (and quantisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.dtypes import empty, from_float32
+from ..core.plan import Plan
+from ..engine.protocol import Header, on_ranks
+from ..engine.runtime import Runtime
+from ..errors import CMatrixError, InputError
+from .checkpoint import Checkpoint, tensor_names
+from .config import DecoderConfig
+from .layout import fuse_gate_up, fuse_qkv
+
+MODES = ("auto", "on", "off")
+#: bytes hashed from each file: its start (headers), then evenly spaced samples and its end
+HEAD_BYTES, SAMPLE_BYTES, SAMPLES = 1 << 20, 64 << 10, 16
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A quick identity of a checkpoint (a ``.gguf`` file, or a folder's ``*.safetensors`` and
+    index): names, sizes, and sha256 over each file's first MiB and 16 samples of 64 KiB. Two
+    copies of a model agree; a different or damaged one almost surely does not."""
+    p = Path(path)
+    files = [p] if p.is_file() else \
+        sorted([*p.glob("*.safetensors"), *p.glob("model.safetensors.index.json")])
+    if not files:
+        raise FileNotFoundError(f"{p}: no checkpoint files")
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            digest.update(f.read(HEAD_BYTES))
+            for k in range(1, SAMPLES + 1):
+                f.seek(max(0, size * k // (SAMPLES + 1) - SAMPLE_BYTES // 2))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def open_checkpoint(path: str | os.PathLike) -> Any:
+    """The checkpoint at ``path``: a GGUF file or a Hugging Face folder."""
+    from .gguf_file import GgufCheckpoint, is_gguf
+
+    return GgufCheckpoint(path) if is_gguf(path) else Checkpoint(path)
+
+
+@dataclass(frozen=True)
+class LocalBlock:
+    """The driver's record of one weight matrix the ranks hold (what ``shard`` returns, less
+    the methods: the decoder frees its blocks itself)."""
+
+    id: int
+    shape: tuple[int, int]
+    axis: int
+    counts: tuple[int, ...]
+    quant: str | None
+    dtype: str
+    name: str
+
+
+@dataclass(frozen=True)
+class LlmLocalCheck(Header, op="llm_local_check"):
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class LlmShardLocal(Header, op="llm_shard_local"):
+    id: int
+    path: str
+    config: dict                 # DecoderConfig's fields
+    part: str                    # "qkv", "o", "gate_up", "down" or "lm_head"
+    layer: int
+    chunk: int                   # MLP rows per unit of the split
+    shape: tuple[int, int]
+    dtype: str                   # the block's type before upload: float32 (also for quant) or 16-bit
+    axis: int
+    counts: tuple[int, ...]
+    quant: str | None
+    name: str
+    local: tuple[bool, ...]      # per rank: it reads its block from its own copy
+
+    CREATES = ("id",)
+
+
+# ---- driver halves ------------------------------------------------------------------------
+
+def check_ranks(driver: Any, ranks: list[Any], path: Path, mode: str) -> list[str | None]:
+    """Per rank: None if it reads its blocks itself, else why not. ``mode`` "off": no rank
+    does; "auto": every rank with a matching copy; "on": every rank, or an
+    :class:`InputError` naming each that cannot."""
+    if mode not in MODES:
+        raise InputError(f"local_weights: one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mode == "off":
+        return ["local_weights='off'"] * len(ranks)
+    statuses = driver.run(LlmLocalCheck(str(path.resolve()), fingerprint(path)))
+    missing = [s for s in statuses if not s["ok"]]
+    if mode == "on" and missing:
+        lines = [f"local_weights='on': {len(missing)} of {len(statuses)} ranks cannot read {path.resolve()}:"]
+        lines += [f"  rank {s['rank']} on host {s['host']} ({ranks[s['rank']].backend}): {s['problem']}"
+                  for s in missing]
+        lines.append("Copy the model to the same path on those hosts (or share the folder), or use "
+                     "local_weights='auto' to send them their blocks.")
+        raise InputError("\n".join(lines))
+    return [None if s["ok"] else f"{s['host']}: {s['problem']}" for s in statuses]
+
+
+def shard_local(driver: Any, path: Path, cfg: DecoderConfig, part: str, layer: int, chunk: int,
+                plan: Plan, shape: tuple[int, int], dtype: str, quant: str | None, name: str,
+                local: tuple[bool, ...], build: Any) -> LocalBlock:
+    """One weight matrix onto the ranks split by ``plan``: ranks marked ``local`` read their
+    block themselves; ``build()`` (the whole matrix, already in ``dtype``) is called only
+    when some rank is not."""
+    if quant is None:
+        driver.check_dtype(dtype, plan.counts)
+    payload = None if all(local) else np.ascontiguousarray(build())
+    ident = driver.new_id()
+    driver.run(LlmShardLocal(ident, str(path.resolve()), _config_dict(cfg), part, layer, chunk, shape, dtype,
+                             plan.axis, plan.counts, quant, name, local), payload)
+    return LocalBlock(ident, shape, plan.axis, plan.counts, quant, "float32" if quant else dtype, name)
+
+
+def _config_dict(cfg: DecoderConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+# ---- rank halves --------------------------------------------------------------------------
+
+_OPEN: dict[str, Any] = {}  # the checkpoint a rank reads, kept open from the check to the last block
+
+
+def forget() -> None:
+    """Close the checkpoint a rank read its blocks from (a GGUF file stays mapped while open)."""
+    _OPEN.clear()
+
+
+@on_ranks(LlmLocalCheck)
+def _local_check(rt: Runtime, h: LlmLocalCheck, _: Any) -> list[dict] | None:
+    """Whether this rank has a copy of ``h.path`` matching the driver's; never raises."""
+    status = {"rank": rt.comm.rank, "host": rt.comm.host, "ok": False, "problem": None}
+    with rt.step("check"):
+        _OPEN.clear()
+        try:
+            if not Path(h.path).exists():
+                status["problem"] = f"{h.path} does not exist on this host"
+            elif fingerprint(h.path) != h.fingerprint:
+                status["problem"] = f"{h.path} differs from the driver's copy (sizes or sampled bytes)"
+            else:
+                _OPEN[h.path] = open_checkpoint(h.path)
+                status["ok"] = True
+        except (OSError, CMatrixError) as exc:
+            status["problem"] = f"{h.path} cannot be read here: {exc}"
+    rt.sync()
+    return rt.comm.gather_objects(status)
+
+
+@on_ranks(LlmShardLocal)
+def _shard_local(rt: Runtime, h: LlmShardLocal, full: np.ndarray | None) -> None:
+    plan, rank = Plan(h.axis, h.counts), rt.comm.rank
+    with rt.step("prepare"):
+        shape = plan.block_shape(h.shape, rank)
+        if not rt.backend.supports("matmul", h.quant or h.dtype, shape):
+            raise CMatrixError(f"{rt.backend.name} on {rt.backend.device} cannot hold a "
+                               f"{h.quant or h.dtype} block of shape {shape}")
+        if h.local[rank] and plan.counts[rank]:
+            ckpt = _OPEN.get(h.path) or _OPEN.setdefault(h.path, open_checkpoint(h.path))
+            lo = plan.displs[rank]
+            block = read_block(ckpt, DecoderConfig(**h.config), h.part, h.layer, h.chunk, lo,
+                               lo + plan.counts[rank])
+            if block.shape != shape:
+                raise CMatrixError(f"internal: {h.name} read as {block.shape}, the plan says {shape}")
+            if h.dtype != "float32":
+                block = from_float32(block, h.dtype)
+        else:
+            block = empty(shape, h.dtype)
+    rt.sync()
+    if not all(h.local):
+        rt.comm.scatter_blocks(full, block, plan, h.local)
+    with rt.step("upload"):
+        rt.store(h.id, rt.backend.upload(block, h.dtype, h.quant, 1))
+    rt.sync()
+
+
+def read_block(ckpt: Any, cfg: DecoderConfig, part: str, layer: int, chunk: int, lo: int,
+               hi: int) -> np.ndarray:
+    """Rows (qkv, gate_up, lm_head) or columns (o, down) ``lo:hi`` of a decoder's fused
+    weight matrix as float32, reading only the source rows or columns they come from."""
+    names = tensor_names(cfg, ckpt)
+
+    def rows(key: str, a: int, b: int) -> np.ndarray:
+        tensor, shape = names[key]
+        return ckpt.rows(tensor, shape, a, b)
+
+    def columns(key: str) -> np.ndarray:
+        tensor, shape = names[key]
+        return ckpt.columns(tensor, shape, lo, hi)
+
+    d, i = cfg.head_dim, layer
+    if part == "qkv":  # whole KV groups: each one's q heads, k head and v head
+        unit = (cfg.group_size + 2) * d
+        g0, g1 = lo // unit, hi // unit
+        return fuse_qkv(rows(f"{i}.q", g0 * cfg.group_size * d, g1 * cfg.group_size * d),
+                        rows(f"{i}.k", g0 * d, g1 * d), rows(f"{i}.v", g0 * d, g1 * d), cfg)
+    if part == "gate_up":  # whole chunk pairs: their gate rows and up rows
+        p0, p1 = lo // (2 * chunk), hi // (2 * chunk)
+        gate, up = (rows(f"{i}.{k}", p0 * chunk, p1 * chunk) for k in ("gate", "up"))
+        return fuse_gate_up(gate, up, chunk)
+    if part == "lm_head":
+        return rows("lm_head", lo, hi)
+    if part in ("o", "down"):
+        return columns(f"{i}.{part}")
+    raise CMatrixError(f"internal: no weight matrix {part!r}")
