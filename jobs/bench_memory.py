@@ -2,15 +2,18 @@
 and decode speed, all in one run.
 
     python jobs/bench_memory.py [--small] [--ranks 2] [--backends numpy,torch,ggml]
-                                [--types f32,bf16,q8_0,q4_0] [--tokens 16]
+                                [--types f32,bf16,q8_0,q4_0] [--tokens 16] [--local-weights auto,off]
 
 A random bfloat16 Llama of about 1 GB (TinyLlama-1.1B's width, 10 layers; --small: a tiny
 one) is built once into --dir. For every backend and type, one job on --ranks ranks loads
 it and reports, per rank: resident memory (RSS, or device memory on a GPU) before and after
 the load, the growth against the bytes of the rank's share as its backend stores them, and
 the driver's peak RSS during the load against embeddings + the largest tensor; then decode
-tokens/s for --tokens greedy tokens. Goal (issue 15): every rank's growth <= 1.15x its share
-(in the stored type); driver peak <= embeddings + largest tensor + 300 MB.
+tokens/s for --tokens greedy tokens. --local-weights: "auto" (ranks read their blocks from
+the checkpoint themselves, all ranks being on this host), "off" (the driver reads every
+matrix and sends each rank its block), or both, to compare load time and driver peak.
+Goal (issue 15): every rank's growth <= 1.15x its share (in the stored type); driver peak
+<= embeddings + largest tensor + 300 MB.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def one_job(path: str, backend: str, kind: str, tokens: int) -> dict:
+def one_job(path: str, backend: str, kind: str, tokens: int, local: str) -> dict:
     """Rank 0 of the job: load, measure, decode; returns the figures."""
     import cmatrix as cm
     from cmatrix.llm import memory_plan
@@ -58,7 +61,7 @@ def one_job(path: str, backend: str, kind: str, tokens: int) -> dict:
     cl = cm.init(backends=backend)
     peak_before = peak_rss()
     t = time.perf_counter()
-    model = cm.llm.load(cl, path, **TYPES[kind])
+    model = cm.llm.load(cl, path, local_weights=local, **TYPES[kind])
     load_s = time.perf_counter() - t
     peak_load = peak_rss()
     after = model.rank_stats()
@@ -72,21 +75,23 @@ def one_job(path: str, backend: str, kind: str, tokens: int) -> dict:
     cfg = model.config
     largest = max(rows * cols for (rows, cols), _, _ in matrix_splits(cfg, None).values())
     result = model.generate(token_ids=[1, 2, 3, 4], max_new_tokens=tokens, stop_token_ids=[])
-    return {"kind": kind, "ranks": ranks, "load_s": load_s, "driver_peak_growth": peak_load - peak_before,
+    return {"kind": kind, "local": local, "ranks": ranks, "load_s": load_s,
+            "driver_peak_growth": peak_load - peak_before,
             "embeddings": 4 * cfg.vocab_size * cfg.hidden_size, "largest": 4 * largest,
             "tokens_per_s": result.decode_tokens_per_s}
 
 
-def run(args, path: Path, backend: str, kind: str) -> dict:
+def run(args, path: Path, backend: str, kind: str, local: str) -> dict:
     from cmatrix.engine.launch import environment
 
     argv = [sys.executable, "-m", "cmatrix", "launch", "-n", str(args.ranks), __file__, "--job", str(path),
-            backend, kind, str(args.tokens)]
+            backend, kind, str(args.tokens), local]
     env = environment(threads=1)
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        raise RuntimeError(f"{backend} {kind} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{backend} {kind} local_weights={local} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
 
 
@@ -104,16 +109,17 @@ def report(rows: list[tuple[str, dict]]) -> None:
             print(f"{backend:8} {r['kind']:5} {rank['rank']:>4} {rank['decoder'][:14]:14} "
                   f"{rank['per_value']:>7.3f} {rank['share_bytes'] / mib:>10.1f} {growth / mib:>15.1f} "
                   f"{ratio:>6.2f}")
-    print(f"\n{'backend':8} {'type':5} {'load s':>7} {'driver peak growth MiB':>23} "
+    print(f"\n{'backend':8} {'type':5} {'weights from':14} {'load s':>7} {'driver peak growth MiB':>23} "
           f"{'embeddings+largest MiB':>23} {'decode tok/s':>13}")
     for backend, r in rows:
         limit = r["embeddings"] + r["largest"]
-        print(f"{backend:8} {r['kind']:5} {r['load_s']:>7.1f} {r['driver_peak_growth'] / mib:>23.1f} "
-              f"{limit / mib:>23.1f} {r['tokens_per_s']:>13.2f}")
+        source = "ranks' copies" if r["local"] == "auto" else "the driver"
+        print(f"{backend:8} {r['kind']:5} {source:14} {r['load_s']:>7.1f} "
+              f"{r['driver_peak_growth'] / mib:>23.1f} {limit / mib:>23.1f} {r['tokens_per_s']:>13.2f}")
     print(f"\nworst RSS growth / share on ranks 1..n: {worst:.2f} (goal <= 1.15)")
     base = {b: r["tokens_per_s"] for b, r in rows if r["kind"] == "f32"}
     for backend, r in rows:
-        if r["kind"] != "f32" and base.get(backend):
+        if r["kind"] != "f32" and base.get(backend) and r["local"] == rows[0][1]["local"]:
             print(f"{backend} {r['kind']}: {r['tokens_per_s'] / base[backend]:.2f}x the decode speed of f32")
 
 
@@ -125,11 +131,12 @@ def main() -> int:
     ap.add_argument("--types", default="f32,bf16,q8_0,q4_0")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--job", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--local-weights", default="auto", help="auto, off, or both: auto,off")
+    ap.add_argument("--job", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
-        path, backend, kind, tokens = args.job
-        print("RESULT " + json.dumps(one_job(path, backend, kind, int(tokens))), flush=True)
+        path, backend, kind, tokens, local = args.job
+        print("RESULT " + json.dumps(one_job(path, backend, kind, int(tokens), local)), flush=True)
         return 0
     kinds = args.types.split(",")
     if any(k not in TYPES for k in kinds):
@@ -140,8 +147,9 @@ def main() -> int:
     rows = []
     for backend in args.backends.split(","):
         for kind in kinds:
-            print(f"{backend} {kind} ...", flush=True)
-            rows.append((backend, run(args, path, backend, kind)))
+            for local in args.local_weights.split(","):
+                print(f"{backend} {kind} local_weights={local} ...", flush=True)
+                rows.append((backend, run(args, path, backend, kind, local)))
     report(rows)
     return 0
 
