@@ -54,6 +54,18 @@ def test_ranks_in_one_pool_share_its_memory():
         mp.check(CFG, [0.5, 0.5], None, "float32", [rank(0, free), rank(1, free)])
 
 
+def test_a_pool_is_split_by_what_its_ranks_store_not_equally():
+    """Rank 0 (the driver, no share) and rank 1 share host a's memory: rank 1 may use what the
+    driver leaves, so the suggestion stays near the asked 0.6 (an equal split of the host
+    capped rank 1 at 0.224)."""
+    ranks = [rank(0, 450 * MiB), rank(1, 450 * MiB), rank(2, 450 * MiB, host="b")]
+    with pytest.raises(InputError) as info:
+        mp.check(CFG, [0.0, 0.6, 0.4], None, "float32", ranks)
+    shares = [float(x) for x in str(info.value).split("--weights ")[1].split()[0].split(",")]
+    assert shares[0] == 0.0 and 0.4 < shares[1] < 0.6
+    mp.check(CFG, shares, None, "float32", ranks)
+
+
 def test_no_shares_fit_says_how_to_store_fewer_bytes_and_unknown_memory_is_not_checked():
     small = [rank(0, 150 * MiB), rank(1, 150 * MiB, host="b")]
     with pytest.raises(InputError, match="Found no shares that fit.*q4_0"):

@@ -144,14 +144,17 @@ def suggest(values: Sequence[int], reports: Sequence[RankMemory], fixed: Sequenc
             pools: dict[tuple[str, str], list[int]], weights: Sequence[float],
             scale: Sequence[float] | None = None) -> list[float] | None:
     """The shares nearest to ``weights`` that fit: each rank is capped at what it can hold (its
-    pool's free memory split among the pool's ranks, less its fixed needs) and what it cannot
-    hold goes to the others in proportion to their shares. None if no shares fit."""
+    pool's free memory less the pool's fixed needs, split among the pool's ranks in proportion
+    to the bytes their shares would store) and what it cannot hold goes to the others in
+    proportion to their shares. None if no shares fit."""
     total = sum(values)
     cap = [math.inf] * len(reports)
     for ranks in pools.values():
-        free = min(reports[r].free for r in ranks) / MARGIN
+        room = max(min(reports[r].free for r in ranks) / MARGIN - sum(fixed[r] for r in ranks), 0.0)
+        want = {r: weights[r] * reports[r].per_value for r in ranks}
         for r in ranks:
-            cap[r] = max(free / len(ranks) - fixed[r], 0.0) / (total * reports[r].per_value)
+            part = want[r] / sum(want.values()) if sum(want.values()) > 0 else 1.0 / len(ranks)
+            cap[r] = room * part / (total * reports[r].per_value)
             cap[r] *= 1.0 if scale is None else scale[r]
     shares = [float(w) for w in weights]
     for _ in range(len(shares)):
