@@ -215,9 +215,14 @@ def export(folder: Path, out: Path, kind: str = "f32", encode: Encoder | None = 
         put(b + "attn_q.weight", rows(get(p + "self_attn.q_proj.weight"), heads))
         put(b + "attn_k.weight", rows(get(p + "self_attn.k_proj.weight"), kv_heads))
         put(b + "attn_v.weight", get(p + "self_attn.v_proj.weight"))
-        if arch == "qwen2":
-            for part in "qkv":
-                put(b + f"attn_{part}.bias", get(p + f"self_attn.{part}_proj.bias"), matrix=False)
+        if arch == "qwen2" or cfg.get("attention_bias"):
+            for part, heads_of in (("q", heads), ("k", kv_heads), ("v", None)):
+                bias = get(p + f"self_attn.{part}_proj.bias")
+                if heads_of:  # llama.cpp reorders q/k biases as their rows
+                    bias = rows(bias[:, None], heads_of)[:, 0]
+                put(b + f"attn_{part}.bias", bias, matrix=False)
+        if cfg.get("attention_bias"):
+            put(b + "attn_output.bias", get(p + "self_attn.o_proj.bias"), matrix=False)
         put(b + "attn_output.weight", get(p + "self_attn.o_proj.weight"))
         put(b + "ffn_norm.weight", get(p + "post_attention_layernorm.weight"), matrix=False)
         put(b + "ffn_gate.weight", get(p + "mlp.gate_proj.weight"))

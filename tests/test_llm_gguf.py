@@ -141,6 +141,20 @@ def test_llama3_rope_frequencies_stored_in_the_file(cl, tmp_path, monkeypatch):
     np.testing.assert_allclose(got, want, atol=TOL * np.abs(want).max())
 
 
+@pytest.mark.parametrize("model_type, extra", [("llama", {"attention_bias": True}), ("qwen2", {}),
+                                               ("mistral", {})])
+def test_biases_and_architectures_give_the_folders_logits(cl, tmp_path, monkeypatch, model_type, extra):
+    """Llama q/k biases reordered by llama.cpp as their rows, Qwen2's q/k/v biases as they are,
+    Mistral written as a llama file: each GGUF gives the logits of its Hugging Face folder."""
+    path = build(tmp_path / model_type, **{**TINY, "model_type": model_type, **extra})
+    want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = want(torch.tensor([IDS])).logits[0].numpy()
+    got, m = exact_logits(cl, export(path, tmp_path / f"{model_type}.gguf"), monkeypatch)
+    assert m.config.qkv_bias == (model_type != "mistral")
+    np.testing.assert_allclose(got, want, atol=TOL * np.abs(want).max())
+
+
 @pytest.mark.parametrize("vocab", ["byte_level", "sentencepiece"])
 def test_the_tokenizer_comes_from_the_file(tiny, tmp_path, vocab):
     """The GGUF vocabulary (merges, or SentencePiece scores) rebuilt by cmatrix encodes and

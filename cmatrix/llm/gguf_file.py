@@ -126,6 +126,7 @@ class GgufCheckpoint:
             "rope_theta": self.value(f"{a}.rope.freq_base", 10000.0),
             "tie_word_embeddings": "output.weight" not in self._tensors,
             "attention_bias": a != "qwen2" and "blk.0.attn_q.bias" in self._tensors,
+            "mlp_bias": a != "qwen2" and "blk.0.ffn_up.bias" in self._tensors,
             "bos_token_id": self.value("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.value("tokenizer.ggml.eos_token_id"),
         }
@@ -205,8 +206,10 @@ class GgufCheckpoint:
 
     def _hf_rows(self, name: str, values: np.ndarray) -> np.ndarray:
         short = gguf_name(name)
-        if self._pairs and values.ndim == 2 and short.endswith((".attn_q.weight", ".attn_k.weight")):
-            values = halves_from_pairs(values, values.shape[0] // self.config.head_dim)
+        if self._pairs and short.endswith((".attn_q.weight", ".attn_k.weight", ".attn_q.bias",
+                                           ".attn_k.bias")):  # llama.cpp reorders biases too
+            lines = values.reshape(values.shape[0], -1)
+            values = halves_from_pairs(lines, lines.shape[0] // self.config.head_dim).reshape(values.shape)
         return np.ascontiguousarray(values, dtype=np.float32)
 
     def _plain(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
