@@ -65,7 +65,9 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny):
 
 def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny, tmp_path):
     env = job_env({"CMATRIX_JOB_DIR": str(tmp_path)})
-    proc = subprocess.Popen(launch_argv(2, "chat", "--model", str(tiny), "--max-new-tokens", str(1 << 15)),
+    # --ignore-eos: the random model would end this answer after 313 tokens (about 0.15 s)
+    proc = subprocess.Popen(launch_argv(2, "chat", "--model", str(tiny), "--max-new-tokens", str(1 << 15),
+                                        "--ignore-eos"),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             cwd=ROOT, start_new_session=True)
     try:

@@ -18,6 +18,7 @@ from test_llm_tokenizer import _sentencepiece_like  # noqa: E402
 
 from cmatrix.core import quant as q  # noqa: E402
 from cmatrix.llm.gguf_file import GgufCheckpoint  # noqa: E402
+from cmatrix.llm.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from cmatrix.llm.model import read_tokenizer  # noqa: E402
 
 TEXTS = ["Hello world, this is cmatrix!", "two  spaces\n\nnew lines 12345 ünïcode 😀",
@@ -77,16 +78,19 @@ def test_llama_cpp_rows_are_put_back_in_hugging_face_order(cl, files, tiny, ref_
                               tensors(tiny)["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_q8_0_and_q4_0_blocks_arrive_unchanged(files):
-    """A kept block type is stored on the ranks as the file's own blocks: cmatrix quantises the
-    values those blocks stand for back to the same bytes."""
+def test_q8_0_and_q4_0_blocks_arrive_unchanged(cl, files):
+    """A kept block type is held on the rank as the file's own bytes (here the LM head and a
+    layer's down_proj, which llama.cpp does not reorder)."""
     for kind in ("q8_0", "q4_0"):
         reader = gguf.GGUFReader(str(files[kind]))
-        matrices = [t for t in reader.tensors if t.tensor_type.name == kind.upper()]
-        assert len(matrices) == 15
-        for t in matrices:
-            blocks = np.asarray(t.data)
-            assert np.array_equal(q.quantize(q.dequantize(blocks, kind), kind), blocks), t.name
+        stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+        m = cm.llm.load(cl, files[kind])
+        try:
+            held = [cl.driver.runtime.blocks[i] for i in m._local_blocks]  # qkv, o, gate_up, down per layer
+            assert np.array_equal(held[-1].handle.blocks, stored["output.weight"])
+            assert np.array_equal(held[3].handle.blocks, stored["blk.0.ffn_down.weight"])
+        finally:
+            m.close()
 
 
 def _random_k_blocks(name: str, value: np.ndarray):
@@ -177,6 +181,33 @@ def test_the_tokenizer_comes_from_the_file(tiny, tmp_path, vocab):
         assert pieces == ["▁", "▁", "a", "</s>", "▁", "b"], pieces
     assert mine.bos_id == original.bos_id and mine.eos_ids >= {original.token_to_id("</s>")}
     assert mine.chat_template == original.chat_template and mine.has_chat_template
+
+
+class _Metadata:
+    """Just the metadata of a GGUF file, as :func:`tokenizer_from_gguf` reads it."""
+
+    def __init__(self, path, values):
+        self.path, self._values = path, values
+
+    def value(self, key, default=None):
+        return self._values.get(key, default)
+
+
+@pytest.mark.parametrize("pre, bos", [("llama-bpe", True), ("qwen2", False), ("gpt-2", False)])
+def test_bos_follows_llama_cpps_default_for_the_pre_tokenizer(files, pre, bos):
+    """Without tokenizer.ggml.add_bos_token, llama.cpp adds BOS for Llama 3's byte-level
+    vocabulary only (and for every SentencePiece one)."""
+    reader = GgufCheckpoint(files["f32"])
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+    meta = {k: reader.value(k) for k in keys}
+    tok = tokenizer_from_gguf(_Metadata(files["f32"], {**meta, "tokenizer.ggml.pre": pre}))
+    ids = tok.encode("Old computers")
+    assert (ids[0] == tok.bos_id) == bos and tok.decode(ids) == "Old computers"
+
+
+def test_a_missing_gguf_file_is_named(cl, tmp_path):
+    refused(cl, lambda: cm.llm.load(cl, tmp_path / "nowhere.gguf"), r"nowhere\.gguf: no such file")
 
 
 def test_generate_reads_prompt_and_stops_with_the_files_tokenizer(cl, files, tiny):

@@ -112,7 +112,8 @@ def run(cluster: Any, ns: argparse.Namespace, stdin: TextIO | None = None, out: 
         model = load_model(cluster, ns, need_chat=True)
         chat = ChatSession(model, system=ns.system, max_new_tokens=ns.max_new_tokens,
                            temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
-                           repetition_penalty=ns.repetition_penalty, seed=ns.seed, stop_strings=ns.stop)
+                           repetition_penalty=ns.repetition_penalty, seed=ns.seed, stop_strings=ns.stop,
+                           stop_token_ids=[] if ns.ignore_eos else None)
     except CMatrixError as exc:
         print(f"cmatrix chat: {exc}", file=sys.stderr)
         return 2

@@ -154,6 +154,14 @@ class GgufCheckpoint:
             cfg = dataclasses.replace(cfg, rope_freq_factors=tuple(float(f) for f in factors))
         return cfg
 
+    def has_vocabulary(self) -> bool:
+        """Whether the file holds a tokenizer's vocabulary."""
+        return self._reader.get_field("tokenizer.ggml.tokens") is not None
+
+    def close(self) -> None:
+        """Drop the file's mapping (arrays already read from it keep their pages)."""
+        self._reader, self._tensors = None, {}
+
     def tokenizer(self) -> Any:
         """The file's tokenizer (:class:`~cmatrix.llm.tokenizer.Tokenizer`)."""
         from .gguf_vocab import tokenizer_from_gguf

@@ -29,8 +29,12 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "smaug-bpe": _LLAMA3, "qwen2": _QWEN2,
+LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+PRE_TOKENIZERS = {**dict.fromkeys(LLAMA3_NAMES, _LLAMA3), "qwen2": _QWEN2,
                   "gpt-2": None}  # None: GPT-2's own expression
+#: pieces longer than this are not split into merges (real vocabularies stay far below it;
+#: the work of deriving merges grows with the square of a piece's length)
+MAX_PIECE = 256
 
 
 def tokenizer_from_gguf(ckpt: Any) -> Tokenizer:
@@ -44,8 +48,9 @@ def tokenizer_from_gguf(ckpt: Any) -> Tokenizer:
     types = ckpt.value("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise InputError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
-    if kind == "gpt2":
-        backend, add_bos_default = _byte_level(tk, ckpt, tokens, where), False
+    if kind == "gpt2":  # llama.cpp adds BOS by default for Llama 3's pre-tokenizer only
+        backend = _byte_level(tk, ckpt, tokens, where)
+        add_bos_default = ckpt.value("tokenizer.ggml.pre") in LLAMA3_NAMES
     elif kind == "llama":
         backend, add_bos_default = _sentencepiece(tk, ckpt, tokens, types, where), True
     else:
@@ -89,8 +94,7 @@ def _byte_level(tk: Any, ckpt: Any, tokens: list[str], where: str) -> Any:
             raise InputError(f"{where}: merge {m!r} is not two tokens")
         pairs.append((left, right))
     vocab = {t: i for i, t in enumerate(tokens)}
-    backend = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in ("llama-bpe",
-                                                                                         "llama3")))
+    backend = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_NAMES))
     regex = PRE_TOKENIZERS[pre]
     if regex is None:
         backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -110,7 +114,7 @@ def _sentencepiece(tk: Any, ckpt: Any, tokens: list[str], types: list[int], wher
     mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER)}
     ranked = []
     for piece, i in mergeable.items():
-        for cut in range(1, len(piece)):
+        for cut in range(1, len(piece) if len(piece) <= MAX_PIECE else 0):
             left, right = piece[:cut], piece[cut:]
             if left in mergeable and right in mergeable:
                 ranked.append((-scores[i], i, vocab[left], vocab[right], left, right))

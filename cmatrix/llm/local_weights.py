@@ -2,9 +2,10 @@
 
 A rank whose host has the model at the same absolute path as the driver (a shared folder,
 or a copy) and whose copy matches the driver's (:func:`fingerprint`: every file's size, its
-header and bytes sampled through it) reads the rows or columns of each weight matrix it
-holds itself, and only those: the driver sends it nothing, so weights need not cross the
-driver's network link. The driver reads a matrix only when some rank has no such copy, and
+and sha256) reads the rows or columns of each weight matrix it
+holds itself (rows of row-split matrices are read alone; column-split ones are read a band
+of rows at a time): the driver sends it nothing, so weights need not cross the driver's
+network link. The driver reads a matrix only when some rank has no such copy, and
 sends that rank its block as ``shard`` would. Both halves of both commands are here:
 
 - ``llm_local_check``: which ranks have a matching copy (with the reason where one has not);
@@ -18,6 +19,7 @@ the same conversion to the stored type, then the backend's own upload (and quant
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,34 +32,67 @@ from ..core.plan import Plan
 from ..engine.protocol import Header, on_ranks
 from ..engine.runtime import Runtime
 from ..errors import CMatrixError, InputError
+from ..io import shardfiles
+from ..io.atomic import atomic_path
 from .checkpoint import Checkpoint, tensor_names
 from .config import DecoderConfig
 from .layout import fuse_gate_up, fuse_qkv
 
 MODES = ("auto", "on", "off")
-#: bytes hashed from each file: its start (headers), then evenly spaced samples and its end
-HEAD_BYTES, SAMPLE_BYTES, SAMPLES = 1 << 20, 64 << 10, 16
+#: remembered sha256 of checkpoint files, by path, size, modification time and inode
+DIGESTS_FILE = "file-digests.json"
+CHUNK = 8 << 20
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """A quick identity of a checkpoint (a ``.gguf`` file, or a folder's ``*.safetensors`` and
-    index): names, sizes, and sha256 over each file's first MiB and 16 samples of 64 KiB. Two
-    copies of a model agree; a different or damaged one almost surely does not."""
+    """The identity of a checkpoint (a ``.gguf`` file, or a folder's ``*.safetensors`` and
+    index): names, sizes and the sha256 of every byte. A file's digest is remembered in the
+    cache folder (:func:`cmatrix.io.shardfiles.cache_dir`) while its size, modification time
+    and inode stay the same, so only the first load of a model reads it whole."""
     p = Path(path)
     files = [p] if p.is_file() else \
         sorted([*p.glob("*.safetensors"), *p.glob("model.safetensors.index.json")])
     if not files:
         raise FileNotFoundError(f"{p}: no checkpoint files")
-    digest = hashlib.sha256()
+    known = _read_digests()
+    digest, changed = hashlib.sha256(), False
     for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.name}\0{size}\0".encode())
-        with file.open("rb") as f:
-            digest.update(f.read(HEAD_BYTES))
-            for k in range(1, SAMPLES + 1):
-                f.seek(max(0, size * k // (SAMPLES + 1) - SAMPLE_BYTES // 2))
-                digest.update(f.read(SAMPLE_BYTES))
+        st = file.stat()
+        key, stamp = str(file.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = known.get(key)
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp
+                and isinstance(entry.get("sha256"), str)):
+            entry = known[key] = {"stamp": stamp, "sha256": _sha256(file)}
+            changed = True
+        digest.update(f"{file.name}\0{st.st_size}\0{entry['sha256']}\0".encode())
+    if changed:
+        _write_digests(known)
     return digest.hexdigest()
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_digests() -> dict:
+    try:
+        data = json.loads((shardfiles.cache_dir() / DIGESTS_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_digests(known: dict) -> None:
+    known = {path: entry for path, entry in known.items() if Path(path).exists()}  # forget deleted files
+    try:  # a cache only: a read-only cache folder costs a re-read next time, nothing more
+        with atomic_path(shardfiles.cache_dir() / DIGESTS_FILE) as tmp:
+            tmp.write_text(json.dumps(known))
+    except OSError:
+        pass
 
 
 def open_checkpoint(path: str | os.PathLike) -> Any:
@@ -169,12 +204,12 @@ def _local_check(rt: Runtime, h: LlmLocalCheck, _: Any) -> list[dict] | None:
             if not Path(h.path).exists():
                 status["problem"] = f"{h.path} does not exist on this host"
             elif fingerprint(h.path) != h.fingerprint:
-                status["problem"] = f"{h.path} differs from the driver's copy (sizes or sampled bytes)"
+                status["problem"] = f"{h.path} differs from the driver's copy (file sizes or sha256)"
             else:
                 _OPEN[h.path] = open_checkpoint(h.path)
                 status["ok"] = True
-        except (OSError, CMatrixError) as exc:
-            status["problem"] = f"{h.path} cannot be read here: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any unreadable copy means: send this rank its blocks
+            status["problem"] = f"{h.path} cannot be read here: {type(exc).__name__}: {exc}"
     rt.sync()
     return rt.comm.gather_objects(status)
 

@@ -101,8 +101,18 @@ class DecoderModel:
         self._tokenizer = None
         self._matrices: list[Any] = []
         self._local_blocks: list[int] = []  # ids of blocks placed by llm_shard_local
+        self._file_vocabulary = False  # a GGUF file that holds its tokenizer
         self._id = None
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            for ident in self._local_blocks:  # blocks already placed: freed with the next command
+                cluster.driver.free_later(ident)
+            self._local_blocks = []
+            raise
+        if gguf is not None:  # the file stays mapped while open: close it (the tokenizer reopens it)
+            self._file_vocabulary = gguf.has_vocabulary()
+            gguf.close()
 
     # ---- loading ------------------------------------------------------------------
 
@@ -312,8 +322,7 @@ class DecoderModel:
 
     def stop_ids(self) -> set[int]:
         """End-of-sequence ids: the tokenizer's when it has one, else config.json's."""
-        if (self.path / "tokenizer.json").exists() or isinstance(self.checkpoint, GgufCheckpoint) \
-                and self.checkpoint.value("tokenizer.ggml.tokens") is not None:
+        if (self.path / "tokenizer.json").exists() or self._file_vocabulary:
             return set(self.tokenizer.eos_ids)
         eos = self.config.eos_token_id
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -348,6 +357,8 @@ def gguf_checkpoint(path: Path) -> GgufCheckpoint | None:
     if path.is_file():
         raise InputError(f"{path}: a file, but not a GGUF file; the model is a Hugging Face folder "
                          "(config.json, *.safetensors) or a .gguf file")
+    if path.suffix.lower() == ".gguf":
+        raise InputError(f"{path}: no such file")
     return None
 
 

@@ -56,6 +56,8 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="go on past the end-of-sequence token (until --max-new-tokens or a stop string)")
     if command == "generate":
         ap.add_argument("--profile", action="store_true",
                         help="print where each rank's decode time goes (matmul, attention, norms, "
@@ -126,6 +128,7 @@ def run(cluster: Any, ns: argparse.Namespace, out: Any = None) -> int:
                                 max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                                 top_k=ns.top_k, top_p=ns.top_p, repetition_penalty=ns.repetition_penalty,
                                 seed=ns.seed, stop_strings=ns.stop, stream=stream,
+                                stop_token_ids=[] if ns.ignore_eos else None,
                                 profile=getattr(ns, "profile", False))
     except CMatrixError as exc:
         print(f"\ncmatrix generate: {exc}", file=sys.stderr)
