@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.hostmem import release_free_heap
 from ..core.plan import Plan
 from ..engine.protocol import Header, on_ranks
 from ..engine.runtime import Runtime
@@ -106,6 +107,7 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
     driver gets how each rank runs its part."""
     comm, decoder = rt.comm, None
     local_weights.forget()  # every block is in place: close the checkpoint the rank read them from
+    release_free_heap()  # and give back the heap the blocks' temporaries took
     with rt.step("prepare"):
         if not comm.is_driver:
             vectors = np.empty(h.vectors_size, dtype=np.float32)
