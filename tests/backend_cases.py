@@ -64,8 +64,12 @@ def _case(name: str, accel: bool, label: str) -> object:
     if reason is None and label == "torch-cuda" and not cuda():
         reason = "no CUDA/ROCm device here"
     skip = pytest.mark.skipif(reason is not None, reason=reason or "")
-    return pytest.param((name, accel), id=label, marks=skip)
+    return pytest.param((name, accel, label), id=label, marks=skip)
 
 
 CASES = [_case("numpy", True, "numpy"), _case("torch", False, "torch-cpu"),
+         # the GPU's quantised blocks (kept on the device, dequantised there) run on the CPU
+         _case("torch", False, "torch-cpu-device-blocks"),
          _case("torch", True, "torch-cuda"), _case("opencl", True, "opencl"), _case("ggml", True, "ggml")]
+#: the cases where quantised blocks do not matter (node-side operations)
+DENSE_CASES = [c for c in CASES if c.id != "torch-cpu-device-blocks"]

@@ -26,8 +26,10 @@ SHAPES = [(1, 37, 5), (13, 7, 29), (33, 64, 17), (2, 96, 130)]  # (m, k, n)
 
 @pytest.fixture(scope="module", params=CASES)
 def backend(request):
-    name, accel = request.param
+    name, accel, label = request.param
     be = backends.create(name, device_index=0, threads=1, accel=accel)
+    if label == "torch-cpu-device-blocks":  # as CMATRIX_TORCH_BLOCKS=device does
+        be._device_blocks = True
     if accel and name == "torch":
         assert be.device.startswith("cuda"), be.fallback
     return be
@@ -132,6 +134,19 @@ def test_quantised_matmul(backend, kind, transpose_b, m):
     w_op = dequantised.T if transpose_b else dequantised
     x64 = x.astype(np.float64)
     _close(got, x64 @ w_op, np.abs(x64) @ np.abs(w_op), QUANT_TOL)
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_quantised_weights_keep_their_size(backend, kind):
+    """Every backend keeps q8_0/q4_0 weights as blocks (1.06 / 0.56 bytes per value), a GPU
+    torch rank on its device."""
+    assert backend.stored_bytes("float32", kind) == quant.BLOCK_BYTES[kind] / quant.BLOCK
+    w = np.random.default_rng(13).standard_normal((40, 64)).astype(np.float32)
+    wq = backend.upload(w, "float32", quant=kind, quant_axis=1)
+    if getattr(backend, "_device_blocks", False):
+        assert type(wq).__name__ == "TorchBlocks" and wq.blocks.device == backend.torch_device
+    if hasattr(wq, "nbytes") and hasattr(wq, "kind"):  # the host and device blocks of numpy/torch
+        assert wq.nbytes == 40 * 64 // quant.BLOCK * quant.BLOCK_BYTES[kind]
 
 
 @pytest.mark.parametrize("kind", quant.KINDS)

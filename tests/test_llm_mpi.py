@@ -49,11 +49,17 @@ def test_decoder_matches_transformers(n, weights, names, decoder, tmp_path):
     ("q8_0", ["ggml", "torch"], 1, "auto"),
     ("q4_0", ["ggml", "ggml"], 1, "auto"),
     ("q4_0", ["numpy", "torch"], 1, "auto"),
+    # a GPU torch rank's blocks (kept on its device, dequantised there a tile at a time), here on
+    # the CPU: through the torch decoder exactly, and borrowed by ggml graphs
+    ("q4_0", ["torch", "torch"], 4, "torch+device-blocks"),
+    ("q8_0", ["torch", "numpy"], 1, "auto+device-blocks"),
 ])
 def test_quantised_decoder(quant, names, checks, decoder, tmp_path):
     _need(*names)
+    decoder, _, blocks = decoder.partition("+")
+    env = {"CMATRIX_DECODER": decoder, **({"CMATRIX_TORCH_BLOCKS": "device"} if blocks else {})}
     r = mpirun(2, JOBS / "llm_job.py", str(tmp_path), "[0.5, 0.5]", json.dumps(names), quant, timeout=300,
-               env={"CMATRIX_DECODER": decoder})
+               env=env)
     assert r.returncode == 0, r
     assert f"llm: {checks} checks, 0 failures on 2 ranks" in r.stdout, r
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backend_cases import CASES
+from backend_cases import DENSE_CASES
 
 from cmatrix import backends
 from cmatrix.backends import host_ops
@@ -30,16 +30,16 @@ F = torch.nn.functional
 TOL = 1e-5
 
 
-def device_for(case: tuple[str, bool]) -> Device:
+def device_for(case: tuple) -> Device:
     """A Device on backend case (name, accel); an accelerated torch case must be on CUDA."""
-    name, accel = case
+    name, accel = case[:2]
     be = backends.create(name, device_index=0, threads=1, accel=accel)
     if accel and name == "torch":
         assert be.device.startswith("cuda"), be.fallback
     return Device(be)
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=DENSE_CASES)
 def dev(request) -> Device:
     return device_for(request.param)
 

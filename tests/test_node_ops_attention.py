@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backend_cases import CASES
+from backend_cases import DENSE_CASES
 from test_node_ops import TOL, close, device_for, down, given, t64
 
 from cmatrix.backends.device import Device
@@ -16,7 +16,7 @@ from cmatrix.core.dtypes import SUPPORTED
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=DENSE_CASES)
 def dev(request) -> Device:
     return device_for(request.param)
 

@@ -24,6 +24,7 @@ from ..core.arrays import aligned
 from ..core.dtypes import STORAGE
 from .base import Backend
 from .host_quant import HostBlocks
+from .torch_quant import TorchDeviceBlocks
 
 # Set per rank by launchers that hand each rank its own device.
 _VISIBILITY = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
@@ -289,13 +290,13 @@ class TorchDense(Backend):
         return super().memory_used()
 
 
-class TorchBackend(HostBlocks, TorchDense):
-    """The torch backend: dense blocks as tensors on its device; quantised ones as blocks in
-    host memory on the CPU (a GPU holds their float32 values)."""
+class TorchBackend(TorchDeviceBlocks, HostBlocks, TorchDense):
+    """The torch backend: dense blocks as tensors on its device; quantised ones as blocks, in
+    the device's memory on a GPU (:mod:`.torch_quant`), in host memory on the CPU."""
 
     @property
     def keeps_blocks(self) -> bool:
-        """Quantised weights stay blocks on the CPU (a GPU holds their float32 values)."""
+        """Quantised weights stay blocks in host memory on the CPU (a GPU keeps them on the device)."""
         return self.torch_device.type == "cpu"
 
     def to_host(self, x: torch.Tensor) -> np.ndarray:

@@ -117,8 +117,8 @@ def check(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, dtype
         lines.append(f"Shares that fit: --weights {text} (weights={shares}).")
     else:
         lines.append("Found no shares that fit on these ranks: add ranks or memory, or store fewer bytes "
-                     "per weight (quant='q4_0' keeps about 0.56 bytes per weight on ggml, numpy and CPU "
-                     "torch ranks; dtype='bfloat16' 2 bytes on ggml, OpenCL and GPU torch ranks).")
+                     "per weight (quant='q4_0' keeps about 0.56 bytes per weight on every backend; "
+                     "dtype='bfloat16' 2 bytes on ggml, OpenCL and torch ranks).")
     lines.append("CMATRIX_MEMORY_CHECK=0 skips this check.")
     raise InputError(" ".join(lines))
 

@@ -22,6 +22,7 @@ import torch
 
 from ..backends.host_quant import QuantBlocks
 from ..backends.torch import cpu_product
+from ..backends.torch_quant import TorchBlocks
 from .config import DecoderConfig
 from .rank_part import RankPart, cache_capacity
 
@@ -121,9 +122,12 @@ class TorchDecoder(RankPart):
         variance = (x * x).mean(dim=-1, keepdim=True)
         return (x * (1.0 / torch.sqrt(variance + self.eps))) * self.vec[name]
 
-    def _linear(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """h @ w.T in float32 (a half weight meets h rounded to its type, accumulating in float32)."""
+    def _linear(self, h: torch.Tensor, w: Any) -> torch.Tensor:
+        """h @ w.T in float32 (a half weight meets h rounded to its type, accumulating in float32;
+        quantised blocks on the device are dequantised a tile at a time)."""
         with self._timed("matmul"):
+            if isinstance(w, TorchBlocks):
+                return w.product(h, False, True)
             if w.dtype == torch.float32:
                 return h @ w.T
             if not h.is_cuda and w.device.type == "cpu":  # the CPU computes half in float32
@@ -192,8 +196,9 @@ class TorchDecoder(RankPart):
 
 
 def _tensor(handle: Any) -> Any:
-    """A weight as a tensor: quantised blocks a CPU torch rank keeps (this decoder runs there
-    only when CMATRIX_DECODER=torch asks) become their float32 values."""
+    """A weight as a tensor: quantised blocks a CPU torch rank keeps in host memory (this decoder
+    runs there only when CMATRIX_DECODER=torch asks) become their float32 values; blocks on the
+    device stay blocks."""
     if isinstance(handle, QuantBlocks):
         return torch.from_numpy(handle.values())
     return handle
