@@ -107,7 +107,6 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
     driver gets how each rank runs its part."""
     comm, decoder = rt.comm, None
     local_weights.forget()  # every block is in place: close the checkpoint the rank read them from
-    release_free_heap()  # and give back the heap the blocks' temporaries took
     with rt.step("prepare"):
         if not comm.is_driver:
             vectors = np.empty(h.vectors_size, dtype=np.float32)
@@ -130,6 +129,7 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
                                           groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk)
         decoder.wire = h.wire
     rt.sync()
+    release_free_heap()  # give back the heap the blocks' temporaries took (also the decoder's own)
     rt.models[h.model] = decoder  # only once every rank has its part
     kinds = comm.gather_objects(decoder.kind)
     return kinds if comm.is_driver else None

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core import quant as q
 from ..core.arrays import HostArray
-from ..core.dtypes import from_float32
+from ..core.dtypes import empty, from_float32
 from ..core.plan import Plan, validate_weights
 from ..engine import progress
 from ..errors import InputError
@@ -122,10 +122,10 @@ class DecoderModel:
 
     def _shard(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int = 0,
                part: str = "", layer: int = -1) -> Any:
-        """One weight matrix onto the ranks (``build()`` makes it; not called for cache='load',
-        nor when every rank reads its block from its own copy)."""
-        if any(self.local_ranks):
-            return self._shard_local(build, suffix, shape, align, axis, part, layer)
+        """One weight matrix onto the ranks: without a cache as :meth:`_shard_local` places it;
+        with one through the cache (``build()`` makes the matrix; not called for cache='load')."""
+        if self.cache is None:
+            return self._shard_local(suffix, shape, align, axis, part, layer)
         w = None if self.cache == "load" else build()
         if w is not None and self.quant is None and self.dtype != "float32":
             w = HostArray(from_float32(w, self.dtype), self.dtype, "numpy")
@@ -146,20 +146,33 @@ class DecoderModel:
         """Per rank: whether it read its weight blocks from its own copy of the checkpoint."""
         return tuple(p is None for p in self.local_problems)
 
-    def _shard_local(self, build, suffix: str, shape: tuple[int, int], align: int, axis: int, part: str,
+    def _shard_local(self, suffix: str, shape: tuple[int, int], align: int, axis: int, part: str,
                      layer: int) -> Any:
-        """``_shard`` where some ranks read their blocks from their own copy of the checkpoint."""
+        """One weight matrix onto the ranks: those with their own copy of the checkpoint read
+        their blocks; the driver reads the others' blocks alone and sends them."""
         if self.quant and axis == 1:  # every rank holds whole blocks (as Cluster.shard aligns them)
             align = math.lcm(align, q.BLOCK)
         plan = Plan.from_weights(shape[axis], self.weights, axis, align)
         dtype = "float32" if self.quant else self.dtype
 
-        def whole() -> np.ndarray:
-            w = build()
-            return w if dtype == "float32" else from_float32(w, dtype)
+        def sent() -> np.ndarray:
+            # The pages of blocks the ranks read themselves are never touched: the driver's
+            # memory holds only what it sends.
+            full = empty(shape, dtype)
+            for r, local in enumerate(self.local_ranks):
+                lo, hi = plan.displs[r], plan.displs[r] + plan.counts[r]
+                if local or lo == hi:
+                    continue
+                block = lw.read_block(self.checkpoint, self.config, part, layer, self._chunk, lo, hi)
+                block = block if dtype == "float32" else from_float32(block, dtype)
+                if axis == 0:
+                    full[lo:hi] = block
+                else:
+                    full[:, lo:hi] = block
+            return full
 
         m = lw.shard_local(self.cluster.driver, self.path, self.config, part, layer, self._chunk, plan, shape,
-                           dtype, self.quant, f"{self.name}.{suffix}", self.local_ranks, whole)
+                           dtype, self.quant, f"{self.name}.{suffix}", self.local_ranks, sent)
         self._local_blocks.append(m.id)
         self._bar.update(int(shape[0] * shape[1] * self._stored_bytes_per_value()))
         return m
