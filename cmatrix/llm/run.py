@@ -86,6 +86,7 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
     if hasattr(ns, "temperature"):  # serve takes these per request
         check_options(ns.max_new_tokens, ns.stop, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                       repetition_penalty=ns.repetition_penalty, seed=ns.seed)
+    tok = None
     if (Path(ns.model) / "config.json").exists() or is_gguf(ns.model):  # else load() says what is amiss
         tok = read_tokenizer(ns.model)
         if need_chat and not tok.has_chat_template:
@@ -94,6 +95,8 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
     model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
                  dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"),
                  local_weights=getattr(ns, "local_weights", "auto"))
+    if tok is not None:
+        model._tokenizer = tok  # read once (a GGUF file's vocabulary takes a while to rebuild)
     if model.conversion_note:
         print(f"cmatrix: {model.conversion_note}", file=sys.stderr)
     if any(model.local_ranks):
