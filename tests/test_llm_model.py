@@ -159,13 +159,12 @@ def test_local_weights_takes_a_mode_and_cannot_be_forced_with_a_cache(cl, tiny):
 
 
 def test_the_driver_reads_its_own_blocks_locally(cl, tiny, model):
-    """One rank: the driver is a rank with the copy; 'off' sends the same values."""
+    """One rank: the driver is a rank with the copy, also with 'off' (which only keeps the
+    other ranks from reading theirs; tests/test_llm_mpi.py compares the modes' logits)."""
     assert model.local_ranks == (True,) and model.local_problems == [None]
     off = cm.llm.load(cl, tiny, local_weights="off")
     try:
-        assert off.local_ranks == (False,)
-        np.testing.assert_array_equal(off.forward(IDS, start=0, all_logits=True),
-                                      model.forward(IDS, start=0, all_logits=True))
+        assert off.local_ranks == (True,)
     finally:
         off.close()
 

@@ -144,13 +144,13 @@ class LlmShardLocal(Header, op="llm_shard_local"):
 # ---- driver halves ------------------------------------------------------------------------
 
 def check_ranks(driver: Any, ranks: list[Any], path: Path, mode: str) -> list[str | None]:
-    """Per rank: None if it reads its blocks itself, else why not. ``mode`` "off": no rank
-    does; "auto": every rank with a matching copy; "on": every rank, or an
-    :class:`InputError` naming each that cannot."""
+    """Per rank: None if it reads its blocks itself, else why not. ``mode`` "off": only the
+    driver (rank 0, which opened the checkpoint) does; "auto": every rank with a matching copy;
+    "on": every rank, or an :class:`InputError` naming each that cannot."""
     if mode not in MODES:
         raise InputError(f"local_weights: one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if mode == "off":
-        return ["local_weights='off'"] * len(ranks)
+        return [None] + ["local_weights='off'"] * (len(ranks) - 1)
     statuses = driver.run(LlmLocalCheck(str(path.resolve()), fingerprint(path)))
     missing = [s for s in statuses if not s["ok"]]
     if mode == "on" and missing:

@@ -407,8 +407,8 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None 
     per token, for slow links; the sums are still taken in float32); default "float32",
     exact. ``local_weights``: "auto" (default) lets every rank whose host has the checkpoint at
     the same path, with the same files, read its own blocks (the driver sends the others
-    theirs); "on" requires every rank to; "off" sends everything from the driver. A GGUF file's
-    matrices keep their stored type when neither ``dtype`` nor ``quant``
+    theirs); "on" requires every rank to; "off" has the driver read and send every rank's
+    blocks. A GGUF file's matrices keep their stored type when neither ``dtype`` nor ``quant``
     is given (F16/BF16/Q8_0/Q4_0; other block types become q8_0 or q4_0, and
     ``model.conversion_note`` says so).
     """

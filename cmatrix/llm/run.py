@@ -45,7 +45,7 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
                     help="save shards to each node's disk, or load them from there")
     ap.add_argument("--local-weights", choices=("auto", "on", "off"), default="auto",
                     help="ranks whose host has the model at the same path (same files) read their "
-                         "own part of it; 'on': every rank must, 'off': the driver sends everything "
+                         "own part of it; 'on': every rank must, 'off': the driver reads for every rank "
                          "(default auto)")
     if command == "serve":
         return
