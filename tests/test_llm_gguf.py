@@ -206,6 +206,18 @@ def test_bos_follows_llama_cpps_default_for_the_pre_tokenizer(files, pre, bos):
     assert (ids[0] == tok.bos_id) == bos and tok.decode(ids) == "Old computers"
 
 
+def test_vocabularies_it_cannot_rebuild_are_refused_by_name(files):
+    reader = GgufCheckpoint(files["f32"])
+    meta = {k: reader.value(k) for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")}
+    for extra, message in (({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm"},
+                            "pre-tokenizer 'deepseek-llm' is not known here"),
+                           ({"tokenizer.ggml.model": "bert"}, "vocabulary kind 'bert' is not supported"),
+                           ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": []},
+                            "holds no vocabulary")):
+        with pytest.raises(cm.InputError, match=message):
+            tokenizer_from_gguf(_Metadata(files["f32"], {**meta, **extra}))
+
+
 def test_a_missing_gguf_file_is_named(cl, tmp_path):
     refused(cl, lambda: cm.llm.load(cl, tmp_path / "nowhere.gguf"), r"nowhere\.gguf: no such file")
 

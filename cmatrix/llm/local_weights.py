@@ -18,6 +18,7 @@ the same conversion to the stored type, then the backend's own upload (and quant
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -173,15 +174,9 @@ def shard_local(driver: Any, path: Path, cfg: DecoderConfig, part: str, layer: i
         driver.check_dtype(dtype, plan.counts)
     payload = None if all(local) else np.ascontiguousarray(build())
     ident = driver.new_id()
-    driver.run(LlmShardLocal(ident, str(path.resolve()), _config_dict(cfg), part, layer, chunk, shape, dtype,
-                             plan.axis, plan.counts, quant, name, local), payload)
+    driver.run(LlmShardLocal(ident, str(path.resolve()), dataclasses.asdict(cfg), part, layer, chunk, shape,
+                             dtype, plan.axis, plan.counts, quant, name, local), payload)
     return LocalBlock(ident, shape, plan.axis, plan.counts, quant, "float32" if quant else dtype, name)
-
-
-def _config_dict(cfg: DecoderConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 # ---- rank halves --------------------------------------------------------------------------
