@@ -44,6 +44,10 @@ class QuantBlocks:
     def nbytes(self) -> int:
         return self.blocks.nbytes
 
+    def host_bytes(self) -> np.ndarray:
+        """The blocks as uint8 lines in host memory (for ggml to use as they lie)."""
+        return self.blocks
+
     def values(self) -> np.ndarray:
         """The dequantised matrix (float32, its logical shape)."""
         lines = q.dequantize(self.blocks, self.kind)

@@ -7,6 +7,7 @@ host, in the same cgroup) are checked together.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -89,12 +90,11 @@ def release_free_heap() -> None:
     large temporaries (a block before it is quantised) are freed into the heap, where glibc
     keeps them once its threshold for mapping large blocks has grown: without this a rank's
     resident memory stays tens of MB above what it holds. Does nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
-        import ctypes.util
 
-        name = ctypes.util.find_library("c")
-        if name and "libc" in name:
-            ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc is loaded already
+    except (OSError, AttributeError):  # a libc without it (musl)
         pass

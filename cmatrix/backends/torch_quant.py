@@ -48,6 +48,10 @@ class TorchBlocks:
     def nbytes(self) -> int:
         return self.blocks.numel()
 
+    def host_bytes(self) -> np.ndarray | None:
+        """The blocks as uint8 lines in host memory when the device is the CPU, else None."""
+        return self.blocks.numpy() if self.blocks.device.type == "cpu" else None
+
     def values(self) -> np.ndarray:
         """The dequantised matrix (float32 numpy, its logical shape)."""
         lines = dequantize(self.blocks, self.kind).cpu().numpy()

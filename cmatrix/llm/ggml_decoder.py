@@ -27,7 +27,6 @@ import ggml
 import numpy as np
 
 from ..backends.ggml import Borrowed, GGMLBackend
-from ..backends.host_quant import QuantBlocks
 from ..core.arrays import aligned
 from ..errors import CMatrixError
 from .config import DecoderConfig
@@ -158,10 +157,10 @@ def borrow(handle: Any) -> Borrowed:
     blocks as they lie, a CPU torch rank's 16-bit tensors as F16/BF16, float32 arrays as they are
     (the backends keep them aligned; an array
     that is not gets an aligned copy)."""
-    if isinstance(handle, QuantBlocks) or type(handle).__name__ == "TorchBlocks":  # host or CPU-torch bytes
+    blocks = handle.host_bytes() if hasattr(handle, "host_bytes") else None  # QuantBlocks, CPU TorchBlocks
+    if blocks is not None:
         if handle.axis != 1:  # the decoder's weights are quantised along their input (rows)
             raise CMatrixError(f"a {handle.kind} weight quantised along axis 0 cannot be borrowed")
-        blocks = handle.blocks if isinstance(handle, QuantBlocks) else handle.blocks.numpy()
         return Borrowed(blocks if Borrowed.fits(blocks, any_type=True) else aligned(blocks),
                         _GTYPE[handle.kind], handle.width)
     if not isinstance(handle, np.ndarray) and str(handle.dtype) in _HALF:  # a CPU torch rank's half weight

@@ -150,7 +150,7 @@ def check_ranks(driver: Any, ranks: list[Any], path: Path, mode: str) -> list[st
     "on": every rank, or an :class:`InputError` naming each that cannot."""
     if mode not in MODES:
         raise InputError(f"local_weights: one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if mode == "off":
+    if mode == "off" or len(ranks) == 1:  # the driver reads its own blocks from the file it opened
         return [None] + ["local_weights='off'"] * (len(ranks) - 1)
     statuses = driver.run(LlmLocalCheck(str(path.resolve()), fingerprint(path)))
     missing = [s for s in statuses if not s["ok"]]
