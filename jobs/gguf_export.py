@@ -149,8 +149,10 @@ def encoder(kind: str) -> Encoder:
     return encode
 
 
-def export(folder: Path, out: Path, kind: str = "f32", encode: Encoder | None = None) -> Path:
-    """Write ``folder`` to ``out`` with weight matrices in ``kind`` (or as ``encode`` writes them)."""
+def export(folder: Path, out: Path, kind: str = "f32", encode: Encoder | None = None,
+           more: Callable[[object], None] | None = None) -> Path:
+    """Write ``folder`` to ``out`` with weight matrices in ``kind`` (or as ``encode`` writes them);
+    ``more(writer)`` adds metadata of its own (tests)."""
     import gguf
 
     cfg = json.loads((folder / "config.json").read_text())
@@ -186,6 +188,8 @@ def export(folder: Path, out: Path, kind: str = "f32", encode: Encoder | None = 
                   "q4_0": "MOSTLY_Q4_0"}
     w.add_file_type(getattr(gguf.LlamaFileType, file_types.get(kind, "ALL_F32")))
     _write_vocab(w, folder, vocab)
+    if more is not None:
+        more(w)
 
     def put(name: str, value: np.ndarray, matrix: bool = True) -> None:
         value = np.ascontiguousarray(value, dtype=np.float32)

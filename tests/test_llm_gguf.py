@@ -218,6 +218,27 @@ def test_vocabularies_it_cannot_rebuild_are_refused_by_name(files):
             tokenizer_from_gguf(_Metadata(files["f32"], {**meta, **extra}))
 
 
+def test_vocabulary_tables_that_disagree_are_refused(files):
+    reader = GgufCheckpoint(files["f32"])
+    tokens = reader.value("tokenizer.ggml.tokens")
+    for extra, message in (({"tokenizer.ggml.model": "llama", "tokenizer.ggml.token_type": [1]},
+                            f"{len(tokens)} tokens but 1 token types"),
+                           ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]},
+                            f"{len(tokens)} tokens but 1 scores"),
+                           ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+                             "tokenizer.ggml.merges": ["nospace"]}, "merge 'nospace' is not two tokens")):
+        with pytest.raises(cm.InputError, match=message):
+            tokenizer_from_gguf(_Metadata(files["f32"], {"tokenizer.ggml.tokens": tokens, **extra}))
+
+
+def test_rope_scaling_it_cannot_run_is_refused(cl, tiny, tmp_path):
+    def yarn(w):
+        w.add_string("llama.rope.scaling.type", "yarn")
+
+    file = export(tiny, tmp_path / "yarn.gguf", more=yarn)
+    refused(cl, lambda: cm.llm.load(cl, file), r"rope scaling 'yarn' is not supported")
+
+
 def test_a_missing_gguf_file_is_named(cl, tmp_path):
     refused(cl, lambda: cm.llm.load(cl, tmp_path / "nowhere.gguf"), r"nowhere\.gguf: no such file")
 
