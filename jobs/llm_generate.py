@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 import cmatrix as cm
-from cmatrix.llm.run import add_arguments, parse_list, run
+from cmatrix.llm.run import add_arguments, parse_list, parse_weights, run
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 add_arguments(ap, model_required=False)
 ns = ap.parse_args()
-cl = cm.init(weights=parse_list(ns.weights, float), backends=parse_list(ns.backends, str))
+cl = cm.init(weights=parse_weights(ns.weights), backends=parse_list(ns.backends, str))
 with tempfile.TemporaryDirectory(prefix="cmatrix-demo-llm-") as tmp:
     if ns.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

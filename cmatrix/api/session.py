@@ -100,12 +100,14 @@ def driving() -> Iterator[Cluster]:
         cl.shutdown(cl.exit_status)
 
 
-def init(weights: Sequence[float] | None = None, backends: str | Sequence[str] | None = None,
+def init(weights: Sequence[float] | str | None = None, backends: str | Sequence[str] | None = None,
          threads: int | None = None, accel: bool | Sequence[bool] | None = None) -> Cluster:
     """Join the cluster. On the driver (rank 0) return the :class:`Cluster`;
     on every other rank serve the driver's commands, then exit the process.
 
-    ``weights``: per-rank shares summing to 1 (default equal). ``backends``: a
+    ``weights``: per-rank shares summing to 1 (default equal), or ``"auto"``: proportional
+    to each rank's measured speed (a saved profile, else measured briefly now; see
+    ``cmatrix bench``); a model loaded later takes its own from the same profile. ``backends``: a
     backend name for all ranks or one per rank (default "numpy"). ``threads``:
     CPU threads per rank (default: CMATRIX_THREADS, else a fair share of the
     host's cores). ``accel``: False for a backend's plain CPU path.

@@ -3,6 +3,7 @@
     mpirun -n 4 python -m cmatrix run jobs/matmul.py     # rank 0 runs the job, others serve
     cmatrix launch -n 4 jobs/matmul.py                   # the same, mpiexec chosen for you
     mpirun -n 4 python -m cmatrix doctor                 # each rank's device, memory, fallbacks
+    cmatrix launch -n 2 bench                            # each rank's measured speed, suggested shares
     cmatrix convert w.bin w.pt [--dtype float32]         # between .bin .npy .pt .h5 .safetensors
     mpirun -n 2 python -m cmatrix generate --model DIR --prompt "..."   # text from a Llama-family model
     cmatrix launch -n 2 chat --model DIR                 # a conversation in the terminal
@@ -51,7 +52,7 @@ def _model_command(ns: argparse.Namespace) -> int:
     others serve."""
     from ..api import session
     from ..errors import CMatrixError
-    from ..llm.run import parse_list
+    from ..llm.run import parse_list, parse_weights
 
     if ns.command == "chat":
         from ..llm.chat import run
@@ -61,7 +62,7 @@ def _model_command(ns: argparse.Namespace) -> int:
         from ..llm.run import run
     with session.driving() as cl:
         try:
-            cl.configure(parse_list(ns.weights, float), parse_list(ns.backends, str))
+            cl.configure(parse_weights(ns.weights), parse_list(ns.backends, str))
         except CMatrixError as exc:
             print(f"cmatrix {ns.command}: {exc}", file=sys.stderr)
             cl.exit_status = 2
@@ -75,7 +76,7 @@ def _model_command(ns: argparse.Namespace) -> int:
 
 
 #: what ``cmatrix launch`` starts as a command of its own rather than as a job file
-COMMANDS = ("generate", "chat", "serve", "doctor")
+COMMANDS = ("generate", "chat", "serve", "doctor", "bench")
 
 
 def _launch(n: int, hostfile: str | None, job: str, job_args: list[str], hosts: list[str]) -> int:
@@ -136,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     doc.add_argument("--backends", default=None,
                      help="backend for all ranks, or a comma-separated list with one per rank")
     doc.add_argument("--accel", default=None, help="true/false, for all ranks or one per rank")
+    ben = sub.add_parser("bench", help="measure each rank's speed (decode- and prefill-shaped products, "
+                         "per weight type) and free memory; print the shares they suggest and save "
+                         "the profile for --weights auto")
+    ben.add_argument("--backends", default=None,
+                     help="backend for all ranks, or a comma-separated list with one per rank")
+    ben.add_argument("--accel", default=None, help="true/false, for all ranks or one per rank")
+    ben.add_argument("--remeasure", action="store_true", help="measure even where a profile is saved")
+    ben.add_argument("--seconds", type=float, default=0.15, help="time per measured product (default 0.15)")
     con = sub.add_parser("convert", help="copy a matrix between file formats (.bin .npy .pt .h5 "
                          ".safetensors), optionally to another dtype")
     con.add_argument("src", help="source file, optionally FILE#KEY")
@@ -165,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import doctor
 
         return doctor.main(ns.backends, ns.accel)
+    if ns.command == "bench":
+        from . import bench
+
+        return bench.main(ns.backends, ns.accel, ns.remeasure, ns.seconds)
     from ..engine.launch import read_hostfile
     from ..errors import CMatrixError
 

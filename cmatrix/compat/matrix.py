@@ -106,14 +106,15 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
     """A matrix on the cluster, created the seed's way (see the module docstring).
 
     The cluster is ``cluster_zmq_object`` (``cluster_zmq(IP_list)``), or made from
-    ``node_IP_list``; the lists left out take its defaults (an even split, "llama", the
-    accelerator on). ``matrix_labeling`` ('a'/'b': grid mode's operand) is accepted and not
-    needed. ``save_bin_matrix=False`` keeps a named matrix off the nodes' disks.
+    ``node_IP_list``; the lists left out take its defaults ("llama", the accelerator on),
+    except ``node_percentages``: left out (or ``"auto"``) the shares follow each rank's
+    measured speed (see ``cmatrix bench``). ``matrix_labeling`` ('a'/'b': grid mode's operand)
+    is accepted and not needed. ``save_bin_matrix=False`` keeps a named matrix off the nodes' disks.
     """
 
     def __init__(self, matrix_file_path: Any, cluster_zmq_object: Any = None,
                  node_IP_list: list[str] | None = None, CPU_GPU_select_list: list[bool] | None = None,  # noqa: N803
-                 node_percentages: list[float] | None = None,
+                 node_percentages: list[float] | str | None = None,
                  back_end_select_list: list[str] | None = None, split_matrix: bool | None = None,
                  dim: int | None = None,
                  matrix_name: str | None = None, matrix_labeling: str = "", auto_set_up: Any = None,
@@ -137,7 +138,7 @@ class cluster_matrix(SeedNodeOps):  # noqa: N801 - the seed's name, kept so its 
         self.cluster, self.node_percentages = setup.connect(
             z.node_IP_list,
             z.default_CPU_GPU_select_list if CPU_GPU_select_list is None else CPU_GPU_select_list,
-            z.default_node_percentages if node_percentages is None else node_percentages,
+            "auto" if node_percentages is None else node_percentages,
             z.default_back_end_select_list if back_end_select_list is None else back_end_select_list)
         self.node_IP_list = list(z.node_IP_list)
         self.split_matrix = bool(split_matrix)

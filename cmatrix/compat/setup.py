@@ -17,6 +17,7 @@ from ..api.cluster import Cluster
 from ..core.plan import validate_weights
 from ..engine import hostaddr
 from ..errors import InputError
+from ..ops import speed
 from ..ops.setup import identify
 
 LISTS = ("node_IP_list", "CPU_GPU_select_list", "node_percentages", "back_end_select_list")
@@ -86,8 +87,9 @@ def even_percentages(n: int) -> list[float]:
 class cluster_zmq:  # noqa: N801 - the seed's name, kept so its scripts run unchanged
     """The seed's cluster object, ``cluster_zmq(IP_list)``: the node list (entry i names rank
     i's host, checked against the ranks MPI started, as ``node_IP_list`` is) and the per-node
-    defaults a ``cluster_matrix`` takes for the lists it omits: an even split (whole percent,
-    as the seed rounds it), the GGML backend ("llama") and the accelerator on. Nothing here
+    defaults a ``cluster_matrix`` takes for the lists it omits: the GGML backend ("llama") and
+    the accelerator on; its percentages left out, shares follow each rank's measured speed
+    (``default_node_percentages`` keeps the seed's even split, whole percent each). Nothing here
     opens a socket: MPI carries everything."""
 
     def __init__(self, node_IP_list: Any) -> None:  # noqa: N803
@@ -119,20 +121,36 @@ def connect(ips: Any, accel: Any, percentages: Any, backends_: Any) -> tuple[Clu
     serves the driver and exits the process, as :func:`cmatrix.init` does.
     The hosts are matched before the first call configures the cluster, so a
     call refused for its IP list leaves the backends still to be chosen.
-    Returns the cluster and the checked percentages (the shares of this matrix).
+    Returns the cluster and the checked percentages (the shares of this matrix); "auto":
+    shares from the ranks' measured speed (see :mod:`cmatrix.ops.speed`).
     """
-    ip_list, accel_list, shares, names = check_lists(ips, accel, percentages, backends_, session.world_size())
+    auto = isinstance(percentages, str) and percentages == "auto"
+    size = session.world_size()
+    checked = even_percentages(size) if auto else percentages
+    ip_list, accel_list, shares, names = check_lists(ips, accel, checked, backends_, size)
     cluster = session.driver_cluster()  # a worker serves here, then exits
     match_hosts(ip_list, _hosts(cluster))
     config = cluster.driver.config
     if config is None:
-        cluster.configure(shares, names, accel=accel_list)
-        return cluster, shares
+        cluster.configure("auto" if auto else shares, names, accel=accel_list)
+        return cluster, [float(w) for w in cluster.weights] if auto else shares
     if list(config.backends) != names or list(config.accel) != accel_list:
         raise InputError(f"this job's cluster already runs back_end_select_list={list(config.backends)}, "
                          f"CPU_GPU_select_list={list(config.accel)}; every cluster_matrix of one job must "
                          f"use the same, got {names} and {accel_list}")
+    if auto:
+        return cluster, auto_percentages(cluster)
     return cluster, shares
+
+
+def auto_percentages(cluster: Cluster) -> list[float]:
+    """Shares from the ranks' measured speed (the cluster's own when it was started with them)."""
+    d = cluster.driver
+    if d.auto_weights:
+        return [float(w) for w in d.weights]
+    if d.speeds is None:
+        d.speeds = speed.profiles(d, seconds=speed.QUICK_SECONDS)
+    return speed.suggested(d.speeds, "gemm", "float32")
 
 
 #: every rank's host and addresses, asked once per job (the answer cannot change)

@@ -59,6 +59,10 @@ class Driver:
         self.exit_status = 0
         #: per-rank shares used when an operation is given none
         self.weights = equal_weights(self.size)
+        #: whether ``weights`` came from measured speed (``init(weights="auto")``), and the
+        #: ranks' speed profiles they came from (see :mod:`cmatrix.ops.speed`)
+        self.auto_weights = False
+        self.speeds: list[dict] | None = None
         self.ranks = RankTable([])
         #: None until the first configure
         self.config: Config | None = None

@@ -21,6 +21,8 @@ class RankInfo:
     memory: int | None = None
     #: dense dtypes the rank's backend computes with
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    #: the measured speed its share came from ("14.2 GB/s decode f32"), when shares were measured
+    speed: str = ""
     versions: dict = field(default_factory=dict, compare=False)
 
 
@@ -41,18 +43,22 @@ class RankTable:
     def __iter__(self) -> Iterator[RankInfo]:
         return iter(self.rows)
 
-    def with_weights(self, weights: Sequence[float]) -> RankTable:
-        """The same ranks with these shares."""
-        return RankTable([replace(r, weight=float(w)) for r, w in zip(self.rows, weights, strict=True)])
+    def with_weights(self, weights: Sequence[float], speeds: Sequence[str] | None = None) -> RankTable:
+        """The same ranks with these shares (and the measured speeds they came from, if any)."""
+        speeds = [""] * len(self.rows) if speeds is None else speeds
+        return RankTable([replace(r, weight=float(w), speed=v)
+                          for r, w, v in zip(self.rows, weights, speeds, strict=True)])
 
-    def _cells(self, r: RankInfo) -> tuple[str, ...]:
+    def _cells(self, r: RankInfo, measured: bool) -> tuple[str, ...]:
         device = r.device + (" *" if r.fallback else "")
         return (str(r.rank), r.host, f"{r.local_rank}/{r.local_size}", r.backend, device,
-                format_bytes(r.memory), f"{r.weight:.3f}", str(r.threads))
+                format_bytes(r.memory), *((r.speed,) if measured else ()), f"{r.weight:.3f}", str(r.threads))
 
     def __str__(self) -> str:
-        table = [self.COLUMNS] + [self._cells(r) for r in self.rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(self.COLUMNS))]
+        measured = any(r.speed for r in self.rows)
+        columns = self.COLUMNS[:6] + (("speed",) if measured else ()) + self.COLUMNS[6:]
+        table = [columns] + [self._cells(r, measured) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += [f"* rank {r.rank} fell back to {r.device}: {r.fallback}" for r in self.rows if r.fallback]

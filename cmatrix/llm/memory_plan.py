@@ -87,10 +87,7 @@ def check(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, dtype
     if os.environ.get("CMATRIX_MEMORY_CHECK", "1") == "0":
         return
     context = min(cfg.max_positions, CONTEXT) if context is None else context
-    pools: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for m in reports:
-        if m.free is not None:
-            pools[(m.host, m.pool)].append(m.rank)
+    pools = _pools(reports)
     short, values, fixed = _shortfalls(cfg, weights, quant, reports, pools, context)
     if not short:
         return
@@ -98,20 +95,7 @@ def check(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, dtype
     lines = [f"the model does not fit as {stored} with shares {[round(float(w), 3) for w in weights]}: "
              + "; ".join(text for _, text in short) + f" (weights, a K/V cache of {context} positions, "
              "and on rank 0 the embeddings)."]
-    # Heads and MLP rows split in whole units, so a share can hold a little more than its
-    # fraction: shrink the caps of the ranks still short until the real split fits.
-    scale, shares = [1.0] * len(reports), None
-    for _ in range(20):
-        shares = suggest(values, reports, fixed, pools, weights, scale)
-        if shares is None:
-            break
-        still = _shortfalls(cfg, shares, quant, reports, pools, context)[0]
-        if not still:
-            break
-        for ranks in (pools[key] for key, _ in still):
-            for r in ranks:
-                scale[r] *= 0.9
-        shares = None
+    shares = _fitting(cfg, weights, quant, reports, pools, context, values, fixed)
     if shares is not None:
         text = ",".join(f"{s:g}" for s in shares)
         lines.append(f"Shares that fit: --weights {text} (weights={shares}).")
@@ -121,6 +105,48 @@ def check(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, dtype
                      "dtype='bfloat16' 2 bytes on ggml, OpenCL and torch ranks).")
     lines.append("CMATRIX_MEMORY_CHECK=0 skips this check.")
     raise InputError(" ".join(lines))
+
+
+def fitted(cfg: DecoderConfig, weights: Sequence[float], quant: str | None,
+           reports: Sequence[RankMemory], context: int | None = None) -> list[float] | None:
+    """``weights`` where they fit every rank's memory, else the nearest shares that do (each
+    rank capped at what it can hold, the rest spread over the others in proportion to their
+    shares); None if none fit. ``CMATRIX_MEMORY_CHECK=0``: ``weights`` as given."""
+    if os.environ.get("CMATRIX_MEMORY_CHECK", "1") == "0":
+        return list(weights)
+    context = min(cfg.max_positions, CONTEXT) if context is None else context
+    pools = _pools(reports)
+    short, values, fixed = _shortfalls(cfg, weights, quant, reports, pools, context)
+    if not short:
+        return list(weights)
+    return _fitting(cfg, weights, quant, reports, pools, context, values, fixed)
+
+
+def _pools(reports: Sequence[RankMemory]) -> dict[tuple[str, str], list[int]]:
+    pools: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for m in reports:
+        if m.free is not None:
+            pools[(m.host, m.pool)].append(m.rank)
+    return pools
+
+
+def _fitting(cfg: DecoderConfig, weights: Sequence[float], quant: str | None, reports: Sequence[RankMemory],
+             pools: dict[tuple[str, str], list[int]], context: int, values: list[int],
+             fixed: list[int]) -> list[float] | None:
+    # Heads and MLP rows split in whole units, so a share can hold a little more than its
+    # fraction: shrink the caps of the ranks still short until the real split fits.
+    scale = [1.0] * len(reports)
+    for _ in range(20):
+        shares = suggest(values, reports, fixed, pools, weights, scale)
+        if shares is None:
+            return None
+        still = _shortfalls(cfg, shares, quant, reports, pools, context)[0]
+        if not still:
+            return shares
+        for ranks in (pools[key] for key, _ in still):
+            for r in ranks:
+                scale[r] *= 0.9
+    return None
 
 
 def _shortfalls(cfg: DecoderConfig, weights: Sequence[float], quant: str | None,

@@ -32,8 +32,9 @@ from ..core.dtypes import empty, from_float32
 from ..core.plan import Plan, validate_weights
 from ..engine import progress
 from ..errors import InputError
+from ..ops.speed import kind_of
+from . import balance, memory_plan
 from . import local_weights as lw
-from . import memory_plan
 from .checkpoint import Checkpoint, tensor_names
 from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep
 from .config import DecoderConfig
@@ -52,7 +53,7 @@ class DecoderModel:
 
     _bar: Any = progress.NoBar()  # the load's progress bar, while it loads
 
-    def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
+    def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str | None = None,
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
                  dtype: str | None = None, wire: str = "float32", local_weights: str = "auto") -> None:
         self.cluster, self.path = cluster, Path(path)
@@ -79,7 +80,13 @@ class DecoderModel:
                              "rank's saved blocks instead: give one of them")
         if cache is not None and cache not in CACHE_MODES:
             raise InputError(f"cache: one of {', '.join(map(repr, CACHE_MODES))} or None, got {cache!r}")
-        self.weights = cluster.weights if weights is None else validate_weights(weights, cluster.size)
+        #: shares from the ranks' measured decode speed (``weights="auto"``, or none given to a
+        #: cluster started with ``init(weights="auto")``), capped by their memory
+        self.auto_weights = weights == "auto" or (weights is None and cluster.driver.auto_weights)
+        #: per rank, the measured decode speed its share came from (GB/s), when auto
+        self.speeds: list[float] | None = None
+        self.weights = cluster.weights if weights is None or self.auto_weights \
+            else validate_weights(weights, cluster.size)
         self.quant, self.cache = quant, cache
         self.name = name or _default_name(self.path)
         self.checkpoint = gguf or Checkpoint(self.path)
@@ -183,6 +190,10 @@ class DecoderModel:
         self.memory_before = reports = self.cluster.driver.run(LlmMemory(self.dtype, self.quant))
         ranks = [RankMemory(r, info.host, info.backend, rep["free"], rep["pool"], rep["per_value"])
                  for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
+        if self.auto_weights:
+            target, self.speeds = balance.speed_shares(self.cluster, kind_of(self.dtype, self.quant))
+            self.weights = np.asarray(memory_plan.fitted(self.config, target, self.quant, ranks)
+                                      or target)  # none fit: check() says so
         memory_plan.check(self.config, self.weights, self.quant, self.dtype, ranks)
 
     def stored_types(self) -> list[str]:
@@ -389,14 +400,16 @@ def _default_name(path: Path) -> str:
     return f"llm.{stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
 
 
-def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | None = None,
+def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str | None = None,
          quant: str | None = None, cache: str | None = None, name: str | None = None,
          dtype: str | None = None, wire: str = "float32", local_weights: str = "auto") -> DecoderModel:
     """Load a Llama-family checkpoint (a local Hugging Face folder or a ``.gguf`` file) onto the
     cluster.
 
-    ``weights``: per-rank shares (default the cluster's); attention is split in whole
-    KV groups, so a rank may hold no heads. ``quant``: "q8_0"/"q4_0" for every weight
+    ``weights``: per-rank shares (default the cluster's), or "auto": proportional to each
+    rank's measured decode speed for these weights' type (see ``cmatrix bench``), capped by
+    its memory (the default on a cluster started with ``init(weights="auto")``); attention
+    is split in whole KV groups, so a rank may hold no heads. ``quant``: "q8_0"/"q4_0" for every weight
     matrix (ggml ranks keep the blocks). ``cache``: "save" also writes each rank's
     shards to its node's disk, "load" reads them from there (the driver reads only
     embeddings, norms and biases), "auto" reuses what is unchanged. ``name``: the

@@ -31,7 +31,8 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
                         "even if the tokenizer has a chat template")
     if command in ("generate", "chat"):
         ap.add_argument("--system", default=None, help="system message (with a chat template)")
-    ap.add_argument("--weights", default=None, help="per-rank shares, e.g. 0.6,0.4 (default equal)")
+    ap.add_argument("--weights", default=None, help="per-rank shares, e.g. 0.6,0.4 (default equal), or "
+                    "'auto': from each rank's measured speed (see cmatrix bench), capped by its memory")
     ap.add_argument("--backends", default=None,
                     help="backend for all ranks or one per rank, e.g. torch,ggml (default numpy)")
     ap.add_argument("--quant", choices=("q8_0", "q4_0"), default=None,
@@ -76,6 +77,13 @@ def parse_list(text: str | None, kind: type) -> Any:
     return values[0] if kind is str and len(values) == 1 else values
 
 
+def parse_weights(text: str | None) -> Any:
+    """--weights: 'auto' (shares from measured speed), or per-rank shares as :func:`parse_list` reads them."""
+    if text is not None and text.strip().lower() == "auto":
+        return "auto"
+    return parse_list(text, float)
+
+
 def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) -> Any:
     """Check the sampling options and the tokenizer, load ``ns.model`` and say how it was placed.
     ``need_chat``: refuse a tokenizer without a chat template before any weight moves."""
@@ -92,7 +100,7 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
         if need_chat and not tok.has_chat_template:
             raise InputError(f"{ns.model}: the tokenizer has no chat template, so there is no chat "
                              "format; use `cmatrix generate --no-chat` for plain text")
-    model = load(cluster, ns.model, weights=parse_list(ns.weights, float), quant=ns.quant, cache=ns.cache,
+    model = load(cluster, ns.model, weights=parse_weights(ns.weights), quant=ns.quant, cache=ns.cache,
                  dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"),
                  local_weights=getattr(ns, "local_weights", "auto"))
     if tok is not None:
@@ -110,9 +118,11 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
                        for p in model.layout())
     print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
           f"rank(s) ({placed})", file=sys.stderr)
+    measured = model.speeds or [None] * cluster.size
     print("cmatrix: decoding with " + ", ".join(
-        f"rank {r}: {k} ({held})" for r, (k, held) in enumerate(zip(model.decoders, model.stored_types(),
-                                                                      strict=True))),
+        f"rank {r}: {k} ({held}" + (f", measured {gbps:.1f} GB/s, share {share:.3f})" if gbps else ")")
+        for r, (k, held, gbps, share) in enumerate(zip(model.decoders, model.stored_types(), measured,
+                                                        model.weights, strict=True))),
           file=sys.stderr, flush=True)
     return model
 

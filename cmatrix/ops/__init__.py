@@ -11,6 +11,7 @@ side, sharing one typed header. Importing this package registers every rank half
     nodeops      activations, softmax, RMSNorm, rope, repeat_kv
     attention    attention with heads split across ranks
     grid         grid mode: both operands in 2-D blocks
+    speed        each rank's measured speed (speed profiles), for shares from speed
 """
 
-from . import attention, cache, elementwise, grid, handles, matmul, nodeops, placement, setup  # noqa: F401
+from . import attention, cache, elementwise, grid, handles, matmul, nodeops, placement, setup, speed  # noqa: F401

@@ -24,6 +24,7 @@ from ..engine.protocol import Header, on_ranks
 from ..engine.ranks import RankInfo, RankTable
 from ..engine.runtime import Runtime, default_threads
 from ..errors import CMatrixError, InputError
+from . import speed
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ class SetupMethods:
 
     driver: Driver
 
-    def configure(self, weights: Sequence[float] | None = None,
+    def configure(self, weights: Sequence[float] | str | None = None,
                   backends_: str | Sequence[str] | None = None,
                   threads: int | None = None, accel: bool | Sequence[bool] | None = None) -> None:
-        """Start every rank's backend (once per job) and set the cluster's shares."""
+        """Start every rank's backend (once per job) and set the cluster's shares (``"auto"``:
+        from each rank's measured speed, see :mod:`cmatrix.ops.speed`)."""
         configure(self.driver, weights, backends_, threads, accel)
 
     def probe(self) -> list[dict]:
@@ -65,8 +67,9 @@ class SetupMethods:
                                      c.accel if c else None))
 
 
-def configure(d: Driver, weights: Sequence[float] | None = None, backends_: str | Sequence[str] | None = None,
-              threads: int | None = None, accel: bool | Sequence[bool] | None = None) -> None:
+def configure(d: Driver, weights: Sequence[float] | str | None = None,
+              backends_: str | Sequence[str] | None = None, threads: int | None = None,
+              accel: bool | Sequence[bool] | None = None) -> None:
     """The driver's half of :meth:`SetupMethods.configure`: every argument checked first."""
     names = tuple(backends.canonical(n) for n in
                   per_rank(d.size, backends_ if backends_ is not None else "numpy", "backends"))
@@ -78,13 +81,16 @@ def configure(d: Driver, weights: Sequence[float] | None = None, backends_: str 
     accel_list = tuple(bool(a) for a in flags)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads: expected a positive integer, got {threads!r}")
-    shares = equal_weights(d.size) if weights is None else validate_weights(weights, d.size)
+    auto = isinstance(weights, str)
+    if auto and weights != "auto":
+        raise InputError(f"weights: a list of per-rank shares or 'auto' (from each rank's measured "
+                         f"speed), got {weights!r}")
+    shares = equal_weights(d.size) if weights is None or auto else validate_weights(weights, d.size)
     config = Config(names, threads, accel_list)
     if d.config is not None and config != d.config:
         raise InputError(f"init(): the cluster already runs with backends={list(d.config.backends)}, "
                          f"threads={d.config.threads}, accel={list(d.config.accel)}; start a new job to "
                          "change them")
-    d.weights = shares
     if d.config is None:
         infos = d.run(Configure(__version__, names, threads, accel_list))
         check_versions(infos)
@@ -95,7 +101,13 @@ def configure(d: Driver, weights: Sequence[float] | None = None, backends_: str 
                      threads=i["threads"], fallback=i.get("fallback"), memory=i.get("memory"),
                      dtypes=tuple(i.get("dtypes", ())), versions=i["versions"])
             for i in infos])
-    d.ranks = d.ranks.with_weights(shares)
+    speeds = None
+    if auto:  # prefill/matmul-shaped work: the products a job of cl.matmul calls runs
+        d.speeds = speed.profiles(d, seconds=speed.QUICK_SECONDS)
+        shares = np.asarray(speed.suggested(d.speeds, "gemm", "float32"))
+        speeds = [f"{r['gemm']['float32'] / 1e9:.1f} GFLOP/s" for r in d.speeds]
+    d.weights, d.auto_weights = shares, auto
+    d.ranks = d.ranks.with_weights(shares, speeds)
 
 
 def check_versions(infos: list[dict]) -> None:

@@ -1,0 +1,206 @@
+"""Measured speed: every rank times, on its own backend and device, the products that dominate
+real work, and the driver turns the rates into shares. Both halves of ``speed_profile`` are here.
+
+Per weight type (float32, the 16-bit type the backend keeps, q8_0, q4_0) a rank times a
+decode-shaped product (one row against a large weight matrix: bandwidth bound, reported
+in GB/s of the weights as the rank stores them) and a prefill-shaped one (many rows:
+compute bound, GFLOP/s). All ranks measure at once, so ranks sharing a host's cores
+or memory bus measure what they get while the others work too.
+
+A profile is saved on the rank's own host, in the cache folder
+(``profiles/HOST-BACKEND-DEVICE-tTHREADS.json``), and reused until ``remeasure``;
+free memory is read afresh each time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import backends
+from .._version import __version__
+from ..backends.device import Device
+from ..core import quant as q
+from ..core import shares as sh
+from ..core.dtypes import from_float32
+from ..engine.driver import Driver
+from ..engine.protocol import Header, on_ranks
+from ..engine.runtime import Runtime
+from ..errors import InputError
+from ..io.atomic import atomic_path
+from ..io.shardfiles import cache_dir
+
+#: the weight types a profile measures; "16bit" is bfloat16, or float16 where the backend lacks it
+KINDS = ("float32", "16bit", "q8_0", "q4_0")
+#: what the shares are for: one-row products (LLM decoding) or many-row ones (prefill, GEMM jobs)
+WORKS = ("decode", "gemm")
+#: (rows of the weight matrix, its columns): a decode product reads all of it per row of input
+GEMV_SHAPE = (2048, 2048)
+#: (input rows, weight rows, columns) of the prefill-shaped product
+GEMM_SHAPE = (128, 1024, 1024)
+PROFILE_VERSION = 1
+#: seconds per timed product when shares are asked for and no profile is saved (``weights="auto"``)
+QUICK_SECONDS = 0.03
+
+
+@dataclass(frozen=True)
+class SpeedProfile(Header, op="speed_profile"):
+    remeasure: bool        # measure even where a saved profile exists
+    seconds: float         # per timed product (each is repeated until this much time has passed)
+
+
+def profiles(d: Driver, remeasure: bool = False, seconds: float = 0.15) -> list[dict]:
+    """Every rank's profile (see the module doc): ``{"rank", "host", "backend", "device",
+    "threads", "decode": {kind: weight values/s}, "decode_gbps": {kind: GB/s}, "gemm": {kind:
+    flop/s}, "free": bytes or None, "saved": path, "reused": bool}``."""
+    if d.config is None:
+        raise InputError("speed profiles need a configured cluster: call cm.init() first")
+    return d.run(SpeedProfile(bool(remeasure), float(seconds)))
+
+
+def kind_of(dtype: str, quant: str | None) -> str:
+    """The profile kind that stands for weights of ``dtype`` or ``quant``."""
+    return quant or ("float32" if dtype == "float32" else "16bit")
+
+
+def suggested(reports: list[dict], work: str = "decode", kind: str = "float32") -> list[float]:
+    """Shares proportional to each rank's measured rate for ``work`` on ``kind`` weights."""
+    if work not in WORKS or kind not in KINDS:
+        raise InputError(f"work: one of {WORKS}, kind: one of {KINDS}; got {work!r}, {kind!r}")
+    return sh.proportional([r[work][kind] for r in reports])
+
+
+def profile_path(host: str, backend: str, device: str, threads: int) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{host}-{backend}-{device}-t{threads}")[:150]
+    return cache_dir() / "profiles" / f"{slug}.json"
+
+
+def _read_profile(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("version") == PROFILE_VERSION and all(
+        isinstance(data.get(w), dict) and all(isinstance(data[w].get(k), int | float) and data[w][k] > 0
+                                               for k in KINDS) for w in ("decode", "gemm"))
+    return data if ok else None
+
+
+def _timed(fn: Any, seconds: float) -> float:
+    """Seconds per call of ``fn``: once to warm up, then repeated for ``seconds`` (3 calls at least)."""
+    fn()
+    calls, began = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - began < seconds:
+        fn()
+        calls += 1
+    return (time.perf_counter() - began) / calls
+
+
+def _sixteen(dev: Any) -> str:
+    return "bfloat16" if "bfloat16" in dev.dtypes else "float16"
+
+
+def decode_device(dev: Any) -> tuple[Any, bool]:
+    """Where this rank's LLM decoder multiplies: the ggml graphs of numpy and CPU torch ranks
+    (where ggml is installed) run on a ggml backend over the same cores; (device, whether it
+    was started here and must be closed)."""
+    from ..llm.commands import decoder_for  # which decoder a rank runs is the LLM's choice
+
+    if dev.name == "ggml" or decoder_for(dev).__name__ != "GraphDecoder":
+        return dev, False
+    return Device(backends.create("ggml", threads=getattr(dev.backend, "threads", 1), accel=False)), True
+
+
+def measure(dev: Any, seconds: float) -> dict:
+    """This rank's rates on its backend ``dev`` (a :class:`~cmatrix.backends.device.Device`):
+    decode-shaped products where its LLM decoder runs them, prefill-shaped ones on ``dev``."""
+    decoder, started = decode_device(dev)
+    try:
+        return {**_rates(decoder, seconds, ("decode",)), **_rates(dev, seconds, ("gemm",))}
+    finally:
+        if started:
+            decoder.backend.close()
+
+
+def _rates(dev: Any, seconds: float, works: tuple[str, ...]) -> dict:
+    rng = np.random.default_rng(0)
+    rows, cols = GEMV_SHAPE
+    m, n, k = GEMM_SHAPE
+    weights = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
+    one = dev.upload(rng.standard_normal((1, cols), dtype=np.float32), "float32")
+    many = dev.upload(rng.standard_normal((m, k), dtype=np.float32), "float32")
+    out: dict[str, dict[str, float]] = {w: {} for w in works}
+    if "decode" in works:
+        out["decode_gbps"] = {}
+    try:
+        for kind in KINDS:
+            quant = kind if kind in q.KINDS else None
+            dtype = "float32" if quant or kind == "float32" else _sixteen(dev)
+            per_value = dev.stored_bytes(dtype, quant)
+            for work, shape, x, flops in (("decode", (rows, cols), one, None),
+                                          ("gemm", (n, k), many, 2.0 * m * n * k)):
+                if work not in works:
+                    continue
+                values = np.ascontiguousarray(weights[: shape[0], : shape[1]])
+                w = dev.upload(values if quant else from_float32(values, dtype), dtype, quant,
+                               quant_axis=1 if quant else 0)
+
+                def product(x=x, w=w) -> None:  # the download waits for asynchronous devices
+                    y = dev.matmul(x, w, transpose_b=True, partial=True)
+                    dev.download(y, "float32")
+                    dev.free(y)
+
+                try:
+                    t = _timed(product, seconds)
+                finally:
+                    dev.free(w)
+                if work == "decode":
+                    out["decode"][kind] = rows * cols / t
+                    out["decode_gbps"][kind] = rows * cols * per_value / t / 1e9
+                else:
+                    out["gemm"][kind] = flops / t
+    finally:
+        dev.free(one)
+        dev.free(many)
+    return out
+
+
+@on_ranks(SpeedProfile)
+def _speed_profile(rt: Runtime, h: SpeedProfile, _: Any) -> list[dict] | None:
+    comm, report = rt.comm, None
+    with rt.step("speed"):
+        dev = rt.backend
+        threads = getattr(dev.backend, "threads", 0)
+        path = profile_path(comm.host, rt.backend_name, dev.device, threads)
+        saved = None if h.remeasure else _read_profile(path)
+        reused = saved is not None
+        if saved is None:
+            saved = {"version": PROFILE_VERSION, "cmatrix": __version__, "host": comm.host,
+                     "backend": rt.backend_name, "device": dev.device, "threads": threads,
+                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), **measure(dev, h.seconds)}
+        report = {**saved, "rank": comm.rank, "saved": str(path), "reused": reused,
+                  "free": dev.memory_free()[0]}
+    rt.sync()
+    if not report["reused"]:
+        try:  # a profile that cannot be saved (read-only home) is measured again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({k: v for k, v in report.items()
+                                           if k not in ("rank", "saved", "reused", "free")}, indent=1))
+        except OSError as exc:
+            report["saved"] = f"not saved: {exc.strerror or exc}"
+    return comm.gather_objects(report)
+
+
+def forget_profiles() -> None:
+    """Remove this host's saved profiles (tests; ``cmatrix bench --remeasure`` overwrites instead)."""
+    folder = cache_dir() / "profiles"
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        os.unlink(path)
