@@ -22,7 +22,7 @@ from ..engine import launch
 from ..engine.driver import Driver
 from ..engine.runtime import Runtime, serve
 from ..errors import ClusterClosedError
-from ..llm import commands  # noqa: F401  (the decoder's commands)
+from ..llm import commands, moves  # noqa: F401  (the decoder's commands)
 from .cluster import Cluster
 
 _runtime: Runtime | None = None

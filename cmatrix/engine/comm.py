@@ -55,6 +55,8 @@ class Comm(GridTransfers):
     def __init__(self) -> None:
         self.world = MPI.COMM_WORLD.Dup()
         self.rank = self.world.Get_rank()
+        #: this rank in COMM_WORLD (a :class:`GroupComm` numbers its members afresh)
+        self.world_rank = self.rank
         self.size = self.world.Get_size()
         self.local = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.local.Get_rank()
@@ -139,6 +141,13 @@ class Comm(GridTransfers):
         if self.size == 1:
             return [obj]
         return self.world.gather(obj, root=0)
+
+    def group(self, member: bool) -> GroupComm | None:
+        """Collective: a communicator of the ranks passing ``member=True`` (the driver must be
+        one; they keep their order), or None on the others. Collectives on it leave the others
+        alone: a rank with no work need not join every step."""
+        sub = self.world.Split(0 if member else MPI.UNDEFINED, key=self.rank)
+        return None if sub == MPI.COMM_NULL else GroupComm(self, sub)
 
     def abort(self, code: int = 1) -> None:
         """End the whole job now: used only when ranks can no longer agree."""
@@ -401,3 +410,26 @@ class Comm(GridTransfers):
             win, self._win, self._shared_mem = self._win, None, None
             win.Unlock_all()
             win.Free()
+
+
+class GroupComm(Comm):
+    """Some of the ranks (see :meth:`Comm.group`): the same operations over a sub-communicator,
+    counting the bytes they move into the whole job's totals."""
+
+    def __init__(self, parent: Comm, sub: MPI.Intracomm) -> None:  # noqa: D107 - no super(): no Dup, no Split
+        self.parent, self.world = parent, sub
+        self.rank, self.size = sub.Get_rank(), sub.Get_size()
+        self.world_rank, self.host = parent.rank, parent.host
+        self.local, self.local_rank, self.local_size = parent.local, parent.local_rank, parent.local_size
+        self.local_peers = parent.local_peers
+        self._header = parent._header
+
+    bytes_moved = property(lambda self: self.parent.bytes_moved,
+                           lambda self, n: setattr(self.parent, "bytes_moved", n))
+    bytes_sent = property(lambda self: self.parent.bytes_sent,
+                          lambda self, n: setattr(self.parent, "bytes_sent", n))
+    commands = property(lambda self: self.parent.commands)
+
+    def free(self) -> None:
+        """Collective over the members: release the sub-communicator."""
+        self.world.Free()

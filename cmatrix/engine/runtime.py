@@ -57,14 +57,24 @@ class Runtime:
         """Run a step that may fail; the failure is reported at the next sync."""
         try:
             yield
-            faults.check(self.op, phase, self.comm.rank)
+            faults.check(self.op, phase, self.comm.world_rank)
         except Exception as exc:
             if self._failure is None:
                 self._failure = RankFailure(
-                    rank=self.comm.rank, host=self.comm.host, backend=self.backend_name,
+                    rank=self.comm.world_rank, host=self.comm.host, backend=self.backend_name,
                     op=self.op, phase=phase, error=f"{type(exc).__name__}: {exc}",
                     traceback=traceback.format_exc(),
                 )
+
+    @contextmanager
+    def within(self, comm: Any) -> Iterator[None]:
+        """Run the collectives of a block (sync, sum_flagged, failures) on ``comm``, some of the
+        ranks (see :meth:`cmatrix.engine.comm.Comm.group`), instead of every rank."""
+        outer, self.comm = self.comm, comm
+        try:
+            yield
+        finally:
+            self.comm = outer
 
     def sync(self) -> None:
         """Collective: continue only if every rank's steps so far succeeded."""
@@ -138,7 +148,9 @@ class Runtime:
         self.blocks[ident] = x
 
     def free(self, ident: int) -> None:
-        self.models.pop(ident, None)  # a decoder's id (cmatrix.llm) is freed like a block's
+        model = self.models.pop(ident, None)  # a decoder's id (cmatrix.llm) is freed like a block's
+        if model is not None:  # collective over its members: every rank frees the same ids in turn
+            model.leave_group()
         x = self.blocks.pop(ident, None)
         if x is not None and self._shared.get(id(x), 1) > 1:
             self._shared[id(x)] -= 1

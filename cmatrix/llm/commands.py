@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,14 @@ class LlmLoad(Header, op="llm_load"):
     vectors: dict[str, tuple[int, int]]  # norms and biases: where each lies in the broadcast buffer
     vectors_size: int
     wire: str = "float32"               # the type partial sums travel in (see Runtime.sum_flagged)
+    vocab_counts: tuple[int, ...] = ()  # LM head rows per rank
+
+
+def members(qkv_counts: Sequence[int], gate_up_counts: Sequence[int],
+            vocab_counts: Sequence[int]) -> list[int]:
+    """The ranks that join a decoder's steps: the driver and every rank holding some of it."""
+    held = zip(qkv_counts, gate_up_counts, vocab_counts, strict=True)
+    return [r for r, counts in enumerate(held) if r == 0 or any(counts)]
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,12 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
         decoder.wire = h.wire
     rt.sync()
     release_free_heap()  # give back the heap the blocks' temporaries took (also the decoder's own)
+    # Ranks holding nothing of the decoder stay out of its steps' collectives.
+    decoder.members = members(h.qkv_counts, h.gate_up_counts, h.vocab_counts or h.qkv_counts)
+    if len(decoder.members) < comm.size:
+        decoder.group = comm.group(comm.rank in decoder.members)
+    else:
+        decoder.group = comm
     rt.models[h.model] = decoder  # only once every rank has its part
     kinds = comm.gather_objects(decoder.kind)
     return kinds if comm.is_driver else None
@@ -138,20 +153,31 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
 @on_ranks(LlmStep)
 def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | None:
     """Run ``x`` (tokens, hidden) through every layer from position ``start``; return the
-    logits of the last token (or of every token) to the driver."""
+    logits of the last token (or of every token) to the driver, followed by one column per
+    rank that holds part of the decoder: the seconds it kept the others waiting (see
+    :func:`busy_seconds`).
+
+    Only those ranks (and the driver) take part: the others return at once."""
+    model = rt.models.get(h.model)
+    if model is None:  # every rank built its part in llm_load: this rank lost the protocol
+        raise CMatrixError(f"decoder #{h.model} is not loaded on rank {rt.comm.rank}")
+    if model.group is None:
+        return None
+    with rt.within(model.group):
+        return _step(rt, model, h, x)
+
+
+def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarray | None:
     comm = rt.comm
-    model, sent = None, comm.bytes_sent
+    sent = comm.bytes_sent
     with rt.step("prepare"):
-        model = rt.models.get(h.model)
-        if model is None:
-            raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
         if not comm.is_driver:
             x = np.empty(h.shape, dtype=np.float32)
     rt.sync()
     comm.bcast(x)
     prof = model.profile if h.shape[0] == 1 else None  # decode steps only
     model.timing = prof
-    began = time.perf_counter()
+    began, stolen = time.perf_counter(), model.run_delay()
     with rt.step("attention"):
         model.begin(x, h.start)
     # Each block writes this rank's partial sum into one buffer while the previous block's
@@ -170,17 +196,28 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
             total = buffer[:size].reshape(h.shape)
     part = full = None
     with rt.step("logits"):
-        part = np.ascontiguousarray(model.logits(total, h.all_logits), dtype=np.float32)
+        logits = model.logits(total, h.all_logits)
+        part = np.empty((logits.shape[0], logits.shape[1] + 1), dtype=np.float32)
+        part[:, :-1] = logits
+        part[:, -1] = busy_seconds(time.perf_counter() - began, waited, model.run_delay() - stolen)
         if comm.is_driver:
-            full = np.empty((part.shape[0], model.cfg.vocab_size), dtype=np.float32)
+            full = np.empty((part.shape[0], model.cfg.vocab_size + comm.size), dtype=np.float32)
     rt.sync()
-    comm.gather_blocks(part, full, Plan(1, h.vocab_counts))
+    comm.gather_blocks(part, full, Plan(1, tuple(h.vocab_counts[r] + 1 for r in model.members)))
     if h.shape[0] == 1:
         model.counters.step(time.perf_counter() - began, waited, comm.bytes_sent - sent)
         if prof is not None:
             prof.add("collectives", waited)
             prof.step(time.perf_counter() - began)
     return full
+
+
+def busy_seconds(elapsed: float, waited: float, stolen: float) -> float:
+    """How long a step held the others up on this rank's account: its compute time, plus the part
+    of the time it was runnable but not running (``stolen``: a CPU quota, a busier program) that
+    fell in its waits; a rank held back while the others need it in a collective delays them
+    as much as slow arithmetic does."""
+    return max(elapsed - waited, 0.0) + (stolen * waited / elapsed if elapsed > 0 else 0.0)
 
 
 @on_ranks(LlmProfile)
@@ -232,6 +269,9 @@ def _llm_memory(rt: Runtime, h: LlmMemory, _: Any) -> list[dict] | None:
 @on_ranks(LlmFree)
 def _llm_free(rt: Runtime, h: LlmFree, _: Any) -> None:
     """Drop this rank's part of a decoder (its weight blocks are freed with their handles)."""
+    decoder = None
     with rt.step("free"):
-        rt.models.pop(h.model, None)
+        decoder = rt.models.pop(h.model, None)
     rt.sync()
+    if decoder is not None:
+        decoder.leave_group()

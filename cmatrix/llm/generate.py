@@ -35,6 +35,13 @@ class GenerationResult:
     profile: list[dict] | None = None
     #: leading prompt tokens already in the ranks' K/V caches (``reuse_cache=True``): not run again
     cached_tokens: int = 0
+    #: per rank, median compute milliseconds per decoded token (None: no part in the steps),
+    #: since the last re-plan
+    rank_ms: list[float | None] = field(default_factory=list)
+    #: the slowest rank's compute time over the mean of the ranks holding work (1.0: even)
+    imbalance: float = 0.0
+    #: one line per re-plan while generating (see :mod:`cmatrix.llm.rebalance`)
+    rebalances: list[str] = field(default_factory=list)
 
     @property
     def prefill_tokens(self) -> int:
@@ -52,10 +59,15 @@ class GenerationResult:
     def summary(self) -> str:
         ms = 1000 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
         cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        ranks = ""
+        if any(m is not None for m in self.rank_ms):
+            each = ", ".join(f"{r}: {m:.1f}" for r, m in enumerate(self.rank_ms) if m is not None)
+            ranks = f" | rank compute ms/token {each} (imbalance {self.imbalance:.2f}x)"
+        moves = f" | {len(self.rebalances)} re-plan(s)" if self.rebalances else ""
         return (f"prefill: {self.prefill_tokens} tokens{cached}, {self.prefill_tokens_per_s:.1f} tokens/s | "
                 f"decode: {len(self.token_ids)} tokens, {self.decode_tokens_per_s:.2f} tokens/s "
                 f"({ms:.1f} ms/token) | moved {self.bytes_per_token / 1024:.1f} KiB/token "
-                f"(prefill {self.prefill_bytes / 1024:.1f} KiB) | stop: {self.stop_reason}")
+                f"(prefill {self.prefill_bytes / 1024:.1f} KiB){ranks}{moves} | stop: {self.stop_reason}")
 
 
 def check_options(max_new_tokens: int, stop_strings: Sequence[str] = (),
@@ -149,6 +161,7 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
     if profile:
         model.profile(True)
     reason, steps, t1 = "max_new_tokens", 0, time.perf_counter()
+    planned = len(model.balancer.moves)
     try:
         while len(generated) < max_new_tokens:
             if cancel is not None and cancel():
@@ -172,6 +185,7 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
                 break
             logits = model.forward([token])
             steps += 1
+            model.balancer.check()  # between tokens: may move work away from a slow rank
     except KeyboardInterrupt:  # Ctrl-C: the ranks are in step (see Driver.run); keep what came
         reason = "interrupted"
     finally:
@@ -182,11 +196,13 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
             with contextlib.suppress(CMatrixError):  # the failure in flight says more
                 reports = model.profile(False)
     decode_bytes = stats()["bytes_moved"] - moved - prefill_bytes
+    rank_ms = model.balancer.per_rank_ms(last=steps)
     return GenerationResult(
         text=text.finish(), token_ids=generated, prompt_tokens=len(ids), stop_reason=reason,
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
         bytes_per_token=decode_bytes / steps if steps else 0.0, prefill_bytes=prefill_bytes,
-        decode_steps=steps, profile=reports, cached_tokens=cached,
+        decode_steps=steps, profile=reports, cached_tokens=cached, rank_ms=rank_ms,
+        imbalance=model.balancer.imbalance(rank_ms), rebalances=model.balancer.moves[planned:],
     )
 
 

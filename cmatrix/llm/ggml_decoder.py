@@ -251,6 +251,29 @@ class GraphDecoder(RankPart):
         self._cache_memory = ([ctx], [buf])
         self.caches, self.capacity = caches, cap
 
+    def kv_export(self, length: int) -> np.ndarray:
+        """Positions [0, length) of every layer's K/V cache: (2 * layers, groups, length, head_dim)."""
+        g, d = self.groups, self.cfg.head_dim
+        out = np.empty((2 * self.cfg.num_layers, g, length, d), dtype=np.float32)
+        if not g or not length:
+            return out
+        rows = np.empty((self.capacity, g * d), dtype=np.float32)
+        for j, tensor in enumerate(t for pair in self.caches for t in pair):
+            ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
+            out[j] = rows[:length].reshape(length, g, d).transpose(1, 0, 2)
+        return out
+
+    def kv_import(self, kv: np.ndarray) -> None:
+        """Take over a K/V cache as :meth:`kv_export` gives it (for this rank's groups)."""
+        g, d, length = self.groups, self.cfg.head_dim, kv.shape[2]
+        if not g or not length:
+            return
+        if length > self.capacity:
+            self._grow(length)
+        for j, tensor in enumerate(t for pair in self.caches for t in pair):
+            rows = np.ascontiguousarray(kv[j].transpose(1, 0, 2).reshape(length, g * d))
+            ggml.ggml_backend_tensor_set(tensor, rows.ctypes.data, 0, rows.nbytes)
+
     def _drop_graphs(self) -> None:
         for s in self._sets.values():
             self.memory.release(s["ctxs"], s["bufs"], s["gallocs"])

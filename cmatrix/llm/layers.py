@@ -69,6 +69,20 @@ class RankDecoder(RankPart):
         self.x = np.zeros((0, cfg.hidden_size), dtype=np.float32)
         self.start = 0
 
+    def kv_export(self, length: int) -> np.ndarray:
+        """Positions [0, length) of every layer's K/V cache: (2 * layers, groups, length, head_dim),
+        each layer's keys (rotated) then its values."""
+        out = np.empty((2 * self.cfg.num_layers, self.groups, length, self.cfg.head_dim), dtype=np.float32)
+        for i, c in enumerate(self.caches if self.groups else ()):  # no groups: the caches never grow
+            out[2 * i], out[2 * i + 1] = c.k[:, :length], c.v[:, :length]
+        return out
+
+    def kv_import(self, kv: np.ndarray) -> None:
+        """Take over a K/V cache as :meth:`kv_export` gives it (for this rank's groups)."""
+        for i, c in enumerate(self.caches):
+            c.k, c.v = np.array(kv[2 * i]), np.array(kv[2 * i + 1])
+            c.length = kv.shape[2]
+
     def _timed(self, phase: str) -> Any:
         return nullcontext() if self.timing is None else self.timing.timed(phase)
 

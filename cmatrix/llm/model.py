@@ -36,11 +36,12 @@ from ..ops.speed import kind_of
 from . import balance, memory_plan
 from . import local_weights as lw
 from .checkpoint import Checkpoint, tensor_names
-from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep
+from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep, members
 from .config import DecoderConfig
 from .gguf_file import GgufCheckpoint, is_gguf
 from .layout import check_quant, fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
 from .memory_plan import RankMemory
+from .rebalance import Balancer
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -55,7 +56,8 @@ class DecoderModel:
 
     def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str | None = None,
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
-                 dtype: str | None = None, wire: str = "float32", local_weights: str = "auto") -> None:
+                 dtype: str | None = None, wire: str = "float32", local_weights: str = "auto",
+                 rebalance: bool | None = None) -> None:
         self.cluster, self.path = cluster, Path(path)
         gguf = gguf_checkpoint(self.path)
         self.config = cfg = gguf.config if gguf else DecoderConfig.from_dir(self.path)
@@ -110,6 +112,10 @@ class DecoderModel:
         self._local_blocks: list[int] = []  # ids of blocks placed by llm_shard_local
         self._file_vocabulary = False  # a GGUF file that holds its tokenizer
         self._id = None
+        if rebalance not in (None, True, False):
+            raise InputError(f"rebalance: True, False or None (on with measured shares), got {rebalance!r}")
+        #: per-rank compute times of the decode steps, and the re-plans they called for
+        self.balancer = Balancer(self, self.auto_weights if rebalance is None else rebalance)
         try:
             self._load()
         except BaseException:
@@ -188,8 +194,10 @@ class DecoderModel:
         """Refuse, before anything is read or sent, a split that does not fit some rank's memory.
         ``memory_before`` keeps what each rank reported (free, used, bytes per value)."""
         self.memory_before = reports = self.cluster.driver.run(LlmMemory(self.dtype, self.quant))
-        ranks = [RankMemory(r, info.host, info.backend, rep["free"], rep["pool"], rep["per_value"])
-                 for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
+        #: what each rank could hold when the model was loaded (for re-plans)
+        self.memory_ranks = ranks = [
+            RankMemory(r, info.host, info.backend, rep["free"], rep["pool"], rep["per_value"])
+            for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
         if self.auto_weights:
             target, self.speeds = balance.speed_shares(self.cluster, kind_of(self.dtype, self.quant))
             self.weights = np.asarray(memory_plan.fitted(self.config, target, self.quant, ranks)
@@ -234,7 +242,10 @@ class DecoderModel:
         #: how each rank runs its part ("ggml graphs", "ggml on numpy", "torch cuda", "numpy+opencl")
         self.decoders: list[str] = d.run(LlmLoad(
             self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
-            tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire), buffer)
+            tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire,
+            tuple(self._vocab_counts)), buffer)
+        #: the ranks that run its steps: the driver and those holding some of it
+        self.members = members(self._qkv_counts, self._gate_up_counts, self._vocab_counts)
 
     def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
         """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""
@@ -296,10 +307,17 @@ class DecoderModel:
         x = np.ascontiguousarray(self.embeddings[ids.astype(np.int64)])
         self.position = start  # until the step succeeds, the ranks' caches end here at most
         del self.cached_ids[start:]
-        logits = self.cluster.driver.run(LlmStep(self._id, x.shape, int(start), bool(all_logits),
-                                                 tuple(self._vocab_counts)), x)
+        full = self.cluster.driver.run(LlmStep(self._id, x.shape, int(start), bool(all_logits),
+                                               tuple(self._vocab_counts)), x)
         self.position = start + ids.size
         self.cached_ids.extend(int(t) for t in ids)
+        # each member's block of columns ends with the seconds it computed
+        ends = np.cumsum([self._vocab_counts[r] + 1 for r in self.members]) - 1
+        seconds = [0.0] * self.cluster.size
+        for r, end in zip(self.members, ends, strict=True):
+            seconds[r] = float(full[0, end])
+        self.balancer.observe(seconds, ids.size)
+        logits = np.delete(full, ends, axis=1)
         return logits if all_logits else logits[0]
 
     def profile(self, enable: bool) -> list[dict]:
@@ -360,13 +378,20 @@ class DecoderModel:
     def close(self) -> None:
         """Free the decoder's blocks and caches on every rank."""
         if self._id is not None and not self.cluster.closed:
-            self._finalizer.detach()
-            for ident in self._local_blocks:  # freed with the next command
-                self.cluster.driver.free_later(ident)
-            self.cluster.driver.run(LlmFree(self._id))
-            for m in self._matrices:
-                self.cluster.free(m)
+            self.release_parts()
         self._id, self._matrices, self._local_blocks = None, [], []
+
+    def release_parts(self) -> None:
+        """Free every rank's part (blocks, K/V cache); :meth:`_load` places them again (see
+        :func:`cmatrix.llm.rebalance.replan`), from the checkpoint."""
+        self._finalizer.detach()
+        for ident in self._local_blocks:  # freed with the next command
+            self.cluster.driver.free_later(ident)
+        self.cluster.driver.run(LlmFree(self._id))
+        for m in self._matrices:
+            self.cluster.free(m)
+        self._id, self._matrices, self._local_blocks = None, [], []
+        self.cache = None
 
 
 def _free_later(driver: Any, idents: list[int]) -> None:
@@ -402,7 +427,8 @@ def _default_name(path: Path) -> str:
 
 def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str | None = None,
          quant: str | None = None, cache: str | None = None, name: str | None = None,
-         dtype: str | None = None, wire: str = "float32", local_weights: str = "auto") -> DecoderModel:
+         dtype: str | None = None, wire: str = "float32", local_weights: str = "auto",
+         rebalance: bool | None = None) -> DecoderModel:
     """Load a Llama-family checkpoint (a local Hugging Face folder or a ``.gguf`` file) onto the
     cluster.
 
@@ -423,8 +449,10 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str |
     theirs); "on" requires every rank to; "off" has the driver read and send every rank's
     blocks. A GGUF file's matrices keep their stored type when neither ``dtype`` nor ``quant``
     is given (F16/BF16/Q8_0/Q4_0; other block types become q8_0 or q4_0, and
-    ``model.conversion_note`` says so).
+    ``model.conversion_note`` says so). ``rebalance``: while generating, move work away from
+    a rank that stays slower than its share predicts (see :mod:`cmatrix.llm.rebalance`);
+    default on with measured shares ("auto"), off with shares given.
     """
     return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype,
-                        wire=wire, local_weights=local_weights)
+                        wire=wire, local_weights=local_weights, rebalance=rebalance)
 

@@ -11,10 +11,12 @@ output into ``out``; the caller sums ``out`` across ranks.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +90,30 @@ class RankCounters:
                 "bytes_sent": self.bytes_sent}
 
 
+class RunDelay:
+    """Seconds the calling thread has been runnable but not running (preempted, or held back
+    by a CPU quota) since it started, from ``/proc/thread-self/schedstat``; always 0 where
+    the kernel does not say (not Linux)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 class RankPart:
     """Mixin of the decoders: sum buffers reused between steps, running counters and an
     optional profile."""
@@ -101,6 +127,23 @@ class RankPart:
     wire = "float32"
     _buffers: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
     _counters: RankCounters | None = None
+    #: the ranks that run the decoder's steps (the driver and those holding some of it), and
+    #: their communicator (None on a rank outside it)
+    members: list[int] = []
+    group: Any = None
+    _run_delay: RunDelay | None = None
+
+    def run_delay(self) -> float:
+        """See :class:`RunDelay`."""
+        if self._run_delay is None:
+            self._run_delay = RunDelay()
+        return self._run_delay()
+
+    def leave_group(self) -> None:
+        """Collective over the members: release the decoder's own communicator, if it has one."""
+        free, self.group = getattr(self.group, "free", None), None
+        if free is not None:
+            free()
 
     @property
     def counters(self) -> RankCounters:

@@ -48,6 +48,9 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
                     help="ranks whose host has the model at the same path (same files) read their "
                          "own part of it; 'on': every rank must, 'off': the driver reads for every rank "
                          "(default auto)")
+    ap.add_argument("--rebalance", choices=("auto", "on", "off"), default="auto",
+                    help="while generating, move work away from a rank that stays slower than its share "
+                         "predicts (default auto: on with --weights auto)")
     if command == "serve":
         return
     ap.add_argument("--max-new-tokens", type=int, default=64 if command == "generate" else 512)
@@ -102,7 +105,8 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
                              "format; use `cmatrix generate --no-chat` for plain text")
     model = load(cluster, ns.model, weights=parse_weights(ns.weights), quant=ns.quant, cache=ns.cache,
                  dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"),
-                 local_weights=getattr(ns, "local_weights", "auto"))
+                 local_weights=getattr(ns, "local_weights", "auto"),
+                 rebalance={"on": True, "off": False}.get(getattr(ns, "rebalance", "auto")))
     if tok is not None:
         model._tokenizer = tok  # read once (a GGUF file's vocabulary takes a while to rebuild)
     if model.conversion_note:

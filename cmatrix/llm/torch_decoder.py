@@ -67,6 +67,24 @@ class TorchDecoder(RankPart):
             grown.append(pair)
         self.caches, self.capacity = grown, cap
 
+    def kv_export(self, length: int) -> np.ndarray:
+        """Positions [0, length) of every layer's K/V cache: (2 * layers, groups, length, head_dim)."""
+        out = np.empty((2 * self.cfg.num_layers, self.groups, length, self.cfg.head_dim), dtype=np.float32)
+        if self.groups and length:
+            for j, tensor in enumerate(t for pair in self.caches for t in pair):
+                out[j] = tensor[:, :length].cpu().numpy()
+        return out
+
+    def kv_import(self, kv: np.ndarray) -> None:
+        """Take over a K/V cache as :meth:`kv_export` gives it (for this rank's groups)."""
+        length = kv.shape[2]
+        if not self.groups or not length:
+            return
+        if length > self.capacity:
+            self._grow(length)
+        for j, tensor in enumerate(t for pair in self.caches for t in pair):
+            tensor[:, :length] = torch.from_numpy(np.ascontiguousarray(kv[j])).to(self.device)
+
     def begin(self, x: np.ndarray, start: int) -> None:
         """A step of the new tokens' embeddings ``x`` (T, hidden) from position ``start``."""
         t = x.shape[0]

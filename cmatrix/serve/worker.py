@@ -151,6 +151,11 @@ class Worker:
                          "compute_ms_per_token": ms,
                          "wait_ms_per_token": wait_ms, "bytes_sent_per_token": per_token,
                          "decode_steps": r["steps"]})
+        busy = [row["compute_ms_per_token"] for row in rows
+                if row["compute_ms_per_token"] is not None and row["share"] > 0]
+        moves = self.model.balancer.moves
         self.dashboard = {"model": self.model.name, "ranks": rows, "busy": self.busy,
+                          "imbalance": max(busy) * len(busy) / sum(busy) if busy and sum(busy) > 0 else None,
+                          "rebalances": len(moves), "last_rebalance": moves[-1] if moves else None,
                           "queued": self.jobs.qsize(), "served": self.served,
                           "cached_tokens": len(self.model.cached_ids), "updated": time.time()}
