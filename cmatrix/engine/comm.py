@@ -106,10 +106,11 @@ class Comm(GridTransfers):
         if len(payload) > inline:
             self.world.Bcast(bytearray(payload[inline:]), root=0)
 
-    def recv_header(self) -> dict:
-        """Worker: wait for the next command, spinning briefly, then sleeping."""
+    def recv_header(self, spin: bool = True) -> dict:
+        """Worker: wait for the next command, spinning briefly (unless ``spin`` is False: a rank
+        with no part in the commands that follow), then sleeping."""
         request = self.world.Ibcast(self._header, root=0)
-        spin_until = time.perf_counter() + _IDLE_SPIN_S
+        spin_until = time.perf_counter() + (_IDLE_SPIN_S if spin else 0.0)
         nap = 50e-6
         while not request.Test():
             if time.perf_counter() < spin_until:

@@ -45,6 +45,9 @@ class Runtime:
         self.named: dict[str, tuple[Any, dict]] = {}
         #: decoders loaded by cmatrix.llm: model id -> this rank's part (see cmatrix.llm.commands)
         self.models: dict[int, Any] = {}
+        #: set by a command this rank had no part in: wait for the next one without spinning
+        #: (it may well be another such command; the rank's core is better left to others)
+        self.bystander = False
         #: what the previous command left for this one (see :meth:`hand_on`)
         self.handed: Any = None
         self._handing: Any = None
@@ -192,7 +195,8 @@ def serve(rt: Runtime) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
-        message = rt.comm.recv_header()
+        message = rt.comm.recv_header(spin=not rt.bystander)
+        rt.bystander = False
         if message["op"] == "shutdown":
             return int(message.get("status", 0))
         try:

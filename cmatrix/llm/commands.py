@@ -162,6 +162,7 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
     if model is None:  # every rank built its part in llm_load: this rank lost the protocol
         raise CMatrixError(f"decoder #{h.model} is not loaded on rank {rt.comm.rank}")
     if model.group is None:
+        rt.bystander = True
         return None
     with rt.within(model.group):
         return _step(rt, model, h, x)
