@@ -19,17 +19,19 @@ from ..ops.grid import GridMethods
 from ..ops.matmul import MatmulMethods
 from ..ops.nodeops import NodeOpMethods
 from ..ops.setup import SetupMethods
+from ..ops.speed import SpeedMethods
 
 
 class Cluster(SetupMethods, CacheMethods, MatmulMethods, ElementwiseMethods, NodeOpMethods,
-              AttentionMethods, GridMethods):
+              AttentionMethods, GridMethods, SpeedMethods):
     """Handle the driver uses to shard matrices and run operations on all ranks.
 
     Placement: :meth:`shard`, :meth:`replicate`, :meth:`gather`, :meth:`free`,
     :meth:`cached`. Products: :meth:`matmul`, :meth:`add`, :meth:`sub`, and grid mode
     (:meth:`grid_matmul`, :meth:`grid_add`, :meth:`grid_sub`). Node-side operations:
     :meth:`silu`, :meth:`gelu`, :meth:`softmax`, :meth:`rms_norm`, :meth:`rope`,
-    :meth:`repeat_kv`, :meth:`attention`. Set-up: :meth:`configure`, :meth:`probe`.
+    :meth:`repeat_kv`, :meth:`attention`. Set-up: :meth:`configure`, :meth:`probe`,
+    :meth:`speed_profiles`.
     """
 
     def __init__(self, driver: Driver) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import os
 from typing import Any
 
 from ..errors import CMatrixError, InputError
@@ -69,4 +71,28 @@ def probe_all(device_index: dict[str, int], threads: int = 1) -> dict[str, dict[
     return {name: probe(name, device_index[name], threads) for name in available()}
 
 
-__all__ = ["Backend", "ALIASES", "available", "canonical", "create", "probe", "probe_all"]
+def llm_path(device: Any) -> str:
+    """How an LLM decoder runs its blocks on ``device`` (a rank's
+    :class:`~cmatrix.backends.device.Device`): "ggml" (whole-block ggml graphs: ggml ranks and,
+    where ggml is installed, numpy and CPU torch ranks over their own arrays), "torch" (torch
+    operations on the accelerator of torch GPU ranks) or "numpy" (numpy activations around
+    the backend's matmuls: OpenCL, or no ggml).
+
+    ``CMATRIX_DECODER=numpy`` takes the numpy path on every rank (the reference, for
+    debugging); ``CMATRIX_DECODER=torch`` the torch path on CPU torch ranks too (slower there:
+    torch's per-operation cost).
+    """
+    choice = os.environ.get("CMATRIX_DECODER", "auto")
+    if choice not in ("auto", "numpy", "torch"):
+        raise CMatrixError(f"CMATRIX_DECODER: auto, numpy or torch, got {choice!r}")
+    if choice == "numpy":
+        return "numpy"
+    cpu = device.name == "numpy" or (device.name == "torch" and device.backend.torch_device.type == "cpu")
+    if device.name == "torch" and (choice == "torch" or not cpu):
+        return "torch"
+    if device.name == "ggml" or (cpu and importlib.util.find_spec("ggml") is not None):
+        return "ggml"
+    return "numpy"
+
+
+__all__ = ["Backend", "ALIASES", "available", "canonical", "create", "llm_path", "probe", "probe_all"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..api import session
+from ..core import shares as sh
 from ..engine.ranks import format_bytes
 from ..errors import CMatrixError
 from ..ops import speed
@@ -22,12 +23,12 @@ _LABEL = {"float32": "f32", "16bit": "16-bit", "q8_0": "q8_0", "q4_0": "q4_0"}
 
 def table(reports: list[dict]) -> str:
     """The per-rank rates as a table."""
-    kinds = " ".join(f"{_LABEL[k]:>7}" for k in speed.KINDS)
+    kinds = " ".join(f"{_LABEL[k]:>7}" for k in sh.KINDS)
     lines = [f"{'':34} {'decode GB/s':^31} | {'prefill GFLOP/s':^31} |",
              f"{'rank':>4} {'host':12} {'backend':8} {'threads':>7} {kinds} | {kinds} | {'free':>9}  profile"]
     for r in reports:
-        gbps = " ".join(f"{r['decode_gbps'][k]:>7.2f}" for k in speed.KINDS)
-        gflops = " ".join(f"{r['gemm'][k] / 1e9:>7.1f}" for k in speed.KINDS)
+        gbps = " ".join(f"{r['decode_gbps'][k]:>7.2f}" for k in sh.KINDS)
+        gflops = " ".join(f"{r['gemm'][k] / 1e9:>7.1f}" for k in sh.KINDS)
         lines.append(f"{r['rank']:>4} {r['host'][:12]:12} {r['backend'][:8]:8} {r['threads']:>7} {gbps} | "
                      f"{gflops} | {format_bytes(r['free']):>9}  "
                      f"{'reused' if r['reused'] else 'measured'} ({r['device']}, {r['measured']})")
@@ -38,8 +39,8 @@ def suggestions(reports: list[dict]) -> str:
     """The shares each kind of work would get, as ``--weights`` values."""
     lines = ["suggested shares (proportional to speed; --weights auto chooses them, capped by memory):"]
     for work, what in (("decode", "LLM decoding"), ("gemm", "prefill and matmul jobs")):
-        for kind in speed.KINDS:
-            shares = ",".join(f"{s:g}" for s in speed.suggested(reports, work, kind))
+        for kind in sh.KINDS:
+            shares = ",".join(f"{s:g}" for s in sh.suggested(reports, work, kind))
             lines.append(f"  {what:24} {_LABEL[kind]:>6} weights: --weights {shares}")
     return "\n".join(lines)
 

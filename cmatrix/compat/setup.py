@@ -14,10 +14,10 @@ from typing import Any
 from .. import backends
 from ..api import session
 from ..api.cluster import Cluster
+from ..core import shares as sh
 from ..core.plan import validate_weights
 from ..engine import hostaddr
 from ..errors import InputError
-from ..ops import speed
 from ..ops.setup import identify
 
 LISTS = ("node_IP_list", "CPU_GPU_select_list", "node_percentages", "back_end_select_list")
@@ -148,9 +148,7 @@ def auto_percentages(cluster: Cluster) -> list[float]:
     d = cluster.driver
     if d.auto_weights:
         return [float(w) for w in d.weights]
-    if d.speeds is None:
-        d.speeds = speed.profiles(d, seconds=speed.QUICK_SECONDS)
-    return speed.suggested(d.speeds, "gemm", "float32")
+    return sh.suggested(cluster.speed_profiles(), "gemm", "float32")
 
 
 #: every rank's host and addresses, asked once per job (the answer cannot change)

@@ -18,6 +18,24 @@ from ..errors import InputError
 
 #: shares are rounded to this many decimals (they are typed back as --weights)
 DECIMALS = 3
+#: the weight types a speed profile measures; "16bit" is bfloat16, or float16 where the backend
+#: lacks it (see :mod:`cmatrix.ops.speed`)
+KINDS = ("float32", "16bit", "q8_0", "q4_0")
+#: what shares are for: one-row products (LLM decoding) or many-row ones (prefill, GEMM jobs)
+WORKS = ("decode", "gemm")
+
+
+def kind_of(dtype: str, quant: str | None) -> str:
+    """The profile kind that stands for weights of ``dtype`` or ``quant``."""
+    return quant or ("float32" if dtype == "float32" else "16bit")
+
+
+def suggested(profiles: Sequence[dict], work: str = "decode", kind: str = "float32") -> list[float]:
+    """Shares proportional to each rank's measured rate (its speed profile) for ``work`` on
+    ``kind`` weights."""
+    if work not in WORKS or kind not in KINDS:
+        raise InputError(f"work: one of {WORKS}, kind: one of {KINDS}; got {work!r}, {kind!r}")
+    return proportional([p[work][kind] for p in profiles])
 
 
 def proportional(speeds: Sequence[float]) -> list[float]:

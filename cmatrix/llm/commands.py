@@ -10,8 +10,6 @@ carries the ranks' failure flags), and the logits come back by vocabulary slices
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import llm_path
 from ..backends.hostmem import release_free_heap
 from ..core.plan import Plan
 from ..engine.protocol import Header, on_ranks
@@ -84,26 +83,15 @@ class LlmFree(Header, op="llm_free"):
 
 
 def decoder_for(device: Any) -> type:
-    """The decoder class a rank runs: whole-block ggml graphs on ggml ranks and, where ggml is
-    installed, on numpy and CPU torch ranks too (over their own arrays); torch operations on
-    the accelerator of torch GPU ranks; else (OpenCL, or no ggml) numpy activations around the
-    backend's matmuls.
-
-    ``CMATRIX_DECODER=numpy`` runs the numpy path on every rank (the reference, for
-    debugging); ``CMATRIX_DECODER=torch`` the torch path on CPU torch ranks (slower there:
-    torch's per-operation cost).
-    """
-    choice = os.environ.get("CMATRIX_DECODER", "auto")
-    if choice not in ("auto", "numpy", "torch"):
-        raise CMatrixError(f"CMATRIX_DECODER: auto, numpy or torch, got {choice!r}")
-    if choice == "numpy":
-        return RankDecoder
-    cpu = device.name == "numpy" or (device.name == "torch" and device.backend.torch_device.type == "cpu")
-    if device.name == "torch" and (choice == "torch" or not cpu):
+    """The decoder class a rank runs, by :func:`cmatrix.backends.llm_path`: whole-block ggml
+    graphs, torch operations on the rank's device, or numpy activations around the backend's
+    matmuls."""
+    path = llm_path(device)
+    if path == "torch":
         from .torch_decoder import TorchDecoder
 
         return TorchDecoder
-    if device.name == "ggml" or (cpu and importlib.util.find_spec("ggml") is not None):
+    if path == "ggml":
         from .ggml_decoder import GraphDecoder
 
         return GraphDecoder

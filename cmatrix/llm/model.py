@@ -30,18 +30,18 @@ from ..core import quant as q
 from ..core.arrays import HostArray
 from ..core.dtypes import empty, from_float32
 from ..core.plan import Plan, validate_weights
+from ..core.shares import kind_of
 from ..engine import progress
 from ..errors import InputError
-from ..ops.speed import kind_of
-from . import balance, memory_plan
 from . import local_weights as lw
+from . import memory_plan
 from .checkpoint import Checkpoint, tensor_names
 from .commands import LlmFree, LlmLoad, LlmMemory, LlmProfile, LlmStats, LlmStep, members
 from .config import DecoderConfig
 from .gguf_file import GgufCheckpoint, is_gguf
 from .layout import check_quant, fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
 from .memory_plan import RankMemory
-from .rebalance import Balancer
+from .rebalance import Balancer, speed_shares
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -199,7 +199,7 @@ class DecoderModel:
             RankMemory(r, info.host, info.backend, rep["free"], rep["pool"], rep["per_value"])
             for r, (info, rep) in enumerate(zip(self.cluster.ranks, reports, strict=True))]
         if self.auto_weights:
-            target, self.speeds = balance.speed_shares(self.cluster, kind_of(self.dtype, self.quant))
+            target, self.speeds = speed_shares(self.cluster, kind_of(self.dtype, self.quant))
             self.weights = np.asarray(memory_plan.fitted(self.config, target, self.quant, ranks)
                                       or target)  # none fit: check() says so
         memory_plan.check(self.config, self.weights, self.quant, self.dtype, ranks)

@@ -43,6 +43,13 @@ HISTORY = 2
 SAME_SHARE = 0.02
 
 
+def speed_shares(cluster: Any, kind: str) -> tuple[list[float], list[float]]:
+    """(shares proportional to each rank's measured decode rate on ``kind`` weights, each rank's
+    rate in GB/s of its stored weights), from the ranks' speed profiles (``cmatrix bench``)."""
+    profiles = cluster.speed_profiles()
+    return sh.suggested(profiles, "decode", kind), [p["decode_gbps"][kind] for p in profiles]
+
+
 def _log(text: str) -> None:
     print(f"cmatrix: {text}", file=sys.stderr, flush=True)
 

@@ -15,6 +15,7 @@ import numpy as np
 from .. import backends
 from .._version import __version__
 from ..backends.device import Device
+from ..core import shares as sh
 from ..core.checks import per_rank
 from ..core.plan import equal_weights, validate_weights
 from ..engine import launch
@@ -103,9 +104,9 @@ def configure(d: Driver, weights: Sequence[float] | str | None = None,
             for i in infos])
     speeds = None
     if auto:  # prefill/matmul-shaped work: the products a job of cl.matmul calls runs
-        d.speeds = speed.profiles(d, seconds=speed.QUICK_SECONDS)
-        shares = np.asarray(speed.suggested(d.speeds, "gemm", "float32"))
-        speeds = [f"{r['gemm']['float32'] / 1e9:.1f} GFLOP/s" for r in d.speeds]
+        measured = speed.profiles(d, seconds=speed.QUICK_SECONDS)
+        shares = np.asarray(sh.suggested(measured, "gemm", "float32"))
+        speeds = [f"{r['gemm']['float32'] / 1e9:.1f} GFLOP/s" for r in measured]
     d.weights, d.auto_weights = shares, auto
     d.ranks = d.ranks.with_weights(shares, speeds)
 

@@ -37,10 +37,6 @@ from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..io.shardfiles import cache_dir
 
-#: the weight types a profile measures; "16bit" is bfloat16, or float16 where the backend lacks it
-KINDS = ("float32", "16bit", "q8_0", "q4_0")
-#: what the shares are for: one-row products (LLM decoding) or many-row ones (prefill, GEMM jobs)
-WORKS = ("decode", "gemm")
 #: (rows of the weight matrix, its columns): a decode product reads all of it per row of input
 GEMV_SHAPE = (2048, 2048)
 #: (input rows, weight rows, columns) of the prefill-shaped product
@@ -59,22 +55,24 @@ class SpeedProfile(Header, op="speed_profile"):
 def profiles(d: Driver, remeasure: bool = False, seconds: float = 0.15) -> list[dict]:
     """Every rank's profile (see the module doc): ``{"rank", "host", "backend", "device",
     "threads", "decode": {kind: weight values/s}, "decode_gbps": {kind: GB/s}, "gemm": {kind:
-    flop/s}, "free": bytes or None, "saved": path, "reused": bool}``."""
+    flop/s}, "free": bytes or None, "saved": path, "reused": bool}``; the shares they suggest:
+    :func:`cmatrix.core.shares.suggested`. A saved profile is read once per job."""
     if d.config is None:
         raise InputError("speed profiles need a configured cluster: call cm.init() first")
-    return d.run(SpeedProfile(bool(remeasure), float(seconds)))
+    if d.speeds is None or remeasure:
+        d.speeds = d.run(SpeedProfile(bool(remeasure), float(seconds)))
+    return d.speeds
 
 
-def kind_of(dtype: str, quant: str | None) -> str:
-    """The profile kind that stands for weights of ``dtype`` or ``quant``."""
-    return quant or ("float32" if dtype == "float32" else "16bit")
+class SpeedMethods:
+    """``Cluster.speed_profiles``; the one hook used is ``driver``."""
 
+    driver: Driver
 
-def suggested(reports: list[dict], work: str = "decode", kind: str = "float32") -> list[float]:
-    """Shares proportional to each rank's measured rate for ``work`` on ``kind`` weights."""
-    if work not in WORKS or kind not in KINDS:
-        raise InputError(f"work: one of {WORKS}, kind: one of {KINDS}; got {work!r}, {kind!r}")
-    return sh.proportional([r[work][kind] for r in reports])
+    def speed_profiles(self, remeasure: bool = False, seconds: float | None = None) -> list[dict]:
+        """Every rank's measured speed (see :mod:`cmatrix.ops.speed`): its saved profile, or
+        measured now (briefly unless ``seconds`` per product is given)."""
+        return profiles(self.driver, remeasure, QUICK_SECONDS if seconds is None else seconds)
 
 
 def profile_path(host: str, backend: str, device: str, threads: int) -> Path:
@@ -89,7 +87,7 @@ def _read_profile(path: Path) -> dict | None:
         return None
     ok = isinstance(data, dict) and data.get("version") == PROFILE_VERSION and all(
         isinstance(data.get(w), dict) and all(isinstance(data[w].get(k), int | float) and data[w][k] > 0
-                                               for k in KINDS) for w in ("decode", "gemm"))
+                                               for k in sh.KINDS) for w in sh.WORKS)
     return data if ok else None
 
 
@@ -111,9 +109,7 @@ def decode_device(dev: Any) -> tuple[Any, bool]:
     """Where this rank's LLM decoder multiplies: the ggml graphs of numpy and CPU torch ranks
     (where ggml is installed) run on a ggml backend over the same cores; (device, whether it
     was started here and must be closed)."""
-    from ..llm.commands import decoder_for  # which decoder a rank runs is the LLM's choice
-
-    if dev.name == "ggml" or decoder_for(dev).__name__ != "GraphDecoder":
+    if dev.name == "ggml" or backends.llm_path(dev) != "ggml":
         return dev, False
     return Device(backends.create("ggml", threads=getattr(dev.backend, "threads", 1), accel=False)), True
 
@@ -140,7 +136,7 @@ def _rates(dev: Any, seconds: float, works: tuple[str, ...]) -> dict:
     if "decode" in works:
         out["decode_gbps"] = {}
     try:
-        for kind in KINDS:
+        for kind in sh.KINDS:
             quant = kind if kind in q.KINDS else None
             dtype = "float32" if quant or kind == "float32" else _sixteen(dev)
             per_value = dev.stored_bytes(dtype, quant)
