@@ -219,6 +219,16 @@ def test_a_failing_rank_reaches_the_driver_and_the_decoder_recovers(faults, tmp_
     assert r.stdout.count("CAUGHT") == 5 and "RECOVERED" in r.stdout, r
 
 
+def test_a_failure_among_the_ranks_that_hold_work_skips_the_one_that_holds_none(tmp_path):
+    """Rank 1 has no share, so the steps run on a communicator of ranks 0 and 2: a failure there
+    still reaches the driver, and rank 1, never in those steps, is none the wiser."""
+    _need("ggml")
+    env = {"CMATRIX_FAULT": "llm_step:attention:2,llm_step:logits:0", "LLM_FAULT_WEIGHTS": "0.5,0,0.5"}
+    r = mpirun(3, JOBS / "llm_fault.py", str(tmp_path), env=env, timeout=180)
+    assert r.returncode == 0, r
+    assert r.stdout.count("CAUGHT") == 2 and "RECOVERED" in r.stdout, r
+
+
 def test_a_crashed_rank_ends_the_job_without_a_hang(tmp_path):
     _need("ggml")
     r = mpirun(2, JOBS / "llm_fault.py", str(tmp_path), env={"CMATRIX_FAULT": "llm_step:mlp:1:exit"},

@@ -4,6 +4,7 @@ naming that rank and phase, and the model keeps working: the same logits as befo
 
 Run: CMATRIX_FAULT=llm_load:load:2,llm_step:attention:1,... mpiexec -n 3 python -m cmatrix run
      tests/jobs/llm_fault.py WORKDIR
+(``LLM_FAULT_WEIGHTS=0.5,0,0.5``: other shares, e.g. one that leaves a rank out of the steps.)
 """
 
 import os
@@ -18,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
 from tiny_llama import build  # noqa: E402
 
 size = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
-cl = cm.init(weights=[0.4, 0.3, 0.3][:size] if size == 3 else None, backends=["numpy", "ggml", "ggml"][:size])
+shares = os.environ.get("LLM_FAULT_WEIGHTS")  # e.g. "0.5,0,0.5": rank 1 stays out of the steps
+cl = cm.init(weights=[float(w) for w in shares.split(",")] if shares else [0.4, 0.3, 0.3][:size] if size == 3
+             else None, backends=["numpy", "ggml", "ggml"][:size])
 path = build(Path(sys.argv[1]) / "tiny", vocab_size=64, hidden_size=32, intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tokenizer=False, scale=4.0)
 specs = [s.split(":") for s in os.environ["CMATRIX_FAULT"].split(",")]
