@@ -43,15 +43,29 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+#: values rounded per pass of :func:`float32_to_bf16` (its scratch stays in the CPU's cache)
+_BF16_CHUNK = 1 << 18
+
+
 def float32_to_bf16(x: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 bits, nearest-even, NaN kept quiet."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = x.view(np.uint32)
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
+    bits = x.reshape(-1).view(np.uint32)
+    rounded = np.empty(bits.shape, dtype=np.uint16)
+    scratch = np.empty(min(_BF16_CHUNK, bits.size), dtype=np.uint32)
+    for start in range(0, bits.size, _BF16_CHUNK):  # in place, a cache-sized piece at a time
+        src = bits[start:start + _BF16_CHUNK]
+        t = scratch[:src.size]
+        np.right_shift(src, 16, out=t)
+        np.bitwise_and(t, 1, out=t)
+        np.add(t, 0x7FFF, out=t)
+        np.add(t, src, out=t)
+        np.right_shift(t, 16, out=t)
+        rounded[start:start + src.size] = t
+    nan = np.isnan(bits.view(np.float32))
     if nan.any():
         rounded[nan] = 0x7FC0
-    return rounded
+    return rounded.reshape(x.shape)
 
 
 def to_float32(data: np.ndarray, dtype: str) -> np.ndarray:

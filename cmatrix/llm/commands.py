@@ -166,7 +166,10 @@ def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarr
     comm.bcast(x)
     prof = model.profile if h.shape[0] == 1 else None  # decode steps only
     model.timing = prof
-    began, stolen = time.perf_counter(), model.run_delay()
+    began, held = time.perf_counter(), model.run_delay()
+    # held back by the kernel since this rank's previous step ended: between steps, too, the
+    # others wait for a rank that is not running when they need it
+    before = held - model.held_mark if model.held_mark is not None else 0.0
     with rt.step("attention"):
         model.begin(x, h.start)
     # Each block writes this rank's partial sum into one buffer while the previous block's
@@ -188,7 +191,8 @@ def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarr
         logits = model.logits(total, h.all_logits)
         part = np.empty((logits.shape[0], logits.shape[1] + 1), dtype=np.float32)
         part[:, :-1] = logits
-        part[:, -1] = busy_seconds(time.perf_counter() - began, waited, model.run_delay() - stolen)
+        model.held_mark = model.run_delay()
+        part[:, -1] = busy_seconds(time.perf_counter() - began, waited, model.held_mark - held, before)
         if comm.is_driver:
             full = np.empty((part.shape[0], model.cfg.vocab_size + comm.size), dtype=np.float32)
     rt.sync()
@@ -201,12 +205,13 @@ def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarr
     return full
 
 
-def busy_seconds(elapsed: float, waited: float, stolen: float) -> float:
-    """How long a step held the others up on this rank's account: its compute time, plus the part
-    of the time it was runnable but not running (``stolen``: a CPU quota, a busier program) that
-    fell in its waits; a rank held back while the others need it in a collective delays them
-    as much as slow arithmetic does."""
-    return max(elapsed - waited, 0.0) + (stolen * waited / elapsed if elapsed > 0 else 0.0)
+def busy_seconds(elapsed: float, waited: float, held: float, held_before: float = 0.0) -> float:
+    """How long a step held the others up on this rank's account: its compute time, plus the
+    time the kernel kept it runnable but not running (a CPU quota, a busier program) outside
+    its compute: ``held`` during the step (the part that fell in its waits) and ``held_before``
+    since its previous step. A rank held back while the others need it in a collective delays
+    them as much as slow arithmetic does."""
+    return max(elapsed - waited, 0.0) + (held * waited / elapsed if elapsed > 0 else 0.0) + held_before
 
 
 @on_ranks(LlmProfile)

@@ -185,7 +185,7 @@ def generate(model: Any, prompt: str | None = None, *, token_ids: Sequence[int] 
                 break
             logits = model.forward([token])
             steps += 1
-            model.balancer.check()  # between tokens: may move work away from a slow rank
+            model.balancer.check(max_new_tokens - len(generated))  # may move work off a slow rank
     except KeyboardInterrupt:  # Ctrl-C: the ranks are in step (see Driver.run); keep what came
         reason = "interrupted"
     finally:

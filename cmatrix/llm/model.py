@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import re
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,8 +117,10 @@ class DecoderModel:
             raise InputError(f"rebalance: True, False or None (on with measured shares), got {rebalance!r}")
         #: per-rank compute times of the decode steps, and the re-plans they called for
         self.balancer = Balancer(self, self.auto_weights if rebalance is None else rebalance)
+        began = time.perf_counter()
         try:
             self._load()
+            self.balancer.cost = time.perf_counter() - began
         except BaseException:
             for ident in self._local_blocks:  # blocks already placed: freed with the next command
                 cluster.driver.free_later(ident)

@@ -132,6 +132,8 @@ class RankPart:
     members: list[int] = []
     group: Any = None
     _run_delay: RunDelay | None = None
+    #: :meth:`run_delay` when this rank's previous step ended (None before the first)
+    held_mark: float | None = None
 
     def run_delay(self) -> float:
         """See :class:`RunDelay`."""

@@ -38,6 +38,9 @@ WARMUP = 2
 #: (below a millisecond, noise and the cost of moving outweigh it)
 GAIN = 0.10
 MIN_GAIN_S = 1e-3
+#: a rank measured slower than this fraction of the fastest gets no share when a model loads:
+#: what it would take off the others is less than what joining every step costs it
+MIN_SHARE = 0.05
 #: past observations kept per rank for the fit (the latest at each share): two give a line
 HISTORY = 2
 SAME_SHARE = 0.02
@@ -47,7 +50,9 @@ def speed_shares(cluster: Any, kind: str) -> tuple[list[float], list[float]]:
     """(shares proportional to each rank's measured decode rate on ``kind`` weights, each rank's
     rate in GB/s of its stored weights), from the ranks' speed profiles (``cmatrix bench``)."""
     profiles = cluster.speed_profiles()
-    return sh.suggested(profiles, "decode", kind), [p["decode_gbps"][kind] for p in profiles]
+    rates = [p["decode"][kind] for p in profiles]
+    kept = [r if r >= MIN_SHARE * max(rates) else 0.0 for r in rates]
+    return sh.proportional(kept), [p["decode_gbps"][kind] for p in profiles]
 
 
 def _log(text: str) -> None:
@@ -68,6 +73,8 @@ class Balancer:
         self.history: list[list[tuple[float, float]]] = [[] for _ in range(model.cluster.size)]
         #: what each re-plan did, one line each
         self.moves: list[str] = []
+        #: seconds a re-plan is expected to take: the last one's, at first the model's load time
+        self.cost = 0.0
         self._seen, self._since = 0, 0.0
 
     def observe(self, seconds: list[float], tokens: int) -> None:
@@ -104,8 +111,10 @@ class Balancer:
         held = per_rank_values(self.model.config, self.model.weights, self.model.quant)
         return [v / sum(held) for v in held]
 
-    def check(self) -> str | None:
-        """Between tokens: re-plan if a full window shows a worthwhile gain; the log line, or None."""
+    def check(self, remaining: int | None = None) -> str | None:
+        """Between tokens: re-plan if a full window shows a worthwhile gain; the log line, or None.
+        ``remaining``: tokens still to come (None: no end in sight); a re-plan must save more
+        time over them than it costs (the last re-plan's time, at first the model's load time)."""
         if not self.enabled or len(self.window) < WINDOW \
                 or time.perf_counter() - self._since < WINDOW_SECONDS:
             return None
@@ -133,11 +142,14 @@ class Balancer:
         if predicted > now * (1 - GAIN) or now - predicted < MIN_GAIN_S \
                 or np.allclose(target, model.weights, atol=1e-3):
             return None
+        if remaining is not None and (now - predicted) * remaining < self.cost:
+            return None  # it would not pay for itself before the end
         before = model.layout()
         speeds = ", ".join(f"rank {r} {1e3 * times[r]:.1f} ms for {held[r]:.2f} of the weights"
                            for r in model.members)
         old = ",".join(f"{w:g}" for w in model.weights)
         took = replan(model, target)
+        self.cost = took
         self.reset()
         line = (f"rebalanced after {model.position} positions: {speeds} per token; shares {old} -> "
                 f"{','.join(f'{w:g}' for w in target)} ({describe_moves(before, model.layout())}; "

@@ -46,7 +46,7 @@ elif situation == "rebalance":
         return on_token
 
     m = cm.llm.load(cl, model_path, weights=[0.5, 0.5], rebalance=True)
-    got = m.generate(token_ids=prompt, max_new_tokens=100, stop_token_ids=[], on_token=slow_down_at(8))
+    got = m.generate(token_ids=prompt, max_new_tokens=200, stop_token_ids=[], on_token=slow_down_at(8))
     print(got.summary(), flush=True)
     for line in got.rebalances:
         print(line, flush=True)
@@ -57,7 +57,7 @@ elif situation == "rebalance":
     m.close()
     limit_file.write_text("-1" if limit_file.name.endswith("quota_us") else "max 100000")
     ref = cm.llm.load(cl, model_path, weights=[0.5, 0.5], rebalance=False)
-    want = ref.generate(token_ids=prompt, max_new_tokens=100, stop_token_ids=[])
+    want = ref.generate(token_ids=prompt, max_new_tokens=200, stop_token_ids=[])
     t.check("the same tokens as without rebalancing", got.token_ids == want.token_ids,
             f"{got.token_ids}\n{want.token_ids}")
     ref.close()
