@@ -194,6 +194,8 @@ def test_models_health_and_cluster(server, client):
         assert rank["host"] and rank["backend"] == "numpy" and rank["share"] == 0.5
         assert 0 < rank["memory_used"] < rank["memory"]
         assert rank["compute_ms_per_token"] > 0 and rank["bytes_sent_per_token"] > 0
+    # the slowest rank's compute time over the mean; shares given, so no re-plans
+    assert board["imbalance"] >= 1.0 and board["rebalances"] == 0 and board["last_rebalance"] is None
     page = httpx.get(server.url + "/", headers=auth)
     assert page.status_code == 200 and "tiny-chat" in page.text and "<table" in page.text
 

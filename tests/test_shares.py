@@ -63,3 +63,20 @@ def test_fit_finds_the_fixed_part_from_two_shares():
 def test_rounded_keeps_zero_shares_zero_and_sums_to_one():
     r = sh.rounded([1 / 3, 1 / 3, 1 / 3, 0.0])
     assert r[3] == 0.0 and sum(r) == pytest.approx(1.0, abs=1e-12)
+
+
+def _profile(rate: float, held: float | None) -> dict:
+    return {"decode": {"float32": rate}, "held": held}
+
+
+def test_decoding_leaves_out_ranks_much_slower_or_held_back_most_of_the_time():
+    # proportional while every rank is free
+    assert sh.decode_shares([_profile(3.0, 0.0), _profile(1.0, 0.01)]) == [0.75, 0.25]
+    # another program took rank 1's core three quarters of the time: no share of decoding
+    assert sh.decode_shares([_profile(4.0, 0.0), _profile(1.0, 0.75)]) == [1.0, 0.0]
+    # every rank held alike (more ranks than cores): nobody is left out
+    assert sh.decode_shares([_profile(1.0, 0.6), _profile(1.0, 0.6)]) == [0.5, 0.5]
+    # a saved profile says nothing of the moment (held None): speed alone decides
+    assert sh.decode_shares([_profile(4.0, None), _profile(1.0, None)]) == [0.8, 0.2]
+    # 1/20 of the fastest is not worth a place in every step
+    assert sh.decode_shares([_profile(100.0, 0.0), _profile(4.0, 0.0)]) == [1.0, 0.0]

@@ -30,6 +30,25 @@ def kind_of(dtype: str, quant: str | None) -> str:
     return quant or ("float32" if dtype == "float32" else "16bit")
 
 
+#: a rank measured slower than this fraction of the fastest gets no share of LLM decoding: what
+#: it would take off the others is less than what joining every step costs it
+MIN_SHARE = 0.05
+#: nor does a rank the kernel held back more than this fraction of the time while it measured
+#: (and clearly more than the least held rank: ranks sharing too few cores are all held alike):
+#: a decode step needs every rank twice per layer, and such a rank is often not running then
+HELD_LIMIT = 0.5
+
+
+def decode_shares(profiles: Sequence[dict], kind: str = "float32") -> list[float]:
+    """Shares for LLM decoding: proportional to the decode rate on ``kind`` weights, except that
+    ranks much slower than the fastest, or held back most of the time, get none."""
+    rates = [p["decode"][kind] for p in profiles]
+    held = [float(p.get("held") or 0.0) for p in profiles]
+    kept = [0.0 if r < MIN_SHARE * max(rates) or (h > HELD_LIMIT and h > 2 * min(held) + 0.1) else r
+            for r, h in zip(rates, held, strict=True)]
+    return proportional(kept if any(kept) else rates)
+
+
 def suggested(profiles: Sequence[dict], work: str = "decode", kind: str = "float32") -> list[float]:
     """Shares proportional to each rank's measured rate (its speed profile) for ``work`` on
     ``kind`` weights."""

@@ -11,7 +11,6 @@ output into ``out``; the caller sums ``out`` across ranks.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
+from ..engine.scheduling import RunDelay
 
 #: the profile's phases, in the order they are reported
 PHASES = ("matmul", "attention", "norms/rotary/elementwise", "collectives", "other")
@@ -88,30 +89,6 @@ class RankCounters:
     def report(self) -> dict:
         return {"steps": self.steps, "seconds": self.seconds, "collective_seconds": self.collective_seconds,
                 "bytes_sent": self.bytes_sent}
-
-
-class RunDelay:
-    """Seconds the calling thread has been runnable but not running (preempted, or held back
-    by a CPU quota) since it started, from ``/proc/thread-self/schedstat``; always 0 where
-    the kernel does not say (not Linux)."""
-
-    def __init__(self) -> None:
-        try:
-            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            self._fd = None
-
-    def __call__(self) -> float:
-        if self._fd is None:
-            return 0.0
-        try:
-            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
-        except (OSError, ValueError, IndexError):
-            return 0.0
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
 
 
 class RankPart:

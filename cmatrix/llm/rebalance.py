@@ -38,21 +38,16 @@ WARMUP = 2
 #: (below a millisecond, noise and the cost of moving outweigh it)
 GAIN = 0.10
 MIN_GAIN_S = 1e-3
-#: a rank measured slower than this fraction of the fastest gets no share when a model loads:
-#: what it would take off the others is less than what joining every step costs it
-MIN_SHARE = 0.05
 #: past observations kept per rank for the fit (the latest at each share): two give a line
 HISTORY = 2
 SAME_SHARE = 0.02
 
 
 def speed_shares(cluster: Any, kind: str) -> tuple[list[float], list[float]]:
-    """(shares proportional to each rank's measured decode rate on ``kind`` weights, each rank's
-    rate in GB/s of its stored weights), from the ranks' speed profiles (``cmatrix bench``)."""
+    """(shares for decoding ``kind`` weights, see :func:`cmatrix.core.shares.decode_shares`; each
+    rank's rate in GB/s of its stored weights), from the ranks' speed profiles (``cmatrix bench``)."""
     profiles = cluster.speed_profiles()
-    rates = [p["decode"][kind] for p in profiles]
-    kept = [r if r >= MIN_SHARE * max(rates) else 0.0 for r in rates]
-    return sh.proportional(kept), [p["decode_gbps"][kind] for p in profiles]
+    return sh.decode_shares(profiles, kind), [p["decode_gbps"][kind] for p in profiles]
 
 
 def _log(text: str) -> None:

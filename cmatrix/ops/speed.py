@@ -5,7 +5,8 @@ Per weight type (float32, the 16-bit type the backend keeps, q8_0, q4_0) a rank 
 decode-shaped product (one row against a large weight matrix: bandwidth bound, reported
 in GB/s of the weights as the rank stores them) and a prefill-shaped one (many rows:
 compute bound, GFLOP/s). All ranks measure at once, so ranks sharing a host's cores
-or memory bus measure what they get while the others work too.
+or memory bus measure what they get while the others work too. Each also notes how much of
+that time the kernel held it back (another program on its core, a CPU quota).
 
 A profile is saved on the rank's own host, in the cache folder
 (``profiles/HOST-BACKEND-DEVICE-tTHREADS.json``), and reused until ``remeasure``;
@@ -33,6 +34,7 @@ from ..core.dtypes import from_float32
 from ..engine.driver import Driver
 from ..engine.protocol import Header, on_ranks
 from ..engine.runtime import Runtime
+from ..engine.scheduling import RunDelay
 from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..io.shardfiles import cache_dir
@@ -55,8 +57,10 @@ class SpeedProfile(Header, op="speed_profile"):
 def profiles(d: Driver, remeasure: bool = False, seconds: float = 0.15) -> list[dict]:
     """Every rank's profile (see the module doc): ``{"rank", "host", "backend", "device",
     "threads", "decode": {kind: weight values/s}, "decode_gbps": {kind: GB/s}, "gemm": {kind:
-    flop/s}, "free": bytes or None, "saved": path, "reused": bool}``; the shares they suggest:
-    :func:`cmatrix.core.shares.suggested`. A saved profile is read once per job."""
+    flop/s}, "held": the fraction of the time the kernel kept it runnable but not running
+    while it measured (None for a saved profile), "free": bytes or None, "saved": path,
+    "reused": bool}``; the shares they suggest: :func:`cmatrix.core.shares.suggested` and
+    :func:`~cmatrix.core.shares.decode_shares`. A saved profile is read once per job."""
     if d.config is None:
         raise InputError("speed profiles need a configured cluster: call cm.init() first")
     if d.speeds is None or remeasure:
@@ -118,11 +122,16 @@ def measure(dev: Any, seconds: float) -> dict:
     """This rank's rates on its backend ``dev`` (a :class:`~cmatrix.backends.device.Device`):
     decode-shaped products where its LLM decoder runs them, prefill-shaped ones on ``dev``."""
     decoder, started = decode_device(dev)
+    clock = RunDelay()
+    began, held = time.perf_counter(), clock()
     try:
-        return {**_rates(decoder, seconds, ("decode",)), **_rates(dev, seconds, ("gemm",))}
+        rates = {**_rates(decoder, seconds, ("decode",)), **_rates(dev, seconds, ("gemm",))}
     finally:
         if started:
             decoder.backend.close()
+    # the part of the time the kernel kept this rank waiting (single-thread view of the rank)
+    rates["held"] = min(max((clock() - held) / max(time.perf_counter() - began, 1e-9), 0.0), 1.0)
+    return rates
 
 
 def _rates(dev: Any, seconds: float, works: tuple[str, ...]) -> dict:
@@ -181,7 +190,9 @@ def _speed_profile(rt: Runtime, h: SpeedProfile, _: Any) -> list[dict] | None:
             saved = {"version": PROFILE_VERSION, "cmatrix": __version__, "host": comm.host,
                      "backend": rt.backend_name, "device": dev.device, "threads": threads,
                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), **measure(dev, h.seconds)}
-        report = {**saved, "rank": comm.rank, "saved": str(path), "reused": reused,
+        # how much another program took this rank's cores describes the moment, not the machine:
+        # it is not saved (a reused profile says None)
+        report = {"held": None, **saved, "rank": comm.rank, "saved": str(path), "reused": reused,
                   "free": dev.memory_free()[0]}
     rt.sync()
     if not report["reused"]:
@@ -189,7 +200,8 @@ def _speed_profile(rt: Runtime, h: SpeedProfile, _: Any) -> list[dict] | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({k: v for k, v in report.items()
-                                           if k not in ("rank", "saved", "reused", "free")}, indent=1))
+                                           if k not in ("rank", "saved", "reused", "free", "held")},
+                                          indent=1))
         except OSError as exc:
             report["saved"] = f"not saved: {exc.strerror or exc}"
     return comm.gather_objects(report)
