@@ -78,6 +78,20 @@ def test_rebalancing_follows_a_rank_that_slows_down_mid_generation(tmp_path):
     assert "rebalanced after" in r.stdout, r
 
 
+@pytest.mark.parametrize("kind", ["folder", "gguf"])
+def test_a_replan_moves_the_kv_cache_with_the_heads(kind, tmp_path):
+    path = _tiny(tmp_path)
+    if kind == "gguf":  # a GGUF file is closed after loading: a re-plan opens it again
+        pytest.importorskip("gguf")
+        from gguf_export import export
+
+        path = export(path, tmp_path / "model.gguf", "f32")
+    job = [sys.executable, str(JOBS / "balance_job.py"), "replan", str(path)]
+    r = run_cmd(launch.command(2, job), job_env(), timeout=240)
+    assert r.returncode == 0, r
+    assert "balance-replan: 2 checks, 0 failures on 2 ranks" in r.stdout, r
+
+
 def test_a_rank_with_no_share_stays_out_of_the_decode_steps(tmp_path):
     path = _tiny(tmp_path)
     job = [sys.executable, str(JOBS / "balance_job.py"), "zero", str(path)]

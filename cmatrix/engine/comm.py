@@ -22,11 +22,13 @@ mpi4py.rc.thread_level = "funneled"
 from mpi4py import MPI  # noqa: E402
 
 from ..core.plan import Plan  # noqa: E402
+from ..errors import CMatrixError  # noqa: E402
 from .comm_grid import GridTransfers  # noqa: E402
 
 HEADER_BYTES = 2048
 _TAG_BLOCKS = 11
 _TAG_HEADER_TAIL = 12
+_TAG_HEADER = 13
 
 # A waiting worker spins this long after each command (so back-to-back calls,
 # as in LLM decoding, see no added latency), then sleeps with back-off so an
@@ -96,20 +98,26 @@ class Comm(GridTransfers):
         return pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
 
     def send_encoded(self, payload: bytes) -> None:
+        """Driver: the header goes to each worker directly (not down a broadcast tree), so no rank
+        passes on another's: a rank with no part in a command, napping or held back by its
+        kernel, delays nobody else's."""
         self.commands += 1
         if self.size == 1:
             return
         inline = min(len(payload), HEADER_BYTES - 8)
         self._header[:8] = np.frombuffer(np.int64(len(payload)).tobytes(), dtype=np.uint8)
         self._header[8 : 8 + inline] = np.frombuffer(payload[:inline], dtype=np.uint8)
-        self.world.Ibcast(self._header, root=0).Wait()
+        MPI.Request.Waitall([self.world.Isend(self._header, dest=r, tag=_TAG_HEADER)
+                             for r in range(1, self.size)])
         if len(payload) > inline:
-            self.world.Bcast(bytearray(payload[inline:]), root=0)
+            tail = bytearray(payload[inline:])
+            MPI.Request.Waitall([self.world.Isend(tail, dest=r, tag=_TAG_HEADER_TAIL)
+                                 for r in range(1, self.size)])
 
     def recv_header(self, spin: bool = True) -> dict:
         """Worker: wait for the next command, spinning briefly (unless ``spin`` is False: a rank
         with no part in the commands that follow), then sleeping."""
-        request = self.world.Ibcast(self._header, root=0)
+        request = self.world.Irecv(self._header, source=0, tag=_TAG_HEADER)
         spin_until = time.perf_counter() + (_IDLE_SPIN_S if spin else 0.0)
         nap = 50e-6
         while not request.Test():
@@ -123,7 +131,7 @@ class Comm(GridTransfers):
         payload = bytearray(self._header[8 : 8 + inline].tobytes())
         if length > inline:
             tail = bytearray(length - inline)
-            self.world.Bcast(tail, root=0)
+            self.world.Recv(tail, source=0, tag=_TAG_HEADER_TAIL)
             payload += tail
         return pickle.loads(payload)
 
@@ -434,3 +442,10 @@ class GroupComm(Comm):
     def free(self) -> None:
         """Collective over the members: release the sub-communicator."""
         self.world.Free()
+
+    def _whole_job_only(self, *_: Any, **__: Any) -> Any:
+        raise CMatrixError("internal: commands, shared memory and grid transfers use the whole job's "
+                           "communicator, not a group's")
+
+    send_encoded = recv_header = bcast_shared = gather_shared = free_shared = _whole_job_only
+    shared_ready = property(_whole_job_only)

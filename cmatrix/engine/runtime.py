@@ -118,7 +118,7 @@ class Runtime:
 
     def _gathered(self, small: np.ndarray) -> np.ndarray:
         """A reused (ranks, size) receive buffer for :meth:`sum_flagged`'s 16-bit sums."""
-        key = (small.size, small.dtype)
+        key = (self.comm.size, small.size, small.dtype)  # steps may run on groups of other sizes
         if self._wire_buffer is None or self._wire_buffer[0] != key:
             self._wire_buffer = (key, np.empty((self.comm.size, small.size), dtype=small.dtype))
         return self._wire_buffer[1]

@@ -147,8 +147,11 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
 
     Only those ranks (and the driver) take part: the others return at once."""
     model = rt.models.get(h.model)
-    if model is None:  # every rank built its part in llm_load: this rank lost the protocol
-        raise CMatrixError(f"decoder #{h.model} is not loaded on rank {rt.comm.rank}")
+    if model is None:  # no rank has it (llm_load keeps a part only once every rank has one)
+        with rt.step("prepare"):
+            raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
+        rt.sync()
+        return None
     if model.group is None:
         rt.bystander = True
         return None
@@ -266,6 +269,8 @@ def _llm_free(rt: Runtime, h: LlmFree, _: Any) -> None:
     decoder = None
     with rt.step("free"):
         decoder = rt.models.pop(h.model, None)
-    rt.sync()
-    if decoder is not None:
-        decoder.leave_group()
+    try:
+        rt.sync()
+    finally:  # the members all reach here, failure or not
+        if decoder is not None:
+            decoder.leave_group()

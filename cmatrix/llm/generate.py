@@ -35,8 +35,8 @@ class GenerationResult:
     profile: list[dict] | None = None
     #: leading prompt tokens already in the ranks' K/V caches (``reuse_cache=True``): not run again
     cached_tokens: int = 0
-    #: per rank, median compute milliseconds per decoded token (None: no part in the steps),
-    #: since the last re-plan
+    #: per rank, mean milliseconds per decoded token it kept the others waiting (its compute, and
+    #: the time the kernel held it back; None: no part in the steps), since the last re-plan
     rank_ms: list[float | None] = field(default_factory=list)
     #: the slowest rank's compute time over the mean of the ranks holding work (1.0: even)
     imbalance: float = 0.0

@@ -14,6 +14,7 @@ arrays travel: see :mod:`cmatrix.llm.commands`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -21,7 +22,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ class DecoderModel:
             raise InputError(f"cache: one of {', '.join(map(repr, CACHE_MODES))} or None, got {cache!r}")
         #: shares from the ranks' measured decode speed (``weights="auto"``, or none given to a
         #: cluster started with ``init(weights="auto")``), capped by their memory
-        self.auto_weights = weights == "auto" or (weights is None and cluster.driver.auto_weights)
+        self.auto_weights = (isinstance(weights, str) and weights == "auto") or \
+            (weights is None and cluster.driver.auto_weights)
         #: per rank, the measured decode speed its share came from (GB/s), when auto
         self.speeds: list[float] | None = None
         self.weights = cluster.weights if weights is None or self.auto_weights \
@@ -383,6 +385,43 @@ class DecoderModel:
         if self._id is not None and not self.cluster.closed:
             self.release_parts()
         self._id, self._matrices, self._local_blocks = None, [], []
+
+    def replan(self, weights: Sequence[float]) -> float:
+        """Place the model again split by ``weights`` (what rebalancing does between tokens, see
+        :mod:`cmatrix.llm.rebalance`); the K/V cache moves with its heads, so generation goes
+        on where it was. Returns the seconds it took. On failure the model is closed."""
+        if self._id is None:
+            raise InputError("this model was closed")
+        weights = validate_weights(weights, self.cluster.size)
+        memory_plan.check(self.config, weights, self.quant, self.dtype, self.memory_ranks)
+        from .rebalance import replan
+
+        return replan(self, weights)
+
+    @contextlib.contextmanager
+    def checkpoint_open(self) -> Iterator[None]:
+        """The checkpoint readable for a new placement (a GGUF file is closed after loading: it is
+        opened again for the while), and each rank's own copy checked once if ``cache=`` had
+        made that unnecessary."""
+        if self.local_problems == ["cache= was given"] * self.cluster.size:
+            self.local_problems = lw.check_ranks(self.cluster.driver, self.cluster.ranks, self.path, "auto")
+        if not isinstance(self.checkpoint, GgufCheckpoint):
+            yield
+            return
+        self.checkpoint = GgufCheckpoint(self.path)
+        try:
+            yield
+        finally:
+            self.checkpoint.close()
+
+    def abandon(self) -> None:
+        """After a failed re-placement: free whatever was placed, and close the model."""
+        if self._id is not None:
+            self._finalizer.detach()
+        for ident in [*self._local_blocks, *([self._id] if self._id is not None else [])]:
+            self.cluster.driver.free_later(ident)
+        self._id, self._matrices, self._local_blocks = None, [], []
+        self.position, self.cached_ids = 0, []
 
     def release_parts(self) -> None:
         """Free every rank's part (blocks, K/V cache); :meth:`_load` places them again (see

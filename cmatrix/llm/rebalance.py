@@ -19,12 +19,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..core import shares as sh
+from ..errors import CMatrixError
 from .memory_plan import fitted, per_rank_values
 from .moves import LlmKvGather, LlmKvScatter
 
@@ -38,7 +39,8 @@ WARMUP = 2
 #: (below a millisecond, noise and the cost of moving outweigh it)
 GAIN = 0.10
 MIN_GAIN_S = 1e-3
-#: past observations kept per rank for the fit (the latest at each share): two give a line
+#: past observations kept per rank for the fit (the latest at each share, from the last two
+#: checks: older ones may predate a slowdown or its end): two give a line
 HISTORY = 2
 SAME_SHARE = 0.02
 
@@ -64,13 +66,14 @@ class Balancer:
         #: ``window`` the steps not yet weighed by :meth:`check`
         self.recent: deque[list[float]] = deque(maxlen=256)
         self.window: list[list[float]] = []
-        #: per rank: (fraction of the weights held, mean step seconds) seen so far
-        self.history: list[list[tuple[float, float]]] = [[] for _ in range(model.cluster.size)]
+        #: per rank: (fraction of the weights held, mean step seconds, check number) of the last
+        #: :data:`HISTORY` checks
+        self.history: list[list[tuple[float, float, int]]] = [[] for _ in range(model.cluster.size)]
         #: what each re-plan did, one line each
         self.moves: list[str] = []
         #: seconds a re-plan is expected to take: the last one's, at first the model's load time
         self.cost = 0.0
-        self._seen, self._since = 0, 0.0
+        self._seen, self._since, self._checks = 0, 0.0, 0
 
     def observe(self, seconds: list[float], tokens: int) -> None:
         """Record one step's per-rank compute seconds (only decode steps count)."""
@@ -116,16 +119,18 @@ class Balancer:
         model = self.model
         times = np.mean(np.asarray(self.window), axis=0)
         held = self.fractions()
+        self._checks += 1
         for r in model.members:
             if held[r] > 0:  # a newer time at (about) the same share replaces the older: things change
-                kept = [(s, t) for s, t in self.history[r] if abs(s - held[r]) > SAME_SHARE]
-                self.history[r] = (kept + [(held[r], float(times[r]))])[-HISTORY:]
+                kept = [(s, t, n) for s, t, n in self.history[r]
+                        if abs(s - held[r]) > SAME_SHARE and n >= self._checks - HISTORY + 1]
+                self.history[r] = (kept + [(held[r], float(times[r]), self._checks)])[-HISTORY:]
         self.window = []
         costs = []
         for r in range(model.cluster.size):
             seen = self.history[r]
             if seen:
-                costs.append(sh.fit([s for s, _ in seen], [t for _, t in seen]))
+                costs.append(sh.fit([s for s, _, _ in seen], [t for _, t, _ in seen]))
             else:  # never measured with a share (given none from the start): keep it out
                 costs.append(sh.RankCost(float("inf"), 1.0))
         allowed = [np.isfinite(c.fixed) for c in costs]
@@ -167,9 +172,14 @@ def describe_moves(before: list[dict], after: list[dict]) -> str:
     return "; ".join(parts) or "nothing moved"
 
 
-def replan(model: Any, weights: list[float]) -> float:
+def replan(model: Any, weights: Sequence[float]) -> float:
     """Load ``model`` again split by ``weights``, its K/V cache moved along; the seconds it took.
-    The old parts are freed before the new ones are placed, so no rank holds both."""
+    The old parts are freed before the new ones are placed, so no rank holds both; the blocks
+    come from the checkpoint (each rank with its own copy reads its own), whatever ``cache=``
+    the model was loaded with.
+
+    If anything fails on the way (or Ctrl-C), the model is closed, the error says so, and it
+    must be loaded again: no rank keeps half of it."""
     began = time.perf_counter()
     d = model.cluster.driver
     unit = (model.config.group_size + 2) * model.config.head_dim
@@ -177,8 +187,16 @@ def replan(model: Any, weights: list[float]) -> float:
     old_groups = tuple(c // unit for c in model._qkv_counts)
     kv = d.run(LlmKvGather(model._id, length, old_groups)) if length else None
     model.release_parts()
-    model.weights = np.asarray(weights, dtype=np.float64)
-    model._load()  # with cache= given, blocks now come from the checkpoint, not the cache
-    if length:
-        d.run(LlmKvScatter(model._id, length, tuple(c // unit for c in model._qkv_counts)), kv)
+    try:
+        model.weights = np.asarray(weights, dtype=np.float64)
+        with model.checkpoint_open():
+            model._load()
+        if length:
+            d.run(LlmKvScatter(model._id, length, tuple(c // unit for c in model._qkv_counts)), kv)
+    except BaseException as exc:
+        model.abandon()
+        if isinstance(exc, CMatrixError):
+            raise type(exc)(f"re-planning the model across the ranks failed, so it was closed (load it "
+                            f"again): {exc}") from exc
+        raise
     return time.perf_counter() - began

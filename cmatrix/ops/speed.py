@@ -9,13 +9,15 @@ or memory bus measure what they get while the others work too. Each also notes h
 that time the kernel held it back (another program on its core, a CPU quota).
 
 A profile is saved on the rank's own host, in the cache folder
-(``profiles/HOST-BACKEND-DEVICE-tTHREADS.json``), and reused until ``remeasure``;
-free memory is read afresh each time.
+(``profiles/HOST-BACKEND-DEVICE-tTHREADS.json``), and reused until ``remeasure``; a file
+that is unreadable or incomplete is measured again. Free memory is read when the profiles
+are taken (once per job: a model's load reads it afresh for its memory plan).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -44,6 +46,8 @@ GEMV_SHAPE = (2048, 2048)
 #: (input rows, weight rows, columns) of the prefill-shaped product
 GEMM_SHAPE = (128, 1024, 1024)
 PROFILE_VERSION = 1
+#: what a saved profile says besides its rates
+FACTS = ("host", "backend", "device", "measured")
 #: seconds per timed product when shares are asked for and no profile is saved (``weights="auto"``)
 QUICK_SECONDS = 0.03
 
@@ -89,9 +93,14 @@ def _read_profile(path: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(data, dict) and data.get("version") == PROFILE_VERSION and all(
-        isinstance(data.get(w), dict) and all(isinstance(data[w].get(k), int | float) and data[w][k] > 0
-                                               for k in sh.KINDS) for w in sh.WORKS)
+    def rates(key: str) -> bool:
+        table = data.get(key)
+        return isinstance(table, dict) and all(
+            isinstance(table.get(k), int | float) and 0 < table[k] < math.inf for k in sh.KINDS)
+
+    ok = isinstance(data, dict) and data.get("version") == PROFILE_VERSION \
+        and all(rates(key) for key in (*sh.WORKS, "decode_gbps")) \
+        and isinstance(data.get("threads"), int) and all(isinstance(data.get(k), str) for k in FACTS)
     return data if ok else None
 
 

@@ -10,6 +10,8 @@ SITUATION:
   LIMIT_FILE; generation goes on, the driver moves work away from rank 1, and the tokens
   equal those of the same model loaded without rebalancing.
 - "zero": shares [1, 0]: rank 1 holds nothing and takes no part in any decode step.
+- "replan": ``model.replan`` in the middle of a sequence (to [0.8, 0.2], then [1, 0], then
+  back): the K/V cache moves with the heads, and the logits equal those of a model never moved.
 """
 
 import sys
@@ -78,5 +80,20 @@ elif situation == "zero":
     t.check("the same tokens as an even split", got.token_ids == want.token_ids,
             f"{got.token_ids}\n{want.token_ids}")
     both.close()
+
+elif situation == "replan":
+    model_path = sys.argv[2]
+    ids = [1, 5, 9, 33, 2, 17, 40, 8, 11, 3, 25, 6]
+    ref = cm.llm.load(cl, model_path, weights=[0.5, 0.5])
+    want = ref.forward(ids, start=0, all_logits=True)
+    ref.close()
+    m = cm.llm.load(cl, model_path, weights=[0.5, 0.5])
+    got = [m.forward(ids[:4], start=0, all_logits=True)]
+    for i, shares in zip(range(4, 12, 2), ([0.8, 0.2], [1.0, 0.0], [0.2, 0.8], [0.5, 0.5]), strict=True):
+        m.replan(shares)
+        got.append(m.forward(ids[i:i + 2], all_logits=True))
+    t.check("a rank moved to no share leaves the steps, and comes back", m.members == [0, 1], str(m.members))
+    t.close("logits with the K/V cache moved four times", np.concatenate(got), want, rtol=1e-4)
+    m.close()
 
 t.finish()
