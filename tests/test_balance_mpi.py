@@ -5,6 +5,7 @@ down mid-generation, and a rank with no share staying out of the decode steps.""
 import sys
 
 import pytest
+from backend_cases import need
 from conftest import JOBS, job_env, run_cmd
 from slow_rank import CpuQuota
 
@@ -26,6 +27,7 @@ def _tiny(tmp_path):
 
 
 def test_bench_saves_each_hosts_profile_and_reuses_it(tmp_path):
+    need("ggml")
     env = job_env({"CMATRIX_CACHE_DIR": str(tmp_path / "cache")})
     bench = [sys.executable, "-m", "cmatrix", "bench", "--backends", "numpy,ggml", "--seconds", "0.01"]
     first = run_cmd(launch.command(2, bench), env, timeout=180)
