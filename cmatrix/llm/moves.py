@@ -38,10 +38,14 @@ def _plan(h: LlmKvGather | LlmKvScatter, head_dim: int) -> Plan:
     return Plan(1, tuple(g * h.length * head_dim for g in h.groups))
 
 
-def _decoder(rt: Runtime, model: int) -> Any:
-    decoder = rt.models.get(model)
+def _decoder(rt: Runtime, h: LlmKvGather | LlmKvScatter) -> Any:
+    """This rank's part of decoder ``h.model``, holding the KV groups the driver counts."""
+    decoder = rt.models.get(h.model)
     if decoder is None:
-        raise CMatrixError(f"decoder #{model} is not loaded on this rank")
+        raise CMatrixError(f"decoder #{h.model} is not loaded on this rank")
+    if decoder.groups != h.groups[rt.comm.rank]:
+        raise CMatrixError(f"this rank holds {decoder.groups} KV groups, the driver counts "
+                           f"{h.groups[rt.comm.rank]}")
     return decoder
 
 
@@ -51,11 +55,8 @@ def _llm_kv_gather(rt: Runtime, h: LlmKvGather, _: Any) -> np.ndarray | None:
     comm = rt.comm
     block = full = cfg = None
     with rt.step("export"):
-        decoder = _decoder(rt, h.model)
+        decoder = _decoder(rt, h)
         cfg = decoder.cfg
-        if decoder.groups != h.groups[comm.rank]:
-            raise CMatrixError(f"this rank holds {decoder.groups} KV groups, the driver counts "
-                               f"{h.groups[comm.rank]}")
         block = decoder.kv_export(h.length).reshape(2 * cfg.num_layers, -1)
         if comm.is_driver:
             full = np.empty((2 * cfg.num_layers, sum(h.groups) * h.length * cfg.head_dim), dtype=np.float32)
@@ -72,11 +73,8 @@ def _llm_kv_scatter(rt: Runtime, h: LlmKvScatter, full: np.ndarray | None) -> No
     comm = rt.comm
     block = decoder = None
     with rt.step("prepare"):
-        decoder = _decoder(rt, h.model)
+        decoder = _decoder(rt, h)
         cfg = decoder.cfg
-        if decoder.groups != h.groups[comm.rank]:
-            raise CMatrixError(f"this rank holds {decoder.groups} KV groups, the driver counts "
-                               f"{h.groups[comm.rank]}")
         block = np.empty((2 * cfg.num_layers, decoder.groups * h.length * cfg.head_dim), dtype=np.float32)
         if comm.is_driver:
             full = np.ascontiguousarray(full.reshape(2 * cfg.num_layers, -1))

@@ -26,6 +26,16 @@ situation = sys.argv[1]
 cl = cm.init(weights="auto" if situation == "init" else None)
 t = Tally(f"balance-{situation}", cl)
 
+
+def even_split_tokens(model_path: str, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of the model split evenly, never moved: the reference."""
+    ref = cm.llm.load(cl, model_path, weights=[0.5, 0.5], rebalance=False)
+    try:
+        t.check("both ranks run the steps of an even split", ref.members == [0, 1], f"members {ref.members}")
+        return ref.generate(token_ids=prompt, max_new_tokens=n, stop_token_ids=[]).token_ids
+    finally:
+        ref.close()
+
 if situation == "init":
     shares = [float(w) for w in cl.weights]
     print("shares:", ",".join(f"{s:g}" for s in shares), flush=True)
@@ -58,11 +68,8 @@ elif situation == "rebalance":
             got.summary())
     m.close()
     limit_file.write_text("-1" if limit_file.name.endswith("quota_us") else "max 100000")
-    ref = cm.llm.load(cl, model_path, weights=[0.5, 0.5], rebalance=False)
-    want = ref.generate(token_ids=prompt, max_new_tokens=200, stop_token_ids=[])
-    t.check("the same tokens as without rebalancing", got.token_ids == want.token_ids,
-            f"{got.token_ids}\n{want.token_ids}")
-    ref.close()
+    want = even_split_tokens(model_path, prompt, 200)
+    t.check("the same tokens as without rebalancing", got.token_ids == want, f"{got.token_ids}\n{want}")
 
 elif situation == "zero":
     model_path = sys.argv[2]
@@ -74,12 +81,8 @@ elif situation == "zero":
     t.check("rank 1 took part in no decode step", stats[1]["steps"] == 0 and stats[0]["steps"] > 0,
             f"steps {[s['steps'] for s in stats]}")
     m.close()
-    both = cm.llm.load(cl, model_path, weights=[0.5, 0.5])
-    t.check("both ranks run the steps of an even split", both.members == [0, 1], f"members {both.members}")
-    want = both.generate(token_ids=prompt, max_new_tokens=12, stop_token_ids=[])
-    t.check("the same tokens as an even split", got.token_ids == want.token_ids,
-            f"{got.token_ids}\n{want.token_ids}")
-    both.close()
+    want = even_split_tokens(model_path, prompt, 12)
+    t.check("the same tokens as an even split", got.token_ids == want, f"{got.token_ids}\n{want}")
 
 elif situation == "replan":
     model_path = sys.argv[2]
