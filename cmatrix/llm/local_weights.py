@@ -125,21 +125,18 @@ class LlmLocalCheck(Header, op="llm_local_check"):
 
 @dataclass(frozen=True)
 class LlmShardLocal(Header, op="llm_shard_local"):
-    id: int
+    ids: tuple[int, ...]         # one per matrix
     path: str
     config: dict                 # DecoderConfig's fields
-    part: str                    # "qkv", "o", "gate_up", "down" or "lm_head"
-    layer: int
     chunk: int                   # MLP rows per unit of the split
-    shape: tuple[int, int]
-    dtype: str                   # the block's type before upload: float32 (also for quant) or 16-bit
-    axis: int
-    counts: tuple[int, ...]
+    dtype: str                   # the blocks' type before upload: float32 (also for quant) or 16-bit
     quant: str | None
-    name: str
-    local: tuple[bool, ...]      # per rank: it reads its block from its own copy
+    local: tuple[bool, ...]      # per rank: it reads its blocks from its own copy
+    # per matrix: (part: "qkv", "o", "gate_up", "down" or "lm_head", layer, shape, axis, counts, name)
+    matrices: tuple[tuple, ...]
 
-    CREATES = ("id",)
+    def created(self) -> list[int]:
+        return list(self.ids)
 
 
 # ---- driver halves ------------------------------------------------------------------------
@@ -164,19 +161,24 @@ def check_ranks(driver: Any, ranks: list[Any], path: Path, mode: str) -> list[st
     return [None if s["ok"] else f"{s['host']}: {s['problem']}" for s in statuses]
 
 
-def shard_local(driver: Any, path: Path, cfg: DecoderConfig, part: str, layer: int, chunk: int,
-                plan: Plan, shape: tuple[int, int], dtype: str, quant: str | None, name: str,
-                local: tuple[bool, ...], build: Any) -> LocalBlock:
-    """One weight matrix onto the ranks split by ``plan``: ranks marked ``local`` read their
-    block themselves; ``build()`` (the whole matrix, already in ``dtype``) is called only
-    when some rank is not."""
+def shard_local(driver: Any, path: Path, cfg: DecoderConfig, chunk: int, dtype: str, quant: str | None,
+                local: tuple[bool, ...], matrices: list[tuple[str, int, tuple[int, int], Plan, str]],
+                build: Any = None) -> list[LocalBlock]:
+    """Weight matrices onto the ranks, in one command: ``matrices`` lists each one's (part,
+    layer, shape, plan, name). Ranks marked ``local`` read their blocks themselves, one at a
+    time; ``build(i)`` (matrix i whole, already in ``dtype``) is called only when some rank is
+    not (give one matrix at a time then: the driver holds every one it sends)."""
     if quant is None:
-        driver.check_dtype(dtype, plan.counts)
-    payload = None if all(local) else np.ascontiguousarray(build())
-    ident = driver.new_id()
-    driver.run(LlmShardLocal(ident, str(path.resolve()), dataclasses.asdict(cfg), part, layer, chunk, shape,
-                             dtype, plan.axis, plan.counts, quant, name, local), payload)
-    return LocalBlock(ident, shape, plan.axis, plan.counts, quant, "float32" if quant else dtype, name)
+        for *_, plan, _ in matrices:
+            driver.check_dtype(dtype, plan.counts)
+    payload = None if all(local) else [np.ascontiguousarray(build(i)) for i in range(len(matrices))]
+    ids = tuple(driver.new_id() for _ in matrices)
+    described = tuple((part, layer, shape, plan.axis, plan.counts, name)
+                      for part, layer, shape, plan, name in matrices)
+    driver.run(LlmShardLocal(ids, str(path.resolve()), dataclasses.asdict(cfg), chunk, dtype, quant, local,
+                             described), payload)
+    return [LocalBlock(ident, shape, plan.axis, plan.counts, quant, "float32" if quant else dtype, name)
+            for ident, (_, _, shape, plan, name) in zip(ids, matrices, strict=True)]
 
 
 # ---- rank halves --------------------------------------------------------------------------
@@ -210,30 +212,47 @@ def _local_check(rt: Runtime, h: LlmLocalCheck, _: Any) -> list[dict] | None:
 
 
 @on_ranks(LlmShardLocal)
-def _shard_local(rt: Runtime, h: LlmShardLocal, full: np.ndarray | None) -> None:
-    plan, rank = Plan(h.axis, h.counts), rt.comm.rank
+def _shard_local(rt: Runtime, h: LlmShardLocal, fulls: list[np.ndarray] | None) -> None:
+    """Each matrix's block: read here (every rank local: read and uploaded one at a time, so a
+    rank holds one float32 block at most), or sent by the driver."""
+    plans = [Plan(axis, counts) for _, _, _, axis, counts, _ in h.matrices]
+    if all(h.local):
+        with rt.step("load"):
+            for ident, matrix, plan in zip(h.ids, h.matrices, plans, strict=True):
+                block = _own_block(rt, h, matrix, plan)
+                rt.store(ident, rt.backend.upload(block, h.dtype, h.quant, 1))
+                del block
+        rt.sync()
+        return
+    blocks = []
     with rt.step("prepare"):
-        shape = plan.block_shape(h.shape, rank)
-        if not rt.backend.supports("matmul", h.quant or h.dtype, shape):
-            raise CMatrixError(f"{rt.backend.name} on {rt.backend.device} cannot hold a "
-                               f"{h.quant or h.dtype} block of shape {shape}")
-        if h.local[rank] and plan.counts[rank]:
-            ckpt = _OPEN.get(h.path) or _OPEN.setdefault(h.path, open_checkpoint(h.path))
-            lo = plan.displs[rank]
-            block = read_block(ckpt, DecoderConfig(**h.config), h.part, h.layer, h.chunk, lo,
-                               lo + plan.counts[rank])
-            if block.shape != shape:
-                raise CMatrixError(f"internal: {h.name} read as {block.shape}, the plan says {shape}")
-            if h.dtype != "float32":
-                block = from_float32(block, h.dtype)
-        else:
-            block = empty(shape, h.dtype)
+        blocks = [_own_block(rt, h, matrix, plan) for matrix, plan in zip(h.matrices, plans, strict=True)]
     rt.sync()
-    if not all(h.local):
-        rt.comm.scatter_blocks(full, block, plan, h.local)
+    for i, (block, plan) in enumerate(zip(blocks, plans, strict=True)):
+        rt.comm.scatter_blocks(None if fulls is None else fulls[i], block, plan, h.local)
     with rt.step("upload"):
-        rt.store(h.id, rt.backend.upload(block, h.dtype, h.quant, 1))
+        for ident, block in zip(h.ids, blocks, strict=True):
+            rt.store(ident, rt.backend.upload(block, h.dtype, h.quant, 1))
     rt.sync()
+
+
+def _own_block(rt: Runtime, h: LlmShardLocal, matrix: tuple, plan: Plan) -> np.ndarray:
+    """This rank's block of one matrix: read from its copy if it is local, else empty (to be
+    filled by the driver's scatter)."""
+    part, layer, whole, _, _, name = matrix
+    rank = rt.comm.rank
+    shape = plan.block_shape(tuple(whole), rank)
+    if not rt.backend.supports("matmul", h.quant or h.dtype, shape):
+        raise CMatrixError(f"{rt.backend.name} on {rt.backend.device} cannot hold a "
+                           f"{h.quant or h.dtype} block of shape {shape}")
+    if not (h.local[rank] and plan.counts[rank]):
+        return empty(shape, h.dtype)
+    ckpt = _OPEN.get(h.path) or _OPEN.setdefault(h.path, open_checkpoint(h.path))
+    lo = plan.displs[rank]
+    block = read_block(ckpt, DecoderConfig(**h.config), part, layer, h.chunk, lo, lo + plan.counts[rank])
+    if block.shape != shape:
+        raise CMatrixError(f"internal: {name} read as {block.shape}, the plan says {shape}")
+    return block if h.dtype == "float32" else from_float32(block, h.dtype)
 
 
 def read_block(ckpt: Any, cfg: DecoderConfig, part: str, layer: int, chunk: int, lo: int,

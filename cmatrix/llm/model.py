@@ -166,34 +166,49 @@ class DecoderModel:
 
     def _shard_local(self, suffix: str, shape: tuple[int, int], align: int, axis: int, part: str,
                      layer: int) -> Any:
-        """One weight matrix onto the ranks: those with their own copy of the checkpoint read
-        their blocks; the driver reads the others' blocks alone and sends them."""
-        if self.quant and axis == 1:  # every rank holds whole blocks (as Cluster.shard aligns them)
-            align = math.lcm(align, q.BLOCK)
-        plan = Plan.from_weights(shape[axis], self.weights, axis, align)
+        """One weight matrix onto the ranks (see :meth:`_shard_local_many`)."""
+        return self._shard_local_many([(suffix, shape, align, axis, part, layer)])[0]
+
+    def _shard_local_many(self, specs: list[tuple[str, tuple[int, int], int, int, str, int]]) -> list[Any]:
+        """Weight matrices, each ``(suffix, shape, align, axis, part, layer)``, onto the ranks:
+        those with their own copy of the checkpoint read their blocks; the driver reads the
+        others' blocks alone and sends them. When every rank reads its own, one command places
+        them all (a rank the kernel holds back answers fewer commands late)."""
         dtype = "float32" if self.quant else self.dtype
+        plans = []
+        for _, shape, align, axis, _, _ in specs:
+            if self.quant and axis == 1:  # every rank holds whole blocks (as Cluster.shard aligns them)
+                align = math.lcm(align, q.BLOCK)
+            plans.append(Plan.from_weights(shape[axis], self.weights, axis, align))
+        matrices = [(part, layer, shape, plan, f"{self.name}.{suffix}")
+                    for (suffix, shape, _, _, part, layer), plan in zip(specs, plans, strict=True)]
+        d, path, cfg, local = self.cluster.driver, self.path, self.config, self.local_ranks
+        if all(local):
+            placed = lw.shard_local(d, path, cfg, self._chunk, dtype, self.quant, local, matrices)
+        else:  # one at a time: the driver holds each matrix it sends
+            placed = [lw.shard_local(d, path, cfg, self._chunk, dtype, self.quant, local, [m],
+                                     lambda _, m=m: self._sent(*m[:4], dtype))[0] for m in matrices]
+        for m in placed:
+            self._local_blocks.append(m.id)
+            self._bar.update(int(m.shape[0] * m.shape[1] * self._stored_bytes_per_value()))
+        return placed
 
-        def sent() -> np.ndarray:
-            # The pages of blocks the ranks read themselves are never touched: the driver's
-            # memory holds only what it sends.
-            full = empty(shape, dtype)
-            for r, local in enumerate(self.local_ranks):
-                lo, hi = plan.displs[r], plan.displs[r] + plan.counts[r]
-                if local or lo == hi:
-                    continue
-                block = lw.read_block(self.checkpoint, self.config, part, layer, self._chunk, lo, hi)
-                block = block if dtype == "float32" else from_float32(block, dtype)
-                if axis == 0:
-                    full[lo:hi] = block
-                else:
-                    full[:, lo:hi] = block
-            return full
-
-        m = lw.shard_local(self.cluster.driver, self.path, self.config, part, layer, self._chunk, plan, shape,
-                           dtype, self.quant, f"{self.name}.{suffix}", self.local_ranks, sent)
-        self._local_blocks.append(m.id)
-        self._bar.update(int(shape[0] * shape[1] * self._stored_bytes_per_value()))
-        return m
+    def _sent(self, part: str, layer: int, shape: tuple[int, int], plan: Plan, dtype: str) -> np.ndarray:
+        """A matrix whole, in ``dtype``, holding the blocks of the ranks without their own copy.
+        The pages of blocks the ranks read themselves are never touched: the driver's memory
+        holds only what it sends."""
+        full = empty(shape, dtype)
+        for r, local in enumerate(self.local_ranks):
+            lo, hi = plan.displs[r], plan.displs[r] + plan.counts[r]
+            if local or lo == hi:
+                continue
+            block = lw.read_block(self.checkpoint, self.config, part, layer, self._chunk, lo, hi)
+            block = block if dtype == "float32" else from_float32(block, dtype)
+            if plan.axis == 0:
+                full[lo:hi] = block
+            else:
+                full[:, lo:hi] = block
+        return full
 
     def _check_memory(self) -> None:
         """Refuse, before anything is read or sent, a split that does not fit some rank's memory.
@@ -265,10 +280,15 @@ class DecoderModel:
             return self._shard(build, f"layers.{i}.{part}", shape, align=align, axis=axis, part=part, layer=i)
 
         splits = matrix_splits(cfg, self.quant)
-        qkv = shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), "qkv")
-        o = shard(lambda: r("o"), "o")
-        gate_up = shard(lambda: fuse_gate_up(r("gate"), r("up"), chunk), "gate_up")
-        down = shard(lambda: r("down"), "down")
+        if self.cache is None:  # the four in one command where every rank reads its own
+            qkv, o, gate_up, down = self._shard_local_many([
+                (f"layers.{i}.{part}", splits[part][0], splits[part][2], splits[part][1], part, i)
+                for part in ("qkv", "o", "gate_up", "down")])
+        else:
+            qkv = shard(lambda: fuse_qkv(r("q"), r("k"), r("v"), cfg), "qkv")
+            o = shard(lambda: r("o"), "o")
+            gate_up = shard(lambda: fuse_gate_up(r("gate"), r("up"), chunk), "gate_up")
+            down = shard(lambda: r("down"), "down")
         if [c // ((cfg.group_size + 2) * cfg.head_dim) for c in qkv.counts] != [c // width for c in o.counts]:
             raise InputError("internal: q/k/v and o_proj were split differently")
         self._qkv_counts, self._gate_up_counts = list(qkv.counts), list(gate_up.counts)
