@@ -36,7 +36,9 @@ def test_bench_saves_each_hosts_profile_and_reuses_it(tmp_path):
     assert first.stdout.count(" measured (") == 2, first
     assert "LLM decoding" in first.stdout and "--weights " in first.stdout, first
     profiles = sorted((tmp_path / "cache" / "profiles").glob("*.json"))
-    assert [p.name.split("-")[1] for p in profiles] == ["ggml", "numpy"], profiles
+    # one per device slot: rank 0 (local rank 0) on numpy, rank 1 on ggml
+    assert sorted(("-ggml-" in p.name, p.name.endswith("-l1.json")) for p in profiles) == \
+        [(False, False), (True, True)], profiles
     again = run_cmd(launch.command(2, bench), env, timeout=180)
     assert again.returncode == 0 and again.stdout.count(" reused (") == 2, again
     fresh = run_cmd(launch.command(2, [*bench, "--remeasure"]), env, timeout=180)

@@ -9,9 +9,12 @@ or memory bus measure what they get while the others work too. Each also notes h
 that time the kernel held it back (another program on its core, a CPU quota).
 
 A profile is saved on the rank's own host, in the cache folder
-(``profiles/HOST-BACKEND-DEVICE-tTHREADS.json``), and reused until ``remeasure``; a file
-that is unreadable or incomplete is measured again. Free memory is read when the profiles
-are taken (once per job: a model's load reads it afresh for its memory plan).
+(``profiles/HOST-BACKEND-DEVICE-tTHREADS-lLOCALRANK.json``: one per device slot), and
+reused until ``remeasure``, so shares come out the same job after job (a split cached on
+the nodes' disks stays valid); a file that is unreadable or incomplete is measured again.
+"held" is saved too: a profile measured while another program took a rank's cores says so
+until it is measured again (``cmatrix bench --remeasure``). Free memory is read when the
+profiles are taken (once per job: a model's load reads it afresh for its memory plan).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def profiles(d: Driver, remeasure: bool = False, seconds: float = 0.15) -> list[
     """Every rank's profile (see the module doc): ``{"rank", "host", "backend", "device",
     "threads", "decode": {kind: weight values/s}, "decode_gbps": {kind: GB/s}, "gemm": {kind:
     flop/s}, "held": the fraction of the time the kernel kept it runnable but not running
-    while it measured (None for a saved profile), "free": bytes or None, "saved": path,
+    while it measured, "free": bytes or None, "saved": path,
     "reused": bool}``; the shares they suggest: :func:`cmatrix.core.shares.suggested` and
     :func:`~cmatrix.core.shares.decode_shares`. A saved profile is read once per job."""
     if d.config is None:
@@ -83,8 +86,9 @@ class SpeedMethods:
         return profiles(self.driver, remeasure, QUICK_SECONDS if seconds is None else seconds)
 
 
-def profile_path(host: str, backend: str, device: str, threads: int) -> Path:
+def profile_path(host: str, backend: str, device: str, threads: int, local_rank: int) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{host}-{backend}-{device}-t{threads}")[:150]
+    slug += f"-l{local_rank}"
     return cache_dir() / "profiles" / f"{slug}.json"
 
 
@@ -192,16 +196,14 @@ def _speed_profile(rt: Runtime, h: SpeedProfile, _: Any) -> list[dict] | None:
     with rt.step("speed"):
         dev = rt.backend
         threads = getattr(dev.backend, "threads", 0)
-        path = profile_path(comm.host, rt.backend_name, dev.device, threads)
+        path = profile_path(comm.host, rt.backend_name, dev.device, threads, comm.local_rank)
         saved = None if h.remeasure else _read_profile(path)
         reused = saved is not None
         if saved is None:
             saved = {"version": PROFILE_VERSION, "cmatrix": __version__, "host": comm.host,
                      "backend": rt.backend_name, "device": dev.device, "threads": threads,
                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), **measure(dev, h.seconds)}
-        # how much another program took this rank's cores describes the moment, not the machine:
-        # it is not saved (a reused profile says None)
-        report = {"held": None, **saved, "rank": comm.rank, "saved": str(path), "reused": reused,
+        report = {**saved, "rank": comm.rank, "saved": str(path), "reused": reused,
                   "free": dev.memory_free()[0]}
     rt.sync()
     if not report["reused"]:
@@ -209,7 +211,7 @@ def _speed_profile(rt: Runtime, h: SpeedProfile, _: Any) -> list[dict] | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps({k: v for k, v in report.items()
-                                           if k not in ("rank", "saved", "reused", "free", "held")},
+                                           if k not in ("rank", "saved", "reused", "free")},
                                           indent=1))
         except OSError as exc:
             report["saved"] = f"not saved: {exc.strerror or exc}"
