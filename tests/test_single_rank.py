@@ -86,6 +86,12 @@ def test_shape_mismatch_is_refused(cl):
     refused(cl, lambda: cl.add(f32(2, 3), f32(3, 2)), "shapes differ")
 
 
+def test_weights_that_are_neither_shares_nor_auto_are_refused(cl):
+    with pytest.raises(cm.InputError, match="'auto'"):
+        cm.init(weights="fast")
+    assert list(cl.weights) == [1.0]
+
+
 def test_bad_weights_are_refused(cl):
     refused(cl, lambda: cl.shard(f32(4, 4), weights=[0.5, 0.5]), "weights: needs one share per rank")
     refused(cl, lambda: cl.shard(f32(4, 4), weights=[0.9]), "weights: shares must sum to 1")

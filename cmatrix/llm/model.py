@@ -77,6 +77,8 @@ class DecoderModel:
         if wire not in WIRE_TYPES:
             raise InputError(f"wire: one of {', '.join(map(repr, WIRE_TYPES))}, got {wire!r}")
         self.wire = wire
+        if rebalance not in (None, True, False):
+            raise InputError(f"rebalance: True, False or None (on with measured shares), got {rebalance!r}")
         if local_weights not in lw.MODES:
             raise InputError(f"local_weights: one of {', '.join(map(repr, lw.MODES))}, got {local_weights!r}")
         if local_weights == "on" and cache is not None:
@@ -115,8 +117,6 @@ class DecoderModel:
         self._local_blocks: list[int] = []  # ids of blocks placed by llm_shard_local
         self._file_vocabulary = False  # a GGUF file that holds its tokenizer
         self._id = None
-        if rebalance not in (None, True, False):
-            raise InputError(f"rebalance: True, False or None (on with measured shares), got {rebalance!r}")
         #: per-rank compute times of the decode steps, and the re-plans they called for
         self.balancer = Balancer(self, self.auto_weights if rebalance is None else rebalance)
         began = time.perf_counter()

@@ -12,6 +12,8 @@ SITUATION:
 - "zero": shares [1, 0]: rank 1 holds nothing and takes no part in any decode step.
 - "replan": ``model.replan`` in the middle of a sequence (to [0.8, 0.2], then [1, 0], then
   back): the K/V cache moves with the heads, and the logits equal those of a model never moved.
+- "replan-fault": rank 1 fails in a re-plan (the test sets CMATRIX_FAULT): the driver gets the
+  error, the model is closed, and it loads again.
 """
 
 import sys
@@ -97,6 +99,27 @@ elif situation == "replan":
         got.append(m.forward(ids[i:i + 2], all_logits=True))
     t.check("a rank moved to no share leaves the steps, and comes back", m.members == [0, 1], str(m.members))
     t.close("logits with the K/V cache moved four times", np.concatenate(got), want, rtol=1e-4)
+    t.refused("shares for another number of ranks", "weights", lambda: m.replan([1.0]))
+    t.refused("an invalid rebalance setting", "rebalance",
+              lambda: cm.llm.load(cl, model_path, rebalance="yes"))
     m.close()
+
+elif situation == "replan-fault":  # CMATRIX_FAULT=llm_kv_scatter:import:1
+    model_path = sys.argv[2]
+    ids = [1, 5, 9, 33, 2, 17]
+    m = cm.llm.load(cl, model_path, weights=[0.5, 0.5])
+    want = m.forward(ids, start=0, all_logits=True)
+    # rank 1 fails while the K/V cache comes back: the model is closed, not left half placed
+    try:
+        m.replan([0.6, 0.4])
+    except cm.RankError as err:
+        t.check("the failing rank is named", err.ranks == [1], str(err))
+    else:
+        t.check("a failure while the cache comes back is raised", False)
+    t.refused("a model a failed re-plan closed", "closed", lambda: m.forward([1]))
+    m.close()
+    again = cm.llm.load(cl, model_path, weights=[0.5, 0.5])
+    t.close("the model loads again after it", again.forward(ids, start=0, all_logits=True), want, rtol=1e-4)
+    again.close()
 
 t.finish()
