@@ -128,7 +128,7 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
     rt.sync()
     release_free_heap()  # give back the heap the blocks' temporaries took (also the decoder's own)
     # Ranks holding nothing of the decoder stay out of its steps' collectives.
-    decoder.members = members(h.qkv_counts, h.gate_up_counts, h.vocab_counts or h.qkv_counts)
+    decoder.members = members(h.qkv_counts, h.gate_up_counts, h.vocab_counts)
     if len(decoder.members) < comm.size:
         decoder.group = comm.group(comm.rank in decoder.members)
     else:

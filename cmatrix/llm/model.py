@@ -44,6 +44,7 @@ from .gguf_file import GgufCheckpoint, is_gguf
 from .layout import check_quant, fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
 from .memory_plan import RankMemory
 from .rebalance import Balancer, speed_shares
+from .rebalance import replan as place_again
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -124,9 +125,7 @@ class DecoderModel:
             self._load()
             self.balancer.cost = time.perf_counter() - began
         except BaseException:
-            for ident in self._local_blocks:  # blocks already placed: freed with the next command
-                cluster.driver.free_later(ident)
-            self._local_blocks = []
+            self.abandon()  # blocks already placed: freed with the next command
             raise
         if gguf is not None:  # the file stays mapped while open: close it (the tokenizer reopens it)
             self._file_vocabulary = gguf.has_vocabulary()
@@ -414,9 +413,7 @@ class DecoderModel:
             raise InputError("this model was closed")
         weights = validate_weights(weights, self.cluster.size)
         memory_plan.check(self.config, weights, self.quant, self.dtype, self.memory_ranks)
-        from .rebalance import replan
-
-        return replan(self, weights)
+        return place_again(self, weights)
 
     @contextlib.contextmanager
     def checkpoint_open(self) -> Iterator[None]:
@@ -435,7 +432,7 @@ class DecoderModel:
             self.checkpoint.close()
 
     def abandon(self) -> None:
-        """After a failed re-placement: free whatever was placed, and close the model."""
+        """After a failed (re-)placement: free whatever was placed, and close the model."""
         if self._id is not None:
             self._finalizer.detach()
         for ident in [*self._local_blocks, *([self._id] if self._id is not None else [])]:
