@@ -117,6 +117,7 @@ elif situation == "replan-fault":  # CMATRIX_FAULT=llm_kv_scatter:import:1
     else:
         t.check("a failure while the cache comes back is raised", False)
     t.refused("a model a failed re-plan closed", "closed", lambda: m.forward([1]))
+    t.refused("re-planning a closed model", "closed", lambda: m.replan([0.5, 0.5]))
     m.close()
     again = cm.llm.load(cl, model_path, weights=[0.5, 0.5])
     t.close("the model loads again after it", again.forward(ids, start=0, all_logits=True), want, rtol=1e-4)
