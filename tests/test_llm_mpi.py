@@ -229,6 +229,18 @@ def test_a_failure_among_the_ranks_that_hold_work_skips_the_one_that_holds_none(
     assert r.stdout.count("CAUGHT") == 2 and "RECOVERED" in r.stdout, r
 
 
+def test_a_failing_stage_reaches_the_driver_and_the_pipeline_recovers(tmp_path):
+    """In pipeline stages the failure flags travel with the hidden state and the logits'
+    gather names the failed ranks: a failure in the first stage, in the middle one (after the
+    first ran) and on the driver's stage each reach the driver with its rank and phase."""
+    _need("ggml")
+    env = {"CMATRIX_FAULT": "llm_step:attention:1,llm_step:mlp:2,llm_step:logits:0",
+           "LLM_FAULT_PARALLEL": "pp"}
+    r = mpirun(3, JOBS / "llm_fault.py", str(tmp_path), env=env, timeout=180)
+    assert r.returncode == 0, r
+    assert r.stdout.count("CAUGHT") == 3 and "RECOVERED" in r.stdout, r
+
+
 def test_a_crashed_rank_ends_the_job_without_a_hang(tmp_path):
     _need("ggml")
     r = mpirun(2, JOBS / "llm_fault.py", str(tmp_path), env={"CMATRIX_FAULT": "llm_step:mlp:1:exit"},

@@ -29,6 +29,8 @@ HEADER_BYTES = 2048
 _TAG_BLOCKS = 11
 _TAG_HEADER_TAIL = 12
 _TAG_HEADER = 13
+_TAG_PIPE = 14
+_TAG_REPORT = 15
 
 # A waiting worker spins this long after each command (so back-to-back calls,
 # as in LLM decoding, see no added latency), then sleeps with back-off so an
@@ -155,8 +157,37 @@ class Comm(GridTransfers):
         """Collective: a communicator of the ranks passing ``member=True`` (the driver must be
         one; they keep their order), or None on the others. Collectives on it leave the others
         alone: a rank with no work need not join every step."""
-        sub = self.world.Split(0 if member else MPI.UNDEFINED, key=self.rank)
+        return self.split(0 if member else None)
+
+    def split(self, color: int | None) -> GroupComm | None:
+        """Collective: one communicator per ``color`` (ranks keep their order), None where
+        ``color`` is None."""
+        sub = self.world.Split(MPI.UNDEFINED if color is None else color, key=self.rank)
         return None if sub == MPI.COMM_NULL else GroupComm(self, sub)
+
+    # ---- point to point (pipeline stages, link probes) ----------------------
+
+    def send(self, array: np.ndarray, dest: int, tag: int = _TAG_PIPE) -> None:
+        """``array`` to rank ``dest`` of this communicator."""
+        self._count(array.nbytes)
+        self.bytes_sent += array.nbytes
+        self.world.Send([array, _mpi_type(array.dtype)], dest=dest, tag=tag)
+
+    def recv(self, array: np.ndarray, source: int, tag: int = _TAG_PIPE) -> None:
+        """Into ``array``, what rank ``source`` sent with :meth:`send`."""
+        self.world.Recv([array, _mpi_type(array.dtype)], source=source, tag=tag)
+
+    def send_object(self, obj: Any, dest: int) -> None:
+        """A small report (pickled) to rank ``dest``."""
+        self.world.send(obj, dest=dest, tag=_TAG_REPORT)
+
+    def recv_object(self, source: int) -> Any:
+        """What rank ``source`` sent with :meth:`send_object` (ranks of this job only)."""
+        return self.world.recv(source=source, tag=_TAG_REPORT)
+
+    def barrier(self) -> None:
+        """Collective: wait for every rank."""
+        self.world.Barrier()
 
     def abort(self, code: int = 1) -> None:
         """End the whole job now: used only when ranks can no longer agree."""
@@ -428,7 +459,7 @@ class GroupComm(Comm):
     def __init__(self, parent: Comm, sub: MPI.Intracomm) -> None:  # noqa: D107 - no super(): no Dup, no Split
         self.parent, self.world = parent, sub
         self.rank, self.size = sub.Get_rank(), sub.Get_size()
-        self.world_rank, self.host = parent.rank, parent.host
+        self.world_rank, self.host = parent.world_rank, parent.host
         self.local, self.local_rank, self.local_size = parent.local, parent.local_rank, parent.local_size
         self.local_peers = parent.local_peers
         self._header = parent._header

@@ -116,6 +116,29 @@ class Runtime:
             return
         np.sum(to_float32(everyone, wire), axis=0, out=buffer)
 
+    @property
+    def failed(self) -> bool:
+        """Whether a step of this command failed on this rank (not yet reported)."""
+        return self._failure is not None
+
+    def settle(self, failed: list[int]) -> None:
+        """Instead of :meth:`sync`, where the failure flags travelled with the command's data
+        (a pipeline step: each stage passes them on, and the gather tells the driver which
+        ranks failed): each failed rank sends its report to the driver point to point and
+        leaves the command; the driver receives the reports of ``failed`` (ranks of this
+        communicator) and raises. Ranks that did not fail return: no collective at all."""
+        if not self.comm.is_driver:
+            if self._failure is not None:
+                self.comm.send_object(self._failure, 0)
+                self._failure = None
+                raise Abandoned
+            return
+        reports = [self._failure] if self._failure is not None else []
+        reports += [self.comm.recv_object(r) for r in failed if r != 0]
+        self._failure = None
+        if reports:
+            raise RankError(reports)
+
     def _gathered(self, small: np.ndarray) -> np.ndarray:
         """A reused (ranks, size) receive buffer for :meth:`sum_flagged`'s 16-bit sums."""
         key = (self.comm.size, small.size, small.dtype)  # steps may run on groups of other sizes

@@ -27,6 +27,9 @@ from . import local_weights
 from .config import DecoderConfig
 from .layers import RankDecoder
 from .layout import unpack
+from .pipeline import join, pipeline_step
+from .rank_part import busy_seconds
+from .stages import Stage, stage_of
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class LlmLoad(Header, op="llm_load"):
     vectors_size: int
     wire: str = "float32"               # the type partial sums travel in (see Runtime.sum_flagged)
     vocab_counts: tuple[int, ...] = ()  # LM head rows per rank
+    #: pipeline stages, each (ranks, first layer, end layer); empty: tensor-parallel
+    stages: tuple[tuple[tuple[int, ...], int, int], ...] = ()
 
 
 def members(qkv_counts: Sequence[int], gate_up_counts: Sequence[int],
@@ -111,19 +116,22 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
     comm.bcast(vectors)
     with rt.step("load"):
         cfg = DecoderConfig(**h.config)
-        found = unpack(vectors, h.vectors)
-        qkv_plan, gate_up_plan = Plan(0, h.qkv_counts), Plan(0, h.gate_up_counts)
+        stages = [Stage(*s) for s in h.stages]
+        first, end = next(((s.first, s.end) for s in stages if comm.rank in s.ranks), (0, cfg.num_layers))
         mine = {}
-        for name, v in found.items():
-            if name.endswith(".qkv_bias"):
-                v = v[qkv_plan.block(comm.rank)]
-            elif name.endswith(".gate_up_bias"):
-                v = v[gate_up_plan.block(comm.rank)]
+        for name, v in unpack(vectors, h.vectors).items():
+            layer = int(name.split(".")[0]) if name[0].isdigit() else None
+            if layer is not None and not first <= layer < end:
+                continue  # another stage's
+            held = _held_by(stages, layer, comm.size)
+            for suffix, counts in ((".qkv_bias", h.qkv_counts), (".gate_up_bias", h.gate_up_counts)):
+                if name.endswith(suffix):  # the rank's slice among the ranks holding this layer
+                    v = v[Plan(0, tuple(c * k for c, k in zip(counts, held, strict=True))).block(comm.rank)]
             mine[name] = v.copy()
-        layers = [{part: rt.block(ident) for part, ident in ids.items()} for ids in h.layers]
+        layers = [{part: rt.block(ident) for part, ident in ids.items()} for ids in h.layers[first:end]]
         unit = (cfg.group_size + 2) * cfg.head_dim
         decoder = decoder_for(rt.backend)(cfg, rt.backend, layers, rt.block(h.lm_head), mine,
-                                          groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk)
+                                          groups=h.qkv_counts[comm.rank] // unit, chunk=h.chunk, first=first)
         decoder.wire = h.wire
     rt.sync()
     release_free_heap()  # give back the heap the blocks' temporaries took (also the decoder's own)
@@ -133,6 +141,8 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
         decoder.group = comm.group(comm.rank in decoder.members)
     else:
         decoder.group = comm
+    if stages:
+        decoder.pipe = join(comm, stages, decoder.members, mine)
     rt.models[h.model] = decoder  # only once every rank has its part
     kinds = comm.gather_objects(decoder.kind)
     return kinds if comm.is_driver else None
@@ -156,7 +166,17 @@ def _llm_step(rt: Runtime, h: LlmStep, x: np.ndarray | None) -> np.ndarray | Non
         rt.bystander = True
         return None
     with rt.within(model.group):
+        if model.pipe is not None:
+            return pipeline_step(rt, model, h, x)
         return _step(rt, model, h, x)
+
+
+def _held_by(stages: list[Stage], layer: int | None, size: int) -> list[int]:
+    """Per rank, 1 if it holds part of ``layer`` (None: of every layer, as in tensor parallelism)."""
+    if not stages or layer is None:
+        return [1] * size
+    stage = stage_of(stages, layer)
+    return [1 if r in stage.ranks else 0 for r in range(size)]
 
 
 def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarray | None:
@@ -206,15 +226,6 @@ def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarr
             prof.add("collectives", waited)
             prof.step(time.perf_counter() - began)
     return full
-
-
-def busy_seconds(elapsed: float, waited: float, held: float, held_before: float = 0.0) -> float:
-    """How long a step held the others up on this rank's account: its compute time, plus the
-    time the kernel kept it runnable but not running (a CPU quota, a busier program) outside
-    its compute: ``held`` during the step (the part that fell in its waits) and ``held_before``
-    since its previous step. A rank held back while the others need it in a collective delays
-    them as much as slow arithmetic does."""
-    return max(elapsed - waited, 0.0) + (held * waited / elapsed if elapsed > 0 else 0.0) + held_before
 
 
 @on_ranks(LlmProfile)

@@ -184,8 +184,8 @@ class GraphDecoder(RankPart):
     _own = None  # the ggml backend this decoder started itself (on a non-ggml rank)
 
     def __init__(self, cfg: DecoderConfig, device: Any, layers: list[dict], lm_head: Any,
-                 vectors: dict[str, np.ndarray], groups: int, chunk: int) -> None:
-        self.cfg, self.groups, self.chunk = cfg, groups, chunk
+                 vectors: dict[str, np.ndarray], groups: int, chunk: int, first: int = 0) -> None:
+        self.cfg, self.groups, self.chunk, self.first = cfg, groups, chunk, first
         self._borrowed: list[Any] = []
         if device.name == "ggml":
             gb = device.backend
@@ -236,9 +236,9 @@ class GraphDecoder(RankPart):
         cfg = self.cfg
         cap = cache_capacity(self.capacity, needed, self.cfg.max_positions)
         width = self.groups * cfg.head_dim
-        ctx = self.memory.context(2 * cfg.num_layers)
+        ctx = self.memory.context(2 * len(self.w))
         caches = [tuple(ggml.ggml_new_tensor_2d(ctx, _F32, width, cap) for _ in "kv")
-                  for _ in range(cfg.num_layers)]
+                  for _ in self.w]
         buf = self.memory.allocate(ctx, self.backend, f"a K/V cache of {cap} positions")
         if self.capacity:
             old = np.empty((self.capacity, width), dtype=np.float32)
@@ -254,7 +254,7 @@ class GraphDecoder(RankPart):
     def kv_export(self, length: int) -> np.ndarray:
         """Positions [0, length) of every layer's K/V cache: (2 * layers, groups, length, head_dim)."""
         g, d = self.groups, self.cfg.head_dim
-        out = np.empty((2 * self.cfg.num_layers, g, length, d), dtype=np.float32)
+        out = np.empty((2 * len(self.w), g, length, d), dtype=np.float32)
         if not g or not length:
             return out
         rows = np.empty((self.capacity, g * d), dtype=np.float32)
@@ -378,7 +378,7 @@ class GraphDecoder(RankPart):
 
     def attention(self, i: int, total: np.ndarray | None, out: np.ndarray) -> None:
         """Layer ``i``'s attention: this rank's heads' partial sum of its output into ``out``."""
-        cfg, w, s = self.cfg, self.w[i], self._current
+        cfg, w, s = self.cfg, self.w[i - self.first], self._current
         d, rep, g, t, cap = cfg.head_dim, cfg.group_size, self.groups, s["t"], self.capacity
         bias = f"{i - 1}.down_bias"
         if g == 0:
@@ -399,7 +399,7 @@ class GraphDecoder(RankPart):
             q = ggml.ggml_cont(ctx, ggml.ggml_view_4d(ctx, r, d, rep, g, t, nb1, nb2, nb3, 0))
             k = ggml.ggml_cont(ctx, ggml.ggml_view_4d(ctx, r, d, 1, g, t, nb1, nb2, nb3, rep * d * f))
             v = ggml.ggml_cont(ctx, ggml.ggml_view_4d(ctx, y, d, 1, g, t, nb1, nb2, nb3, (rep + 1) * d * f))
-            k_cache, v_cache = self.caches[i]
+            k_cache, v_cache = self.caches[i - self.first]
             k_all = ggml.ggml_set_rows(ctx, k_cache, ggml.ggml_reshape_2d(ctx, k, d * g, t), s["rows"])
             v_all = ggml.ggml_set_rows(ctx, v_cache, ggml.ggml_reshape_2d(ctx, v, d * g, t), s["rows"])
             row = d * g * f
@@ -413,7 +413,7 @@ class GraphDecoder(RankPart):
 
     def mlp(self, i: int, total: np.ndarray, out: np.ndarray) -> None:
         """Layer ``i``'s MLP: this rank's rows' partial sum of its output into ``out``."""
-        w, c, n, t = self.w[i], self.chunk, self.mlp_rows[i], self._current["t"]
+        w, c, n, t = self.w[i - self.first], self.chunk, self.mlp_rows[i - self.first], self._current["t"]
         bias = f"{i}.o_bias"
         if n == 0:
             out[...] = 0

@@ -58,21 +58,21 @@ class RankDecoder(RankPart):
     """
 
     def __init__(self, cfg: DecoderConfig, device: Any, layers: list[dict], lm_head: Any,
-                 vectors: dict[str, np.ndarray], groups: int, chunk: int) -> None:
+                 vectors: dict[str, np.ndarray], groups: int, chunk: int, first: int = 0) -> None:
         self.kind = f"numpy+{device.name}"
         self.cfg, self.dev, self.layers, self.lm_head = cfg, device, layers, lm_head
-        self.vectors, self.groups, self.chunk = vectors, groups, chunk
+        self.vectors, self.groups, self.chunk, self.first = vectors, groups, chunk, first
         self.scale = np.float32(cfg.head_dim ** -0.5)
         self.inv_freq = cfg.inv_freq()
         self._angles: tuple = ((-1, 0), None, None)
-        self.caches = [KVCache(groups, cfg.head_dim, cfg.max_positions) for _ in range(cfg.num_layers)]
+        self.caches = [KVCache(groups, cfg.head_dim, cfg.max_positions) for _ in layers]
         self.x = np.zeros((0, cfg.hidden_size), dtype=np.float32)
         self.start = 0
 
     def kv_export(self, length: int) -> np.ndarray:
         """Positions [0, length) of every layer's K/V cache: (2 * layers, groups, length, head_dim),
         each layer's keys (rotated) then its values."""
-        out = np.empty((2 * self.cfg.num_layers, self.groups, length, self.cfg.head_dim), dtype=np.float32)
+        out = np.empty((2 * len(self.caches), self.groups, length, self.cfg.head_dim), dtype=np.float32)
         for i, c in enumerate(self.caches if self.groups else ()):  # no groups: the caches never grow
             out[2 * i], out[2 * i + 1] = c.k[:, :length], c.v[:, :length]
         return out
@@ -144,15 +144,16 @@ class RankDecoder(RankPart):
             out[...] = 0
             return
         h = self.norm(x, f"{i}.attn_norm")
-        q, k, v = split_qkv(self._linear(h, self.layers[i]["qkv"], self._vec(f"{i}.qkv_bias")), self.cfg)
+        w = self.layers[i - self.first]
+        q, k, v = split_qkv(self._linear(h, w["qkv"], self._vec(f"{i}.qkv_bias")), self.cfg)
         with self._timed("norms/rotary/elementwise"):
             cos, sin = self._rotary(start, t)
             q = self._rope(q, cos[:, None, None, :], sin[:, None, None, :])
             k = self._rope(k, cos[:, None, :], sin[:, None, :])
         with self._timed("attention"):
-            keys, values = self.caches[i].extend(start, k, v)
+            keys, values = self.caches[i - self.first].extend(start, k, v)
             attended = self._attend(q, keys, values, start, self.cfg.windows[i])
-        out[...] = self._linear(attended, self.layers[i]["o"])
+        out[...] = self._linear(attended, w["o"])
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
                 window: int | None) -> np.ndarray:
@@ -173,15 +174,16 @@ class RankDecoder(RankPart):
     def mlp(self, i: int, total: np.ndarray, out: np.ndarray) -> None:
         """Layer ``i``'s MLP: this rank's rows' partial sum of its output into ``out``."""
         self._residual(total, f"{i}.o_bias")
-        if self.layers[i]["down"].shape[1] == 0:
+        if self.layers[i - self.first]["down"].shape[1] == 0:
             out[...] = 0
             return
         h = self.norm(self.x, f"{i}.mlp_norm")
-        gate, up = split_gate_up(self._linear(h, self.layers[i]["gate_up"], self._vec(f"{i}.gate_up_bias")),
+        w = self.layers[i - self.first]
+        gate, up = split_gate_up(self._linear(h, w["gate_up"], self._vec(f"{i}.gate_up_bias")),
                                  self.chunk)
         with self._timed("norms/rotary/elementwise"), np.errstate(over="ignore"):
             act = gate / (np.float32(1.0) + np.exp(-gate)) * up
-        out[...] = self._linear(act, self.layers[i]["down"])
+        out[...] = self._linear(act, self.layers[i - self.first]["down"])
 
     def logits(self, total: np.ndarray, all_rows: bool) -> np.ndarray:
         """This rank's vocabulary slice of the logits of the last row (or of every row)."""

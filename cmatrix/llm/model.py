@@ -43,8 +43,10 @@ from .config import DecoderConfig
 from .gguf_file import GgufCheckpoint, is_gguf
 from .layout import check_quant, fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
 from .memory_plan import RankMemory
+from .pipeline import decide
 from .rebalance import Balancer, speed_shares
 from .rebalance import replan as place_again
+from .stages import check_mode, layer_weights
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -60,8 +62,9 @@ class DecoderModel:
     def __init__(self, cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str | None = None,
                  quant: str | None = None, cache: str | None = None, name: str | None = None,
                  dtype: str | None = None, wire: str = "float32", local_weights: str = "auto",
-                 rebalance: bool | None = None) -> None:
+                 rebalance: bool | None = None, parallel: str = "auto") -> None:
         self.cluster, self.path = cluster, Path(path)
+        check_mode(parallel)
         gguf = gguf_checkpoint(self.path)
         self.config = cfg = gguf.config if gguf else DecoderConfig.from_dir(self.path)
         #: what was converted on the way in (a GGUF file's K-quants...), or None
@@ -105,6 +108,10 @@ class DecoderModel:
             if cache != "load" or key.rsplit(".", 1)[-1] not in MATRICES:
                 self.checkpoint.check(tensor, shape)
         self._check_memory()
+        #: pipeline stages (None: tensor-parallel over every rank), and which and why, in words
+        self.stages, self.layout_note = decide(self, parallel)
+        if self.stages:
+            rebalance = False  # re-plans re-split a tensor-parallel model
         #: per rank: None if it read its weight blocks from its own copy of the checkpoint, else why not
         self.local_problems: list[str | None] = ["cache= was given"] * cluster.size
         if cache is None:  # with a cache, blocks come from the ranks' cache files or the driver
@@ -146,10 +153,10 @@ class DecoderModel:
         w = None if self.cache == "load" else build()
         if w is not None and self.quant is None and self.dtype != "float32":
             w = HostArray(from_float32(w, self.dtype), self.dtype, "numpy")
-        m = self.cluster.shard(w, name=f"{self.name}.{suffix}", weights=self.weights, axis=axis,
+        m = self.cluster.shard(w, name=f"{self.name}.{suffix}", weights=self._weights_for(layer), axis=axis,
                                quant=self.quant, quant_axis=1, cache=self.cache, align=align)
         self._matrices.append(m)
-        self._bar.update(int(shape[0] * shape[1] * self._stored_bytes_per_value()))
+        self._bar.update(int(shape[0] * shape[1] * self.stored_bytes_per_value()))
         dtype = "float32" if self.quant else self.dtype
         if tuple(m.shape) != shape or m.quant != self.quant or m.axis != axis or m.dtype != dtype:
             raise InputError(f"the cached {m.name} is {m.quant or m.dtype} {tuple(m.shape)} split along "
@@ -175,10 +182,10 @@ class DecoderModel:
         them all (a rank the kernel holds back answers fewer commands late)."""
         dtype = "float32" if self.quant else self.dtype
         plans = []
-        for _, shape, align, axis, _, _ in specs:
+        for _, shape, align, axis, _, layer in specs:
             if self.quant and axis == 1:  # every rank holds whole blocks (as Cluster.shard aligns them)
                 align = math.lcm(align, q.BLOCK)
-            plans.append(Plan.from_weights(shape[axis], self.weights, axis, align))
+            plans.append(Plan.from_weights(shape[axis], self._weights_for(layer), axis, align))
         matrices = [(part, layer, shape, plan, f"{self.name}.{suffix}")
                     for (suffix, shape, _, _, part, layer), plan in zip(specs, plans, strict=True)]
         d, path, cfg, local = self.cluster.driver, self.path, self.config, self.local_ranks
@@ -189,7 +196,7 @@ class DecoderModel:
                                      lambda _, m=m: self._sent(*m[:4], dtype))[0] for m in matrices]
         for m in placed:
             self._local_blocks.append(m.id)
-            self._bar.update(int(m.shape[0] * m.shape[1] * self._stored_bytes_per_value()))
+            self._bar.update(int(m.shape[0] * m.shape[1] * self.stored_bytes_per_value()))
         return placed
 
     def _sent(self, part: str, layer: int, shape: tuple[int, int], plan: Plan, dtype: str) -> np.ndarray:
@@ -232,7 +239,13 @@ class DecoderModel:
         return [kind if rep["per_value"] <= kept else f"float32 (widened from {kind})"
                 for rep in self.memory_before]
 
-    def _stored_bytes_per_value(self) -> float:
+    def _weights_for(self, layer: int) -> Sequence[float]:
+        """Per rank, its share of ``layer`` (-1: of the LM head): zero outside the stage holding it."""
+        if not self.stages:
+            return self.weights
+        return layer_weights(self.stages, self.weights, None if layer < 0 else layer)
+
+    def stored_bytes_per_value(self) -> float:
         """Bytes per weight as the ranks store it (quantised blocks: with their scales)."""
         if self.quant:
             return q.BLOCK_BYTES[self.quant] / q.BLOCK
@@ -242,9 +255,10 @@ class DecoderModel:
         cfg, cl = self.config, self.cluster
         self._chunk = chunk = mlp_chunk(cfg, self.quant)
         layers, vectors = [], {}
+        self._qkv_counts = self._gate_up_counts = [0] * cl.size
         sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, self.quant).items()}
         matrices = cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
-        total = int(matrices * self._stored_bytes_per_value())  # one bar: bytes as the ranks store them
+        total = int(matrices * self.stored_bytes_per_value())  # one bar: bytes as the ranks store them
         with progress.bar(total, f"loading {self.path.name}") as self._bar:
             for i in range(cfg.num_layers):
                 layers.append(self._load_layer(i, chunk, vectors))
@@ -262,7 +276,7 @@ class DecoderModel:
         self.decoders: list[str] = d.run(LlmLoad(
             self._id, dataclasses.asdict(cfg), tuple(layers), head.id, tuple(self._qkv_counts),
             tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire,
-            tuple(self._vocab_counts)), buffer)
+            tuple(self._vocab_counts), tuple((s.ranks, s.first, s.end) for s in self.stages or ())), buffer)
         #: the ranks that run its steps: the driver and those holding some of it
         self.members = members(self._qkv_counts, self._gate_up_counts, self._vocab_counts)
 
@@ -290,7 +304,9 @@ class DecoderModel:
             down = shard(lambda: r("down"), "down")
         if [c // ((cfg.group_size + 2) * cfg.head_dim) for c in qkv.counts] != [c // width for c in o.counts]:
             raise InputError("internal: q/k/v and o_proj were split differently")
-        self._qkv_counts, self._gate_up_counts = list(qkv.counts), list(gate_up.counts)
+        # a rank's counts in its own layers (in pipeline stages, other layers' are zero)
+        self._qkv_counts = [max(a, b) for a, b in zip(self._qkv_counts, qkv.counts, strict=True)]
+        self._gate_up_counts = [max(a, b) for a, b in zip(self._gate_up_counts, gate_up.counts, strict=True)]
         vectors[f"{i}.attn_norm"] = r("attn_norm")
         vectors[f"{i}.mlp_norm"] = r("mlp_norm")
         if cfg.qkv_bias:
@@ -411,6 +427,9 @@ class DecoderModel:
         on where it was. Returns the seconds it took. On failure the model is closed."""
         if self._id is None:
             raise InputError("this model was closed")
+        if self.stages:
+            raise InputError("replan re-splits a tensor-parallel model; this one runs in pipeline stages "
+                             "(load it with parallel='tp' to re-plan)")
         weights = validate_weights(weights, self.cluster.size)
         memory_plan.check(self.config, weights, self.quant, self.dtype, self.memory_ranks)
         return place_again(self, weights)
@@ -487,7 +506,7 @@ def _default_name(path: Path) -> str:
 def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str | None = None,
          quant: str | None = None, cache: str | None = None, name: str | None = None,
          dtype: str | None = None, wire: str = "float32", local_weights: str = "auto",
-         rebalance: bool | None = None) -> DecoderModel:
+         rebalance: bool | None = None, parallel: str = "auto") -> DecoderModel:
     """Load a Llama-family checkpoint (a local Hugging Face folder or a ``.gguf`` file) onto the
     cluster.
 
@@ -510,8 +529,12 @@ def load(cluster: Any, path: str | os.PathLike, weights: Sequence[float] | str |
     is given (F16/BF16/Q8_0/Q4_0; other block types become q8_0 or q4_0, and
     ``model.conversion_note`` says so). ``rebalance``: while generating, move work away from
     a rank that stays slower than its share predicts (see :mod:`cmatrix.llm.rebalance`);
-    default on with measured shares ("auto"), off with shares given.
+    default on with measured shares ("auto"), off with shares given (and in pipeline stages).
+    ``parallel``: "tp" splits every layer across every rank (two sums per layer per token);
+    "pp" gives each host a contiguous range of layers (split among its ranks), so a token
+    crosses each link once; "auto" (default) measures the links and the ranks' speed and
+    picks the faster (always "tp" on one host). ``model.layout_note`` says what was chosen.
     """
     return DecoderModel(cluster, path, weights=weights, quant=quant, cache=cache, name=name, dtype=dtype,
-                        wire=wire, local_weights=local_weights, rebalance=rebalance)
+                        wire=wire, local_weights=local_weights, rebalance=rebalance, parallel=parallel)
 

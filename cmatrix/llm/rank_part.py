@@ -108,6 +108,10 @@ class RankPart:
     #: their communicator (None on a rank outside it)
     members: list[int] = []
     group: Any = None
+    #: in pipeline stages: this rank's part (see :class:`cmatrix.llm.pipeline.PipeRole`), else None
+    pipe: Any = None
+    #: the first layer this rank holds (its stage's, in pipeline stages): layer i is its i - first
+    first = 0
     _run_delay: RunDelay | None = None
     #: :meth:`run_delay` when this rank's previous step ended (None before the first)
     held_mark: float | None = None
@@ -123,6 +127,9 @@ class RankPart:
         free, self.group = getattr(self.group, "free", None), None
         if free is not None:
             free()
+        if self.pipe is not None:
+            self.pipe.leave()
+            self.pipe = None
 
     @property
     def counters(self) -> RankCounters:
@@ -140,6 +147,15 @@ class RankPart:
         """Start profiling decode steps afresh, or stop."""
         self.profile = StepProfile() if enable else None
         self.timing = None
+
+
+def busy_seconds(elapsed: float, waited: float, held: float, held_before: float = 0.0) -> float:
+    """How long a step held the others up on this rank's account: its compute time, plus the
+    time the kernel kept it runnable but not running (a CPU quota, a busier program) outside
+    its compute: ``held`` during the step (the part that fell in its waits) and ``held_before``
+    since its previous step. A rank held back while the others need it in a collective delays
+    them as much as slow arithmetic does."""
+    return max(elapsed - waited, 0.0) + (held * waited / elapsed if elapsed > 0 else 0.0) + held_before
 
 
 def format_profile(reports: list[dict]) -> str:

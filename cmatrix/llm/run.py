@@ -51,6 +51,10 @@ def add_arguments(ap: argparse.ArgumentParser, model_required: bool = True,
     ap.add_argument("--rebalance", choices=("auto", "on", "off"), default="auto",
                     help="while generating, move work away from a rank that stays slower than its share "
                          "predicts (default auto: on with --weights auto)")
+    ap.add_argument("--parallel", choices=("auto", "tp", "pp"), default="auto",
+                    help="tp: every layer split across every rank; pp: each host runs a range of layers "
+                         "(a token crosses each link once: for slow home networks); auto (default): "
+                         "measure the links and pick the faster (tp on one host)")
     if command == "serve":
         return
     ap.add_argument("--max-new-tokens", type=int, default=64 if command == "generate" else 512)
@@ -106,7 +110,8 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
     model = load(cluster, ns.model, weights=parse_weights(ns.weights), quant=ns.quant, cache=ns.cache,
                  dtype=getattr(ns, "dtype", None), wire=getattr(ns, "wire", "float32"),
                  local_weights=getattr(ns, "local_weights", "auto"),
-                 rebalance={"on": True, "off": False}.get(getattr(ns, "rebalance", "auto")))
+                 rebalance={"on": True, "off": False}.get(getattr(ns, "rebalance", "auto")),
+                 parallel=getattr(ns, "parallel", "auto"))
     if tok is not None:
         model._tokenizer = tok  # read once (a GGUF file's vocabulary takes a while to rebuild)
     if model.conversion_note:
@@ -121,7 +126,7 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
     placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
                        for p in model.layout())
     print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
-          f"rank(s) ({placed})", file=sys.stderr)
+          f"rank(s) ({placed}); {model.layout_note}", file=sys.stderr)
     measured = model.speeds or [None] * cluster.size
     print("cmatrix: decoding with " + ", ".join(
         f"rank {r}: {k} ({held}" + (f", measured {gbps:.1f} GB/s, share {share:.3f})" if gbps else ")")

@@ -33,8 +33,8 @@ class TorchDecoder(RankPart):
     kind = "torch"
 
     def __init__(self, cfg: DecoderConfig, device: Any, layers: list[dict], lm_head: Any,
-                 vectors: dict[str, np.ndarray], groups: int, chunk: int) -> None:
-        self.cfg, self.groups, self.chunk = cfg, groups, chunk
+                 vectors: dict[str, np.ndarray], groups: int, chunk: int, first: int = 0) -> None:
+        self.cfg, self.groups, self.chunk, self.first = cfg, groups, chunk, first
         self.device = device.backend.torch_device
         self.kind = f"torch {self.device.type}"
         self.w = [{part: None if blk.empty else _tensor(blk.handle) for part, blk in parts.items()}
@@ -59,7 +59,7 @@ class TorchDecoder(RankPart):
         cap = cache_capacity(self.capacity, needed, self.cfg.max_positions)
         shape = (self.groups, cap, self.cfg.head_dim)
         grown = []
-        for old in self.caches or [None] * self.cfg.num_layers:
+        for old in self.caches or [None] * len(self.w):
             pair = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
             if old is not None:
                 for new, have in zip(pair, old, strict=True):
@@ -69,7 +69,7 @@ class TorchDecoder(RankPart):
 
     def kv_export(self, length: int) -> np.ndarray:
         """Positions [0, length) of every layer's K/V cache: (2 * layers, groups, length, head_dim)."""
-        out = np.empty((2 * self.cfg.num_layers, self.groups, length, self.cfg.head_dim), dtype=np.float32)
+        out = np.empty((2 * len(self.w), self.groups, length, self.cfg.head_dim), dtype=np.float32)
         if self.groups and length:
             for j, tensor in enumerate(t for pair in self.caches for t in pair):
                 out[j] = tensor[:, :length].cpu().numpy()
@@ -167,7 +167,7 @@ class TorchDecoder(RankPart):
         if self.groups == 0:
             out[...] = 0
             return
-        cfg, w, start = self.cfg, self.w[i], self.start
+        cfg, w, start = self.cfg, self.w[i - self.first], self.start
         t, rep, d = self.x.shape[0], cfg.group_size, cfg.head_dim
         y = self._linear(self._norm(self.x, f"{i}.attn_norm"), w["qkv"])
         bias = self.vec.get(f"{i}.qkv_bias")
@@ -177,7 +177,7 @@ class TorchDecoder(RankPart):
         q = self._rope(y[:, :, :rep], self.cos[:, None, None, :], self.sin[:, None, None, :])
         k = self._rope(y[:, :, rep], self.cos[:, None, :], self.sin[:, None, :])
         with self._timed("attention"):
-            keys, values = self.caches[i]
+            keys, values = self.caches[i - self.first]
             keys[:, start:start + t] = k.transpose(0, 1)
             values[:, start:start + t] = y[:, :, rep + 1].transpose(0, 1)
             s = start + t
@@ -191,17 +191,17 @@ class TorchDecoder(RankPart):
     def mlp(self, i: int, total: np.ndarray, out: np.ndarray) -> None:
         """Layer ``i``'s MLP: this rank's rows' partial sum of its output into ``out``."""
         self._residual(total, f"{i}.o_bias")
-        if self.mlp_rows[i] == 0:
+        if self.mlp_rows[i - self.first] == 0:
             out[...] = 0
             return
         t, c = self.x.shape[0], self.chunk
-        y = self._linear(self._norm(self.x, f"{i}.mlp_norm"), self.w[i]["gate_up"])
+        y = self._linear(self._norm(self.x, f"{i}.mlp_norm"), self.w[i - self.first]["gate_up"])
         bias = self.vec.get(f"{i}.gate_up_bias")
         if bias is not None:
             y = y + bias
         y = y.view(t, -1, 2, c)  # gate and up rows interleaved in chunks
         gate, up = y[:, :, 0].reshape(t, -1), y[:, :, 1].reshape(t, -1)
-        self._put(self._linear(gate / (1.0 + torch.exp(-gate)) * up, self.w[i]["down"]), out)
+        self._put(self._linear(gate / (1.0 + torch.exp(-gate)) * up, self.w[i - self.first]["down"]), out)
 
     def logits(self, total: np.ndarray, all_rows: bool) -> np.ndarray:
         """This rank's vocabulary slice of the logits of the last row (or of every row)."""

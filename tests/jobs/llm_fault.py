@@ -4,7 +4,8 @@ naming that rank and phase, and the model keeps working: the same logits as befo
 
 Run: CMATRIX_FAULT=llm_load:load:2,llm_step:attention:1,... mpiexec -n 3 python -m cmatrix run
      tests/jobs/llm_fault.py WORKDIR
-(``LLM_FAULT_WEIGHTS=0.5,0,0.5``: other shares, e.g. one that leaves a rank out of the steps.)
+(``LLM_FAULT_WEIGHTS=0.5,0,0.5``: other shares, e.g. one that leaves a rank out of the steps;
+``LLM_FAULT_PARALLEL=pp``: in pipeline stages, one per rank, over 4 layers.)
 """
 
 import os
@@ -22,18 +23,20 @@ size = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") 
 shares = os.environ.get("LLM_FAULT_WEIGHTS")  # e.g. "0.5,0,0.5": rank 1 stays out of the steps
 cl = cm.init(weights=[float(w) for w in shares.split(",")] if shares else [0.4, 0.3, 0.3][:size] if size == 3
              else None, backends=["numpy", "ggml", "ggml"][:size])
+parallel = os.environ.get("LLM_FAULT_PARALLEL", "auto")
 path = build(Path(sys.argv[1]) / "tiny", vocab_size=64, hidden_size=32, intermediate_size=64,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tokenizer=False, scale=4.0)
+             num_hidden_layers=4 if parallel == "pp" else 2, num_attention_heads=4, num_key_value_heads=2,
+             tokenizer=False, scale=4.0)
 specs = [s.split(":") for s in os.environ["CMATRIX_FAULT"].split(",")]
 model = None
 if any(op == "llm_load" for op, *_ in specs):
     try:
-        cm.llm.load(cl, path)
+        cm.llm.load(cl, path, parallel=parallel)
     except cm.RankError as err:
         print("CAUGHT", err.failures[0].headline())
     else:
         sys.exit("llm_load: no error was raised")
-model = cm.llm.load(cl, path)
+model = cm.llm.load(cl, path, parallel=parallel)
 ids = [3, 1, 4, 1, 5, 9, 2, 6]
 for op, phase, rank, *_ in specs:
     if op != "llm_step":

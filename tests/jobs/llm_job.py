@@ -8,6 +8,7 @@ the logits of a reference whose weights were rounded the same way. Prints
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,13 +27,16 @@ weights = json.loads(sys.argv[2])
 names = json.loads(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "null" else None
 quant = sys.argv[4] if len(sys.argv) > 4 else None
 cl = cm.init(weights=weights, backends=names)
+# LLM_JOB_PARALLEL=pp: pipeline stages (on one host, one per rank), over 4 layers
+parallel = os.environ.get("LLM_JOB_PARALLEL", "auto")
 TOL = 1e-4
 # ggml's quantised matmul also rounds the activations to 8-bit blocks: ranks whose blocks
 # ggml multiplies (ggml ranks, and the ggml graphs of numpy and CPU torch ranks) are compared
 # with a looser bound, relative to the largest logit (see README, "Quantised weights").
 GGML_REL = {"q8_0": 0.05, "q4_0": 0.05}
 checks, failures = 0, []
-common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+common = dict(vocab_size=96, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=4 if parallel == "pp" else 2,
               scale=2.0 if quant else 8.0,
               tokenizer=False, max_position_embeddings=128)
 variants = {
@@ -71,7 +75,10 @@ for label, settings in variants.items():
             for name, p in ref.named_parameters():
                 if name.endswith("proj.weight") or name == "lm_head.weight":
                     p.copy_(torch.from_numpy(qz.roundtrip(p.numpy(), quant, 1)))
-    model = cm.llm.load(cl, path, quant=quant)
+    model = cm.llm.load(cl, path, quant=quant, parallel=parallel)
+    if parallel == "pp":
+        check(f"{label} in stages", model.stages is not None and len(model.stages) == len(
+            [w for w in cl.weights[1:] if w > 0]) + 1, model.layout_note)
     ggml_holds = quant is not None and any(
         "ggml" in kind and w > 0 for kind, w in zip(model.decoders, cl.weights, strict=True))
     groups = [r["kv_groups"] for r in model.layout()]
