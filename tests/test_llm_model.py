@@ -252,7 +252,8 @@ def test_forward_refusals_leave_the_model_usable(cl, model, short):
 
 
 def test_layout_numbers(model, tiny):
-    assert model.layout() == [{"rank": 0, "kv_groups": 2, "heads": 4, "mlp_rows": 96, "vocab_rows": VOCAB}]
+    assert model.layout() == [{"rank": 0, "layers": (0, model.config.num_layers), "kv_groups": 2, "heads": 4,
+                               "mlp_rows": 96, "vocab_rows": VOCAB}]
     assert model.config == DecoderConfig.from_dir(tiny)
     assert model.stop_ids() == {2}
     assert model.tokenizer.vocab_size <= VOCAB

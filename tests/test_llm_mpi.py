@@ -39,6 +39,21 @@ def test_decoder_matches_transformers(n, weights, names, decoder, tmp_path):
     assert f"llm: 12 checks, 0 failures on {n} ranks" in r.stdout, r
 
 
+@pytest.mark.parametrize("n, weights, names, decoder", [
+    (3, [0.4, 0.3, 0.3], ["numpy", "torch", "ggml"], "auto"),
+    (2, [0.5, 0.5], ["torch", "ggml"], "torch"),
+    (2, [0.6, 0.4], ["ggml", "numpy"], "numpy"),
+])
+def test_pipeline_stages_match_transformers(n, weights, names, decoder, tmp_path):
+    """parallel='pp' on one host: a stage per rank, the hidden state passed rank to rank; every
+    decoder path against transformers (the prefill, the K/V cache, 32 greedy tokens)."""
+    _need(*names)
+    r = mpirun(n, JOBS / "llm_job.py", str(tmp_path), json.dumps(weights), json.dumps(names), timeout=300,
+               env={"CMATRIX_DECODER": decoder, "LLM_JOB_PARALLEL": "pp"})
+    assert r.returncode == 0, r
+    assert f"llm: 15 checks, 0 failures on {n} ranks" in r.stdout, r
+
+
 @pytest.mark.parametrize("quant, names, checks, decoder", [
     # the numpy path: the blocks dequantised tile by tile, the reference's rounding: within 1e-4
     ("q8_0", ["numpy", "torch"], 4, "numpy"),

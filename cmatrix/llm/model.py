@@ -386,10 +386,13 @@ class DecoderModel:
                                                           strict=True))]
 
     def layout(self) -> list[dict]:
-        """Per rank: KV groups (query heads), MLP rows and vocabulary rows it holds."""
+        """Per rank: the layers it holds part of (first, end), and in each its KV groups (query
+        heads) and MLP rows; and its rows of the LM head."""
         cfg = self.config
         unit = (cfg.group_size + 2) * cfg.head_dim
-        return [{"rank": r, "kv_groups": rows // unit, "heads": rows // unit * cfg.group_size,
+        ranges = {r: (s.first, s.end) for s in self.stages or () for r in s.ranks}
+        return [{"rank": r, "layers": ranges.get(r, (0, cfg.num_layers) if rows or g else (0, 0)),
+                 "kv_groups": rows // unit, "heads": rows // unit * cfg.group_size,
                  "mlp_rows": g // 2, "vocab_rows": v}
                 for r, (rows, g, v) in enumerate(zip(self._qkv_counts, self._gate_up_counts,
                                                   self._vocab_counts, strict=True))]

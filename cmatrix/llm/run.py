@@ -123,8 +123,10 @@ def load_model(cluster: Any, ns: argparse.Namespace, need_chat: bool = False) ->
         for r, problem in enumerate(model.local_problems):
             if problem is not None:
                 print(f"cmatrix: rank {r} was sent its weights ({problem})", file=sys.stderr)
-    placed = ", ".join(f"rank {p['rank']}: {p['heads']} heads, {p['mlp_rows']} MLP rows"
-                       for p in model.layout())
+    def placed_on(p: dict) -> str:
+        layers = f"layers {p['layers'][0]}-{p['layers'][1] - 1}, " if model.stages else ""
+        return f"rank {p['rank']}: {layers}{p['heads']} heads, {p['mlp_rows']} MLP rows"
+    placed = ", ".join(placed_on(p) for p in model.layout())
     print(f"cmatrix: {model.config.model_type}, {model.config.num_layers} layers on {cluster.size} "
           f"rank(s) ({placed}); {model.layout_note}", file=sys.stderr)
     measured = model.speeds or [None] * cluster.size
