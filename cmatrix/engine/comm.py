@@ -49,6 +49,11 @@ def _mpi_type(dtype: np.dtype) -> MPI.Datatype:
     return by_size[dtype.itemsize]
 
 
+def _yielding_wait(request: MPI.Request) -> None:
+    while not request.Test():
+        os.sched_yield()
+
+
 def library_version() -> str:
     return MPI.Get_library_version().splitlines()[0].strip()
 
@@ -174,8 +179,9 @@ class Comm(GridTransfers):
         self.world.Send([array, _mpi_type(array.dtype)], dest=dest, tag=tag)
 
     def recv(self, array: np.ndarray, source: int, tag: int = _TAG_PIPE) -> None:
-        """Into ``array``, what rank ``source`` sent with :meth:`send`."""
-        self.world.Recv([array, _mpi_type(array.dtype)], source=source, tag=tag)
+        """Into ``array``, what rank ``source`` sent with :meth:`send`. The wait yields the core
+        (a pipeline stage waits for the one before it: on a shared core, its turn comes sooner)."""
+        _yielding_wait(self.world.Irecv([array, _mpi_type(array.dtype)], source=source, tag=tag))
 
     def send_object(self, obj: Any, dest: int) -> None:
         """A small report (pickled) to rank ``dest``."""
@@ -196,13 +202,17 @@ class Comm(GridTransfers):
 
     # ---- array data ---------------------------------------------------------
 
-    def bcast(self, array: np.ndarray) -> None:
-        """Broadcast the driver's ``array`` into the same-shaped arrays of the workers."""
+    def bcast(self, array: np.ndarray, yielding: bool = False) -> None:
+        """Broadcast the driver's ``array`` into the same-shaped arrays of the workers
+        (``yielding``: waiting ranks give up their core while they wait, see :meth:`recv`)."""
         if self.size > 1:
             self._count(array.nbytes * (self.size - 1))
             if self.is_driver:
                 self.bytes_sent += array.nbytes
-            self.world.Bcast([array, _mpi_type(array.dtype)], root=0)
+            if yielding:
+                _yielding_wait(self.world.Ibcast([array, _mpi_type(array.dtype)], root=0))
+            else:
+                self.world.Bcast([array, _mpi_type(array.dtype)], root=0)
 
     def scatter_blocks(self, full: np.ndarray | None, block: np.ndarray, plan: Plan,
                        skip: tuple[bool, ...] | None = None) -> None:

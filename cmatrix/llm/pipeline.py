@@ -89,7 +89,7 @@ def pipeline_step(rt: Runtime, model: Any, h: Any, x: np.ndarray | None) -> np.n
         comm.send(buf, role.first_leader)
     if role.leader:
         comm.recv(buf, role.prev)
-    role.stage.bcast(buf)
+    role.stage.bcast(buf, yielding=True)
     waited += time.perf_counter() - t
     failed = bool(buf[-1] != 0) or rt.failed
     total = None
