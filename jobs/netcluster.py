@@ -63,7 +63,9 @@ LINKS: dict[str | None, Link] = {
     "wifi": Link("100mbit", 0.002, "user-space relay holding each frame 2 ms, HTB 100mbit on both ends"),
 }
 
+
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (the owner of a cluster's namespaces)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +88,21 @@ def _remove_namespaces(names: list[str]) -> None:
                    capture_output=True, text=True)
 
 
+def _remove_stale(own: str) -> None:
+    """Remove namespaces named ``own``, and namespaces and temporary folders of clusters whose
+    owning process has died (killed before it could tear its cluster down)."""
+    def stale(name: str) -> bool:
+        m = _NAME.match(name)
+        return m is not None and (name.startswith(own + "-") or not _alive(int(m[1])))
+
+    _remove_namespaces([p.name for p in NETNS_DIR.glob(f"{PREFIX}*") if stale(p.name)])
+    for folder in Path(tempfile.gettempdir()).glob(f"netcluster-{PREFIX}*"):
+        if stale(folder.name.removeprefix("netcluster-") + "-sw"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _batch(tool: str, netns: str | None, lines: list[str]) -> None:
+    """Run ``lines`` as one ``ip`` or ``tc`` batch, inside namespace ``netns`` (None: here)."""
     where = ["-n", netns] if netns else []
     done = subprocess.run([tool, *where, "-batch", "-"], input="\n".join(lines) + "\n",
                           capture_output=True, text=True)
@@ -146,8 +162,10 @@ class NetCluster:
         self.addresses = [f"10.213.{subnet}.{i}" for i in range(1, hosts + 1)]
         self.switch = f"{self.id}-sw"
         self.netns = {h: f"{self.id}-{h}" for h in self.names}
-        self._own_folder = folder is None
-        self.folder = Path(tempfile.mkdtemp(prefix="netcluster-") if folder is None else folder).resolve()
+        self._own_folder = folder is None  # made on entry, removed on exit
+        self.folder = Path(tempfile.gettempdir() if folder is None else folder).resolve()
+        if folder is None:
+            self.folder /= f"netcluster-{self.id}"
         self.standin = self.folder / "ssh"
         self.home_path = self.folder / "home"
         self.relay: subprocess.Popen | None = None
@@ -230,6 +248,7 @@ class NetCluster:
         return path
 
     def __enter__(self) -> NetCluster:
+        """Bring the cluster up (what was made is removed again if that fails)."""
         start = time.monotonic()
         try:
             self._up()
@@ -240,6 +259,7 @@ class NetCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Tear everything down: processes inside, namespaces, relay, own folder (Ctrl-C waits)."""
         start = time.monotonic()
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
@@ -251,9 +271,8 @@ class NetCluster:
         self.down_seconds = time.monotonic() - start
 
     def _up(self) -> None:
-        stale = [p.name for p in NETNS_DIR.glob(f"{PREFIX}*") if (m := _NAME.match(p.name))
-                 and (p.name.startswith(self.id + "-") or not _alive(int(m[1])))]
-        _remove_namespaces(stale)  # this cluster's own name, or clusters whose owner has died
+        """Namespaces, veths, switch, addresses, rate limits, relay; then wait for the links."""
+        _remove_stale(self.id)
         self._write_files()
         _batch("ip", None, [f"netns add {n}" for n in [self.switch, *self.netns.values()]])
         ports = [f"p{i}" for i in range(1, len(self.names) + 1)]
@@ -293,6 +312,7 @@ class NetCluster:
                 time.sleep(0.02)
 
     def _write_files(self) -> None:
+        """The folder: homes, mount points, hosts file, cluster.json and the ssh stand-in."""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / ".cgroup").mkdir(exist_ok=True)  # mount point, used inside private namespaces only
         for host in self.names:
@@ -315,6 +335,7 @@ class NetCluster:
         self.standin.chmod(0o755)
 
     def _start_relay(self, ports: list[str]) -> None:
+        """Start jobs/netrelay.py in the switch namespace and wait until its ports are open."""
         relay, delay = str(JOBS / "netrelay.py"), f"{self.spec.delay:.6f}"
         argv = ["ip", "netns", "exec", self.switch, sys.executable, relay, "--delay", delay]
         self.relay = subprocess.Popen([*argv, *ports], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -325,6 +346,7 @@ class NetCluster:
             raise RuntimeError(f"the wifi relay did not start (exit status {self.relay.poll()})")
 
     def _down(self) -> None:
+        """Stop the relay, kill what runs inside the hosts, delete the namespaces and own folder."""
         if self.relay is not None:
             assert self.relay.stdin is not None
             self.relay.stdin.close()  # end of file: the relay stops
