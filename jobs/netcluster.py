@@ -9,7 +9,10 @@ A process enters a host through the cluster's ssh stand-in (jobs/netssh.py), an 
 the cluster's folder: it joins the host's network namespace, gets a UTS namespace named after the
 host and a private mount namespace with the cluster's /etc/hosts, the host's /sys and the host's
 home. Nothing is mounted outside; the machine's /etc/hosts is not touched. MPICH's hydra starts
-its proxies through the stand-in (``HYDRA_LAUNCHER_EXEC``), just as it would through ssh.
+its proxies through the stand-in (``HYDRA_LAUNCHER_EXEC``), just as it would through ssh, and
+:meth:`NetCluster.env` keeps UCX on TCP over eth0 (it would see one machine and use shared
+memory). HOME is one path in every host with each host's own folder behind it; the rest of the
+file system (/tmp, /dev/shm, the checkout) is shared by all hosts, like an NFS mount would be.
 
     with NetCluster(hosts=3, link="wifi") as net:
         net.run([mpiexec, "-hosts", "h1,h2,h3", "-n", "3", python, "job.py"], env=net.env())
@@ -407,5 +410,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(JOBS))
     sys.exit(main())
