@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -100,29 +101,29 @@ def run_cluster(args: argparse.Namespace, hosts: int, link: str | None) -> dict:
                 "--dir", str(args.dir), "--vocab", str(args.vocab), "--tokens", str(args.tokens)]
         if args.dtype:
             argv += ["--dtype", args.dtype]
-        proc = net.popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+        proc = net.popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                sys.stdout.write("    " + line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         counters: dict[str, dict] = {}
-        began, lines = time.monotonic(), []
-        os.set_blocking(proc.stdout.fileno(), False)
-        while True:
-            chunk = proc.stdout.read()
-            if chunk:
-                lines.append(chunk)
-                sys.stdout.write("".join("    " + ln + "\n" for ln in chunk.splitlines()))
+        began = time.monotonic()
+        while proc.poll() is None:
             for edge in sorted(sync.glob("*.start")) + sorted(sync.glob("*.end")):
                 ack = edge.with_name(edge.name + ".ack")
                 if not ack.exists():
                     counters[edge.name] = net.counters()
                     ack.write_text("")
-            if proc.poll() is not None:
-                rest = proc.stdout.read()
-                if rest:
-                    lines.append(rest)
-                break
             if time.monotonic() - began > TIMEOUT:
                 proc.kill()
                 raise RuntimeError(f"{hosts} hosts, link {link}: no result in {TIMEOUT} s")
             time.sleep(0.002)
+        reader.join(10)
         text = "".join(lines)
         found = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not found:
