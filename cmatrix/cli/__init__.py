@@ -84,7 +84,8 @@ _TRAVEL = ("CMATRIX_* OMP_* OPENBLAS_* MKL_* UCX_* FI_* MPIR_CVAR_* PATH LD_LIBR
 
 def _launch(ns: argparse.Namespace) -> int:
     """``cmatrix launch``: without a hostfile, ``mpiexec -n N`` here; with one, one block per
-    line with its settings (:func:`cmatrix.engine.launch.cluster_command`)."""
+    line with its settings (:func:`cmatrix.engine.launch.cluster_command`), after checking
+    the other hosts (:mod:`cmatrix.cli.preflight`) when there are any."""
     from ..engine import launch
     from ..errors import CMatrixError
     from . import watch
@@ -103,11 +104,29 @@ def _launch(ns: argparse.Namespace) -> int:
         env["CMATRIX_TTY"] = "1"
     if not lines:
         return watch.run(launch.command(n, argv), env)
+    extra: dict = {}
+    options: list[str] = []
+    if not here and not ns.no_check:
+        from . import preflight
+
+        verdict = preflight.check(lines, env)
+        for line in verdict.warnings:
+            print(f"cmatrix launch: warning: {line}", file=sys.stderr)
+        if verdict.problems:
+            print(f"cmatrix launch: {len(verdict.problems)} problem(s) with the hosts; the job was not "
+                  "started (--no-check skips this check):", file=sys.stderr)
+            for line in verdict.problems:
+                print(f"  {line}", file=sys.stderr)
+            return 2
+        for line in verdict.notes:
+            print(f"cmatrix launch: {line}", file=sys.stderr)
+        extra, options = verdict.env, verdict.options
+
     with launch.hostfile_for(ns.hostfile) as translated:
         def build(job_env: dict) -> list[str]:
             forward = None if here else launch.travelling(job_env)
-            return launch.cluster_command(lines, argv, n, hostfile=translated, env=job_env,
-                                          forward=forward)
+            return launch.cluster_command(lines, argv, n, hostfile=translated, env=job_env, extra=extra,
+                                          options=options, forward=forward)
 
         return watch.run(build, env)
 
@@ -154,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     lau.add_argument("--hostfile", default=None, help="one line per device slot, or 'host:k' (MPICH) "
                      "or 'host slots=k' (Open MPI), either translated for the MPI in use; then optionally "
                      "NAME=value settings for that line's ranks, e.g. 'laptop slots=1 CMATRIX_THREADS=4'")
+    lau.add_argument("--no-check", action="store_true", help="skip the check of the other hosts (ssh, "
+                     "same interpreter path, Python, cmatrix and MPI versions, names, interfaces) that "
+                     "runs before the job when the hostfile names hosts other than this one")
     lau.add_argument("job", help=f"a job file, or {', '.join(COMMANDS)} followed by its options")
     lau.add_argument("args", nargs=argparse.REMAINDER)
     doc = sub.add_parser("doctor", help="show each rank's host, device, memory and fallbacks "
