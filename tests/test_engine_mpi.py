@@ -173,7 +173,7 @@ def test_every_rank_opt_out_lets_each_rank_run_the_script(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read"),
-    ("localhost\nbad:x\n", "line 2: 'bad:x' is not"),
+    ("localhost\nbad:x\n", "line 2: 'bad:x': the slot count 'x' is not a positive integer"),
     ("node slots=zero\n", "line 1"),
     ("# only a comment\n", "lists no host"),
 ])

@@ -1,6 +1,5 @@
 """cmatrix serve's parts without a server or MPI: OpenAI request checking and response shapes,
-the chat transcript that keeps an answer's own tokens, hostfile translation for either MPI,
-the API key check, and the one progress bar."""
+the chat transcript that keeps an answer's own tokens, the API key check, and the one progress bar."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
-from cmatrix.engine import launch, progress  # noqa: E402
+from cmatrix.engine import progress  # noqa: E402
 from cmatrix.errors import InputError  # noqa: E402
 from cmatrix.llm.chat import Transcript  # noqa: E402
 from cmatrix.llm.generate import GenerationResult  # noqa: E402
@@ -189,35 +188,6 @@ def test_the_api_key_is_checked_as_bearer_or_basic_password():
     assert not gate.allowed(headers("Basic !!!"))
     assert not gate.allowed(headers("s3cret"))
     assert not gate.allowed([])
-
-
-@pytest.mark.parametrize("text", ["a\nb:2\n# note\nc max_slots=4 slots=3\n", "a:1\nb slots=2\nc:3\n",
-                                  "a\nb slots=2 # two\n[c]:3\n"])
-def test_hostfiles_in_either_syntax_are_written_for_the_mpi_in_use(text, tmp_path, monkeypatch):
-    path = tmp_path / "hosts"
-    path.write_text(text)
-    assert launch.read_hostfile(str(path)) == [("a", 1), ("b", 2), ("c", 3)]
-    for impl, expected in (("mpich", "a:1\nb:2\nc:3\n"), ("openmpi", "a slots=1\nb slots=2\nc slots=3\n")):
-        monkeypatch.setattr(launch, "implementation", lambda *_, impl=impl: impl)
-        with launch.hostfile_for(str(path)) as translated, open(translated) as f:
-            assert f.read() == expected
-    with launch.hostfile_for(None) as nothing:
-        assert nothing is None
-
-
-def test_ipv6_hosts_keep_their_colons(tmp_path):
-    path = tmp_path / "hosts"
-    path.write_text("::1\nfe80::1 slots=2\n[fd00::5]:3\n")
-    assert launch.read_hostfile(str(path)) == [("::1", 1), ("fe80::1", 2), ("fd00::5", 3)]
-
-
-@pytest.mark.parametrize("line", ["a slots=0", "a slots=x", "a b", "host:", ":2", "bad:x", "a:2 slots=3",
-                                  "[::1]x"])
-def test_a_bad_hostfile_line_is_named(line, tmp_path):
-    path = tmp_path / "hosts"
-    path.write_text(f"ok\n{line}\n")
-    with pytest.raises(InputError, match="line 2"):
-        launch.read_hostfile(str(path))
 
 
 def test_only_the_outermost_progress_bar_shows(monkeypatch):

@@ -77,19 +77,58 @@ def _model_command(ns: argparse.Namespace) -> int:
 
 #: what ``cmatrix launch`` starts as a command of its own rather than as a job file
 COMMANDS = ("generate", "chat", "serve", "doctor", "bench")
+#: the variables ``cmatrix launch`` passes on to other hosts, for --help
+_TRAVEL = ("CMATRIX_* OMP_* OPENBLAS_* MKL_* UCX_* FI_* MPIR_CVAR_* PATH LD_LIBRARY_PATH VIRTUAL_ENV "
+           "PYTHONPATH PYTHONUNBUFFERED")
 
 
-def _launch(n: int, hostfile: str | None, job: str, job_args: list[str], hosts: list[str]) -> int:
+def _launch(ns: argparse.Namespace) -> int:
+    """``cmatrix launch``: without a hostfile, ``mpiexec -n N`` here; with one, one block per
+    line with its settings (:func:`cmatrix.engine.launch.cluster_command`), after checking
+    the other hosts (:mod:`cmatrix.cli.preflight`) when there are any."""
     from ..engine import launch
+    from ..errors import CMatrixError
     from . import watch
 
-    command = [job] if job in COMMANDS else ["run", job]
-    argv = [sys.executable, "-m", "cmatrix", *command, *job_args]
-    env = launch.environment(single_host=launch.local_hosts(hosts))
+    try:
+        lines = launch.read_hostfile(ns.hostfile) if ns.hostfile else []
+    except CMatrixError as exc:
+        print(f"cmatrix launch: {exc}", file=sys.stderr)
+        return 2
+    n = ns.ranks if ns.ranks is not None else sum(line.slots for line in lines) or 2
+    command = [ns.job] if ns.job in COMMANDS else ["run", ns.job]
+    argv = [sys.executable, "-m", "cmatrix", *command, *ns.args]
+    here = launch.local_hosts([line.host for line in lines])
+    env = launch.environment(single_host=here)
     if _terminal(sys.stderr):  # rank 0's stderr will be a pipe: tell it the user can see bars
         env["CMATRIX_TTY"] = "1"
-    with launch.hostfile_for(hostfile) as translated:
-        return watch.run(launch.command(n, argv, translated), env)
+    if not lines:
+        return watch.run(launch.command(n, argv), env)
+    extra: dict = {}
+    options: list[str] = []
+    if not here and not ns.no_check:
+        from . import preflight
+
+        verdict = preflight.check(lines, env)
+        for line in verdict.warnings:
+            print(f"cmatrix launch: warning: {line}", file=sys.stderr)
+        if verdict.problems:
+            print(f"cmatrix launch: {len(verdict.problems)} problem(s) with the hosts; the job was not "
+                  "started (--no-check skips this check):", file=sys.stderr)
+            for line in verdict.problems:
+                print(f"  {line}", file=sys.stderr)
+            return 2
+        for line in verdict.notes:
+            print(f"cmatrix launch: {line}", file=sys.stderr)
+        extra, options = verdict.env, verdict.options
+
+    with launch.hostfile_for(ns.hostfile) as translated:
+        def build(job_env: dict) -> list[str]:
+            forward = None if here else launch.travelling(job_env)
+            return launch.cluster_command(lines, argv, n, hostfile=translated, env=job_env, extra=extra,
+                                          options=options, forward=forward)
+
+        return watch.run(build, env)
 
 
 def _terminal(stream: object) -> bool:
@@ -125,11 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job")
     run.add_argument("args", nargs=argparse.REMAINDER)
     lau = sub.add_parser("launch", help="start mpiexec from this environment and run a job file or "
-                         f"one of the commands {', '.join(COMMANDS)}")
+                         f"one of the commands {', '.join(COMMANDS)}",
+                         description="Start mpiexec from this environment. With a hostfile naming other "
+                         "hosts, only these variables travel from here to their ranks: " + _TRAVEL
+                         + "; HOME, USER, XDG_*, TMPDIR, PWD and the rest are each host's own.")
     lau.add_argument("-n", "--ranks", type=int, default=None,
                      help="number of ranks (default: lines in the hostfile, else 2)")
     lau.add_argument("--hostfile", default=None, help="one line per device slot, or 'host:k' (MPICH) "
-                     "or 'host slots=k' (Open MPI): either is translated for the MPI in use")
+                     "or 'host slots=k' (Open MPI), either translated for the MPI in use; then optionally "
+                     "NAME=value settings for that line's ranks, e.g. 'laptop slots=1 CMATRIX_THREADS=4'")
+    lau.add_argument("--no-check", action="store_true", help="skip the check of the other hosts (ssh, "
+                     "same interpreter path, Python, cmatrix and MPI versions, names, interfaces) that "
+                     "runs before the job when the hostfile names hosts other than this one")
     lau.add_argument("job", help=f"a job file, or {', '.join(COMMANDS)} followed by its options")
     lau.add_argument("args", nargs=argparse.REMAINDER)
     doc = sub.add_parser("doctor", help="show each rank's host, device, memory and fallbacks "
@@ -178,14 +224,4 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench
 
         return bench.main(ns.backends, ns.accel, ns.remeasure, ns.seconds)
-    from ..engine.launch import read_hostfile
-    from ..errors import CMatrixError
-
-    try:
-        entries = read_hostfile(ns.hostfile) if ns.hostfile else []
-    except CMatrixError as exc:
-        print(f"cmatrix launch: {exc}", file=sys.stderr)
-        return 2
-    hosts = [host for host, _ in entries]
-    n = ns.ranks if ns.ranks is not None else sum(k for _, k in entries) or 2
-    return _launch(n, ns.hostfile, ns.job, ns.args, hosts)
+    return _launch(ns)

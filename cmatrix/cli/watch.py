@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 #: MPICH: "PID 123 RUNNING AT host" then "KILLED BY SIGNAL: 9" or "EXIT CODE: 9";
@@ -35,10 +36,15 @@ _MPICH_HOW = re.compile(r"(?:KILLED BY SIGNAL|EXIT CODE): (\d+)")
 _OPENMPI = re.compile(r"rank\s+(\d+)\s+with\s+PID\s+(\d+)\s+on\s+node\s+(\S+)\s+exited\s+on\s+signal\s+(\d+)")
 
 
-def run(cmd: list[str], env: dict) -> int:
-    """Run the launcher; relay its output; name a rank that died. Returns its exit status."""
+def run(cmd: list[str] | Callable[[dict], list[str]], env: dict) -> int:
+    """Run the launcher; relay its output; name a rank that died. Returns its exit status.
+
+    ``cmd`` may be a function of the job's environment (``env`` plus ``CMATRIX_JOB_DIR``),
+    for a command that names the variables it passes on."""
     with tempfile.TemporaryDirectory(prefix="cmatrix-job-") as folder:
         env = {**env, "CMATRIX_JOB_DIR": folder}
+        if callable(cmd):
+            cmd = cmd(env)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
         ending = _end_with_us(proc)

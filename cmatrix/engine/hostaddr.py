@@ -11,24 +11,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-import struct
-import sys
 
-_SIOCGIFADDR = 0x8915  # Linux
+from .hostprobe import interfaces
 
 
 def _interface_ipv4() -> set[str]:
-    found: set[str] = set()
-    if not sys.platform.startswith("linux"):
-        return found
-    import fcntl
-
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            with contextlib.suppress(OSError):
-                packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
-                found.add(socket.inet_ntoa(packed[20:24]))
-    return found
+    return set(interfaces().values())
 
 
 def _interface_ipv6() -> set[str]:

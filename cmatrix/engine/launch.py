@@ -1,4 +1,27 @@
-"""Starting MPI jobs from this Python environment (used by the CLI, tests and benchmarks)."""
+"""Starting MPI jobs from this Python environment (used by the CLI, tests and benchmarks).
+
+``cmatrix launch`` with a hostfile starts one block per hostfile line (MPMD), so each line's
+``NAME=value`` settings reach that line's ranks only, and ranks are numbered in hostfile
+order:
+
+* MPICH (hydra): ``mpiexec -f HOSTS [-genvlist ...] -n k -env NAME value ... python ... : -n k2
+  ...``; hydra takes hosts globally only, so the translated hostfile places the blocks, line
+  by line, and each block's ``-env`` settings go to its own ranks.
+* Open MPI: ``mpiexec --bind-to none -n k --host H:k -x NAME=value ... python ... : ...``.
+  Open MPI (PRRTE) applies the first block's ``-x`` to every block, so a later block
+  re-exports the launcher's own value (``-x NAME``) or drops the variable (``--unset-env
+  NAME``) for each setting of the first block it does not set itself.
+
+What travels to ranks on other hosts: when the hostfile names a host other than this
+machine, only the variables ranks need go from this environment (MPICH: ``-genvlist``, as
+hydra otherwise copies everything; Open MPI: ``-x``, as it forwards nothing else but its own
+``OMPI_*`` settings): names starting with ``CMATRIX_ OMP_ OPENBLAS_ MKL_ UCX_ FI_ MPIR_CVAR_``
+and ``PATH LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH PYTHONUNBUFFERED``. Everything else, ``HOME
+USER XDG_* TMPDIR PWD`` among them, is each host's own, so defaults such as the cache folder
+(``~/.cache/cmatrix``) resolve on each rank's host. The launcher's own settings
+(``HYDRA_LAUNCHER``, ``HYDRA_LAUNCHER_EXEC``, ``PRTE_MCA_*``) are honoured and stay here.
+Ranks on this machine inherit the whole environment, as before.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +31,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+from .hostfile import HostLine, read_hostfile
 
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_STEP_ID")
 
@@ -80,87 +105,65 @@ _ALLOCATION_VARS = ("SLURM_JOB_NODELIST", "PBS_NODEFILE", "LSB_HOSTS", "PE_HOSTF
 
 
 def local_hosts(hosts: list[str]) -> bool:
-    """Whether every host named is this machine (a loopback name or address, or its own name);
-    with no hosts named, whether mpiexec will keep to this machine (no batch allocation)."""
-    import socket
-
+    """Whether every host named is this machine (see :func:`is_local`); with no hosts named,
+    whether mpiexec will keep to this machine (no batch allocation)."""
     if not hosts:
         return not any(v in os.environ for v in _ALLOCATION_VARS)
-
-    me = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", socket.gethostname().lower(),
-          socket.getfqdn().lower()}
-    return all(h.lower() in me or h.startswith("127.") for h in hosts)
+    return all(is_local(h) for h in hosts)
 
 
-def read_hostfile(path: str) -> list[tuple[str, int]]:
-    """(host, device slots) per line of a hostfile: ``host`` (one slot), ``host:k`` (MPICH) or
-    ``host slots=k`` (Open MPI); ``#`` starts a comment. A host listed on several lines keeps
-    them all (each line's slots are ranks on that host)."""
-    from ..errors import InputError
+@functools.cache
+def is_local(host: str) -> bool:
+    """Whether the launcher starts ``host``'s ranks here rather than over ssh, by MPICH's and
+    Open MPI's rule: a loopback name, this machine's name, an address of one of its interfaces,
+    or a name that resolves to one of those (``127.0.0.2`` is not: both launchers ssh to it)."""
+    from .hostprobe import resolve
 
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise InputError(f"--hostfile: cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"--hostfile: {path} is not a text file") from None
-    entries = []
-    for number, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        entry = _hostfile_entry(line)
-        if entry is None:
-            raise InputError(f"--hostfile: {path}, line {number}: {raw.strip()!r} is not 'host', "
-                             "'host:k' (MPICH) or 'host slots=k' (Open MPI) with k a positive integer")
-        entries.append(entry)
-    if not entries:
-        raise InputError(f"--hostfile: {path} lists no host; write one line per device slot, "
-                         "e.g. 'localhost'")
-    return entries
+    me = _local_names()
+    name = host.lower().strip("[]")
+    if name in me:
+        return True
+    found = resolve([host], timeout=5.0)[host] or []
+    ipv4 = [a for a in found if ":" not in a]
+    return bool(ipv4) and ipv4[0] in me
 
 
-def _hostfile_entry(line: str) -> tuple[str, int] | None:
-    """(host, slots) of one hostfile line, or None if it is not 'host', 'host:k' or
-    'host slots=k' (Open MPI's max_slots=k is allowed and ignored). An IPv6 address has
-    several colons: it takes slots as '[addr]:k' or with slots=k."""
-    host, *options = line.split()
-    count = "1"
-    for option in options:
-        key, _, value = option.partition("=")
-        if key == "slots":
-            count = value
-        elif key != "max_slots":
-            return None
-    if host.startswith("["):  # [::1] or [::1]:2
-        address, _, tail = host[1:].partition("]")
-        if tail:
-            if not tail.startswith(":") or options:
-                return None
-            count = tail[1:]
-        host = address
-    elif host.count(":") == 1:
-        host, count_here = host.split(":")
-        if options:
-            return None
-        count = count_here
-    if not host or not count.isdigit() or int(count) < 1:
-        return None
-    return host, int(count)
+@functools.cache
+def _local_names() -> frozenset[str]:
+    import socket
+
+    from .hostprobe import interfaces, resolve
+
+    names = {"localhost", "127.0.0.1", "127.0.1.1", "::1", socket.gethostname().lower(),
+             socket.getfqdn().lower()}
+    names |= set(interfaces().values())
+    names |= set((resolve([socket.gethostname()], timeout=5.0)[socket.gethostname()] or [])[:1])
+    return frozenset(names)
+
+
+#: what travels from this environment to ranks on other hosts (see the module's docstring)
+TRAVEL_PREFIXES = ("CMATRIX_", "OMP_", "OPENBLAS_", "MKL_", "UCX_", "FI_", "MPIR_CVAR_")
+TRAVEL_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED")
+
+
+def travelling(env: Mapping[str, str]) -> list[str]:
+    """The names in ``env`` that go to ranks on other hosts (sorted)."""
+    return sorted(n for n in env if n in TRAVEL_NAMES or n.startswith(TRAVEL_PREFIXES))
 
 
 @contextlib.contextmanager
 def hostfile_for(path: str | None) -> Iterator[str | None]:
-    """``path`` rewritten in the syntax of this environment's MPI (a temporary file while the
-    context lasts), so either syntax works with either MPI; None stays None."""
+    """``path`` rewritten in the syntax of this environment's MPI, without its settings (a
+    temporary file while the context lasts), so either syntax works with either MPI; None
+    stays None."""
     if path is None:
         yield None
         return
     entries = read_hostfile(path)
     if implementation() == "openmpi":
-        text = "".join(f"{host} slots={k}\n" for host, k in entries)
+        text = "".join(f"{e.host} slots={e.slots}\n" for e in entries)
     else:
-        text = "".join(f"{host}:{k}\n" for host, k in entries)
+        text = "".join(f"{e.host}:{e.slots}\n" for e in entries)
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", prefix="cmatrix-hosts-", suffix=".txt") as f:
@@ -180,6 +183,68 @@ def command(n: int, argv: list[str], hostfile: str | None = None) -> list[str]:
     elif hostfile:
         cmd += ["-f", hostfile]
     return cmd + list(argv)
+
+
+def blocks(lines: Sequence[HostLine], n: int | None = None) -> list[tuple[HostLine, int]]:
+    """(line, ranks) per block of an MPMD launch: the lines in order, each with its slots, and
+    round again while ranks remain (as both launchers place ranks beyond the slots); ``n``
+    defaults to the slots of all lines."""
+    if not lines:
+        raise ValueError("no hostfile lines")
+    left = sum(line.slots for line in lines) if n is None else n
+    out = []
+    while left > 0:  # every line has a slot at least
+        line = lines[len(out) % len(lines)]
+        out.append((line, min(line.slots, left)))
+        left -= line.slots
+    return out
+
+
+def cluster_command(lines: Sequence[HostLine], argv: list[str], n: int | None = None, *,
+                    hostfile: str | None = None, env: Mapping[str, str] | None = None,
+                    forward: Sequence[str] | None = None,
+                    extra: Mapping[str, Mapping[str, str]] | None = None,
+                    options: Sequence[str] = ()) -> list[str]:
+    """mpiexec argv starting ``argv`` as one block per hostfile line (see the module's
+    docstring), each block with its line's settings, ranks numbered in hostfile order.
+
+    ``hostfile``: the lines in this MPI's syntax (:func:`hostfile_for`), needed by MPICH.
+    ``env``: the environment mpiexec will run with. ``forward``: the names that go to ranks
+    on other hosts (:func:`travelling`); None leaves the launcher's default (all hosts here).
+    ``extra``: settings per host name, under the line's own. ``options``: more launcher
+    options, before the blocks."""
+    env = os.environ if env is None else env
+    launcher = mpiexec()
+    plan = [(line, k, {**(extra or {}).get(line.host, {}), **line.env}) for line, k in blocks(lines, n)]
+    if implementation(launcher) == "openmpi":
+        cmd = [launcher, "--bind-to", "none", *options]
+        for name in forward or ():
+            cmd += ["-x", name]
+        first = plan[0][2]
+        for i, (line, k, settings) in enumerate(plan):
+            cmd += [":"] if i else []
+            cmd += ["-n", str(k), "--host", f"{line.host}:{k}"]
+            for name, value in settings.items():
+                cmd += ["-x", f"{name}={value}"]
+            for name in first if i else ():  # undo the first block's settings, which apply to all
+                if name in settings:
+                    continue
+                keep = name in env and (forward is None or name in forward)
+                cmd += ["-x", name] if keep else ["--unset-env", name]
+            cmd += list(argv)
+        return cmd
+    if hostfile is None:
+        raise ValueError("cluster_command: MPICH needs the hostfile (hostfile_for) to place the blocks")
+    cmd = [launcher, *options, "-f", hostfile]
+    if forward is not None:
+        cmd += ["-genvlist", ",".join(forward)] if forward else ["-genvnone"]
+    for i, (_, k, settings) in enumerate(plan):
+        cmd += [":"] if i else []
+        cmd += ["-n", str(k)]
+        for name, value in settings.items():
+            cmd += ["-env", name, value]
+        cmd += list(argv)
+    return cmd
 
 
 def environment(base: dict | None = None, threads: int | None = None, single_host: bool = True) -> dict:
