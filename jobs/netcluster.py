@@ -153,12 +153,17 @@ def skip_reason() -> str | None:
 class NetCluster:
     """Hosts h1..hN on a simulated switch; a context manager that removes everything on exit."""
 
-    def __init__(self, hosts: int = 3, link: str | None = None, folder: str | Path | None = None) -> None:
+    def __init__(self, hosts: int = 3, link: str | None = None, folder: str | Path | None = None,
+                 own_homes: bool = False) -> None:
         if link not in LINKS:
             raise ValueError(f"link must be one of {list(LINKS)}, not {link!r}")
         if not 1 <= hosts <= 9:
             raise ValueError(f"hosts must be 1..9, not {hosts}")
         self.link, self.spec = link, LINKS[link]
+        #: True: each host's HOME is a path of its own (as /Users/you on a Mac beside /home/you),
+        #: not one path showing each host's folder; a rank that takes the driver's HOME then
+        #: writes into the driver's home
+        self.own_homes = own_homes
         self.id = f"{PREFIX}{os.getpid()}x{next(_SERIAL)}"
         subnet = (os.getpid() * 7 + int(self.id.rpartition("x")[2])) % 250 + 2
         self.names = [f"h{i}" for i in range(1, hosts + 1)]
@@ -190,7 +195,7 @@ class NetCluster:
         env = {k: v for k, v in (os.environ if base is None else base).items()
                if not k.startswith(("PMI_", "PMIX_", "HYDI_", "MPI_LOCAL"))}
         env.update(HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=str(self.standin), UCX_TLS="tcp,self",
-                   UCX_NET_DEVICES="eth0", HOME=str(self.home_path))
+                   UCX_NET_DEVICES="eth0", HOME=str(self.home("h1") if self.own_homes else self.home_path))
         return env
 
     def command(self, argv: list[str], host: str = "h1") -> list[str]:
@@ -329,7 +334,7 @@ class NetCluster:
                             for h in self.names},
                   "aliases": dict(zip(self.addresses, self.names, strict=True)),
                   "hosts_file": str(hosts_file), "home": str(self.home_path),
-                  "stash": str(self.folder / ".cgroup")}
+                  "stash": str(self.folder / ".cgroup"), "own_homes": self.own_homes}
         (self.folder / "cluster.json").write_text(json.dumps(config, indent=1))
         self.standin.write_text(
             f"#!{sys.executable}\n\"\"\"ssh stand-in of the NetCluster in this folder.\"\"\"\n"

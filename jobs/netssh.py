@@ -67,8 +67,9 @@ def enter(config: dict[str, Any], host: str) -> None:
     if keep:
         _call(c.mount(stash, cgroup, None, _MS_MOVE, None), "restore /sys/fs/cgroup")
     _call(c.mount(config["hosts_file"].encode(), b"/etc/hosts", None, _MS_BIND, None), "bind /etc/hosts")
-    home = config["hosts"][host]["home"].encode()
-    _call(c.mount(home, config["home"].encode(), None, _MS_BIND, None), "bind the host's home")
+    if not config.get("own_homes"):
+        home = config["hosts"][host]["home"].encode()
+        _call(c.mount(home, config["home"].encode(), None, _MS_BIND, None), "bind the host's home")
 
 
 def _ssh_split(args: list[str]) -> tuple[str, list[str]] | None:
@@ -113,8 +114,9 @@ def standin(args: list[str], config_path: str) -> int:
         print(f"ssh: connect to host {host} port 22: {e}", file=sys.stderr)
         return 255
     if not direct:
-        os.environ.update(HOME=config["home"], PWD=config["home"])
-        os.chdir(config["home"])
+        home = config["hosts"][host]["home"] if config.get("own_homes") else config["home"]
+        os.environ.update(HOME=home, PWD=home)
+        os.chdir(home)
     try:
         os.execvp(argv[0], argv)
     except OSError as e:

@@ -6,6 +6,7 @@ Needs root and ``ip netns`` (as on CI here) and MPICH; skipped elsewhere with th
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -106,3 +107,96 @@ def test_generation_across_hosts_is_token_identical_to_one_host(net, llm_model):
     auto = on_hosts(net, slots, job, "llm", str(llm_model), "auto")
     assert tagged(auto.stdout, "TOKENS") == alone
     assert "parallel='auto'" in tagged(auto.stdout, "LAYOUT")["note"], auto.stdout
+
+
+# ---- cmatrix launch across hosts whose home folders lie at different paths ---------------------
+
+@pytest.fixture(scope="module")
+def homes(tmp_path_factory):
+    """Hosts whose HOME paths differ (as /home/you beside /Users/you): a rank that took the
+    driver's HOME would write into the driver's home folder."""
+    if REASON:
+        pytest.skip(f"no namespace cluster here: {REASON}")
+    with netcluster.NetCluster(hosts=3, folder=tmp_path_factory.mktemp("homes") / "cluster",
+                               own_homes=True) as cluster:
+        yield cluster
+
+
+def launch_on(net, lines: list[str], *args: str, timeout: float = 180):
+    hostfile = net.folder / f"launch-{abs(hash(tuple(lines)))}.hosts"
+    hostfile.write_text("".join(line + "\n" for line in lines))
+    argv = [sys.executable, "-m", "cmatrix", "launch", "--hostfile", str(hostfile), *args]
+    return net.run(argv, timeout=timeout, capture_output=True, text=True)
+
+
+def test_launch_checks_the_hosts_then_runs_doctor_on_each(homes):
+    r = launch_on(homes, ["h1", "h2:2 CMATRIX_THREADS=2", "h3"], "doctor")
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert "checked 2 other host(s) through the launcher" in r.stderr, r.stderr
+    for host in ("h1", "h2", "h3"):
+        assert host in r.stdout, r.stdout
+
+
+def test_launch_settings_and_defaults_are_each_hosts_own(homes):
+    lines = ["h1", "h2 CMATRIX_THREADS=3", "h3"]
+    r = launch_on(homes, lines, str(JOBS / "multihost_job.py"), "ranks")
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert [(x["host"], x["threads"]) for x in tagged(r.stdout, "RANKS")] == [("h1", 1), ("h2", 3), ("h3", 1)]
+    r = launch_on(homes, lines, str(JOBS / "cache_where.py"))
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    for k, host in enumerate(homes.names):
+        found = sorted(p.name for p in homes.home(host).rglob("*.cmshard"))
+        assert found == [f"rank{k}.cmshard"], (host, found)
+
+
+def test_every_listening_socket_is_in_the_firewalls_range(homes):
+    import shutil
+    import time
+
+    if not shutil.which("ss"):
+        pytest.skip("no ss here to list sockets")
+    hostfile = homes.folder / "hold.hosts"
+    hostfile.write_text("h1\nh2\nh3\n")
+    argv = [sys.executable, "-m", "cmatrix", "launch", "--hostfile", str(hostfile), "--ports", "51000-51099",
+            str(JOBS / "multihost_job.py"), "hold", "8"]
+    proc = homes.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "HOLDING" in proc.stdout.readline() or "HOLDING" in proc.stdout.readline()
+        time.sleep(0.5)
+        for host in homes.names:
+            listing = homes.run(["ss", "-ltnH"], host=host, capture_output=True, text=True).stdout
+            ports = [int(ln.split()[3].rpartition(":")[2]) for ln in listing.splitlines() if ln.strip()]
+            assert ports and all(51000 <= p <= 51099 for p in ports), (host, listing)
+    finally:  # the job ends by itself a few seconds later
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_plain_mpiexec_hands_every_host_the_drivers_home(homes):
+    """Why cmatrix launch passes only what ranks need: hydra copies the driver's HOME to every
+    rank, so a plain mpiexec puts every host's cache in the driver's home folder."""
+    hostfile = homes.hostfile(homes.folder / "plain.hosts")
+    argv = [launch.mpiexec(), "-f", str(hostfile), "-n", "3", sys.executable, str(JOBS / "env_report.py"),
+            "HOME"]
+    r = homes.run(argv, timeout=120, capture_output=True, text=True)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    homes_seen = {json.loads(ln[4:])["HOME"] for ln in r.stdout.splitlines() if ln.startswith("ENV ")}
+    assert homes_seen == {str(homes.home("h1"))}, homes_seen
+
+
+def test_launch_names_every_host_it_cannot_use_before_starting(homes):
+    absent = homes.addresses[0].rsplit(".", 1)[0] + ".9"  # on the network, but no host answers
+    r = launch_on(homes, ["h1", "h2", absent, "nowhere.invalid"], str(JOBS / "multihost_job.py"), "ranks",
+                  timeout=90)
+    assert r.returncode == 2, f"{r.stdout}\n{r.stderr}"
+    assert "RANKS" not in r.stdout, r.stdout  # nothing started
+    problems = [ln.strip() for ln in r.stderr.splitlines()]
+
+    def named(host: str, text: str) -> bool:
+        return any(ln.startswith(f"{host}:") and text in ln for ln in problems)
+    assert named(absent, "ssh-copy-id"), r.stderr
+    assert named("nowhere.invalid", "/etc/hosts"), r.stderr
+    assert named("h2", "nowhere.invalid does not resolve"), r.stderr

@@ -104,6 +104,12 @@ def _launch(ns: argparse.Namespace) -> int:
         env["CMATRIX_TTY"] = "1"
     if not lines:
         return watch.run(launch.command(n, argv), env)
+    if not here:
+        try:
+            env = {**launch.port_ranges(ns.ports), **env}  # a range already in the environment wins
+        except CMatrixError as exc:
+            print(f"cmatrix launch: {exc}", file=sys.stderr)
+            return 2
     extra: dict = {}
     options: list[str] = []
     if not here and not ns.no_check:
@@ -176,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     lau.add_argument("--no-check", action="store_true", help="skip the check of the other hosts (ssh, "
                      "same interpreter path, Python, cmatrix and MPI versions, names, interfaces) that "
                      "runs before the job when the hostfile names hosts other than this one")
+    lau.add_argument("--ports", default="50000-50199", metavar="LO-HI",
+                     help="with other hosts: the TCP ports MPI listens on, for the firewall (MPICH's "
+                          "control port in the lower half, the ranks' sockets in the upper; default "
+                          "%(default)s; 'any' leaves them to MPI)")
     lau.add_argument("job", help=f"a job file, or {', '.join(COMMANDS)} followed by its options")
     lau.add_argument("args", nargs=argparse.REMAINDER)
     doc = sub.add_parser("doctor", help="show each rank's host, device, memory and fallbacks "

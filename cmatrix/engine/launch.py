@@ -269,3 +269,22 @@ def environment(base: dict | None = None, threads: int | None = None, single_hos
                     "CMATRIX_THREADS"):
             env[var] = str(threads)
     return env
+
+
+def port_ranges(ports: str) -> dict[str, str]:
+    """``"LO-HI"`` as the MPI settings that keep every listening socket of a job on several
+    hosts inside it, for a firewall: MPICH's control port (``MPIEXEC_PORT_RANGE``) in the lower
+    half, the ranks' UCX TCP sockets (``UCX_TCP_PORT_RANGE``) in the upper half; Open MPI's TCP
+    transport (``OMPI_MCA_btl_tcp_port_min_v4``/``range_v4``) in the upper half too. ``"any"``:
+    no settings."""
+    from ..errors import InputError
+
+    if ports == "any":
+        return {}
+    lo, _, hi = ports.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and int(lo) >= 1024 and int(lo) + 3 <= int(hi) <= 65535):
+        raise InputError(f"--ports: LO-HI with 1024 <= LO, LO + 3 <= HI <= 65535 (or 'any'), got {ports!r}")
+    lo_n, hi_n = int(lo), int(hi)
+    mid = (lo_n + hi_n + 1) // 2
+    return {"MPIEXEC_PORT_RANGE": f"{lo_n}:{mid - 1}", "UCX_TCP_PORT_RANGE": f"{mid}-{hi_n}",
+            "OMPI_MCA_btl_tcp_port_min_v4": str(mid), "OMPI_MCA_btl_tcp_port_range_v4": str(hi_n - mid + 1)}

@@ -2,6 +2,7 @@
 
 Run: mpiexec -f HOSTFILE -n N python -m cmatrix run tests/jobs/multihost_job.py MODE [ARGS]
 
+- ``hold SECONDS``: starts the cluster, multiplies once, and waits.
 - ``ranks``: prints ``RANKS`` and the ranks table as JSON (host, local rank, device).
 - ``seed IPS_JSON``: the seed API with one real address per rank (``node_IP_list``): a split
   product checked against numpy; a list naming an address of no rank is refused.
@@ -25,7 +26,14 @@ w = rng.standard_normal((64, 96), dtype=np.float32)
 if mode == "ranks":
     cl = cm.init()
     print("RANKS " + json.dumps([{"rank": r.rank, "host": r.host, "local_rank": r.local_rank,
-                                  "device": r.device} for r in cl.ranks]))
+                                  "device": r.device, "threads": r.threads} for r in cl.ranks]))
+elif mode == "hold":  # a cluster that stays up a while (for a look at its sockets)
+    import time
+
+    cl = cm.init()
+    cl.matmul(x, cl.shard(w))  # every rank has talked to the driver
+    print("HOLDING", flush=True)
+    time.sleep(float(sys.argv[2]))
 elif mode == "seed":
     from cmatrix import InputError, cluster_matrix
 
