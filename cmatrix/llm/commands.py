@@ -221,10 +221,7 @@ def _step(rt: Runtime, model: Any, h: LlmStep, x: np.ndarray | None) -> np.ndarr
     rt.sync()
     comm.gather_blocks(part, full, Plan(1, tuple(h.vocab_counts[r] + 1 for r in model.members)))
     if h.shape[0] == 1:
-        model.counters.step(time.perf_counter() - began, waited, comm.bytes_sent - sent)
-        if prof is not None:
-            prof.add("collectives", waited)
-            prof.step(time.perf_counter() - began)
+        model.decode_step_done(time.perf_counter() - began, waited, comm.bytes_sent - sent, prof)
     return full
 
 

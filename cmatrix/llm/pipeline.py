@@ -153,10 +153,7 @@ def _gather_logits(rt: Runtime, model: Any, h: Any, total: np.ndarray | None, fa
         failing = [g for g, end in enumerate(ends) if np.isnan(full[0, end])]
     rt.settle(failing)
     if h.shape[0] == 1:
-        model.counters.step(time.perf_counter() - began, waited, comm.bytes_sent - sent)
-        if prof is not None:
-            prof.add("collectives", waited)
-            prof.step(time.perf_counter() - began)
+        model.decode_step_done(time.perf_counter() - began, waited, comm.bytes_sent - sent, prof)
     return full
 
 

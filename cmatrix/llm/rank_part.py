@@ -143,6 +143,14 @@ class RankPart:
             self._buffers = (size, (np.empty(size + 1, np.float32), np.empty(size + 1, np.float32)))
         return self._buffers[1]
 
+    def decode_step_done(self, seconds: float, waited: float, sent: int, profile: StepProfile | None) -> None:
+        """Count a decode step (``waited``: seconds of it in collectives and waits, ``sent``: bytes
+        this rank put into them) in the running totals and in ``profile``, if profiling."""
+        self.counters.step(seconds, waited, sent)
+        if profile is not None:
+            profile.add("collectives", waited)
+            profile.step(seconds)
+
     def set_profile(self, enable: bool) -> None:
         """Start profiling decode steps afresh, or stop."""
         self.profile = StepProfile() if enable else None
