@@ -651,3 +651,14 @@ def test_an_unknown_decoder_path_fails_the_load_on_the_rank(cl, tiny, monkeypatc
         assert m.decoders == ["numpy+numpy"]
     finally:
         m.close()
+
+
+def test_pipeline_stages_on_one_rank_fall_back_to_tensor_parallel(cl, tiny, ref_logits):
+    model = cm.llm.load(cl, tiny, parallel="pp")
+    try:
+        assert model.stages is None and "one rank holds the whole model" in model.layout_note
+        got = model.forward(IDS, start=0, all_logits=True)
+        assert np.abs(got - ref_logits).max() < 1e-4
+    finally:
+        model.close()
+    refused(cl, lambda: cm.llm.load(cl, tiny, parallel="pipeline"), "parallel: one of 'tp', 'pp', 'auto'")

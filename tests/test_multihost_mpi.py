@@ -109,6 +109,17 @@ def test_generation_across_hosts_is_token_identical_to_one_host(net, llm_model):
     assert "parallel='auto'" in tagged(auto.stdout, "LAYOUT")["note"], auto.stdout
 
 
+def test_a_stage_rank_left_no_rows_still_joins_its_stage(net, llm_model):
+    """Rank 2's small share rounds to no KV group and no MLP rows of h2's stage: it still takes
+    part in the stage's collectives (no hang), and the tokens are one host's."""
+    job = str(JOBS / "multihost_job.py")
+    alone = tagged(on_hosts(net, {"h1": 1}, job, "llm", str(llm_model), "tp").stdout, "TOKENS")
+    r = on_hosts(net, {"h1": 1, "h2": 2}, job, "llm", str(llm_model), "pp", "[0.5, 0.45, 0.05]", timeout=120)
+    layout = tagged(r.stdout, "LAYOUT")["layout"]
+    assert layout[2]["kv_groups"] == 0 and layout[2]["mlp_rows"] == 0, layout
+    assert tagged(r.stdout, "TOKENS") == alone
+
+
 # ---- cmatrix launch across hosts whose home folders lie at different paths ---------------------
 
 @pytest.fixture(scope="module")

@@ -56,3 +56,10 @@ def test_auto_picks_stages_on_a_slow_link_and_tensor_parallelism_on_a_fast_one()
 def test_a_bad_mode_is_refused():
     with pytest.raises(InputError, match="parallel"):
         st.check_mode("pipeline")
+
+
+def test_stage_fractions_are_what_each_rank_holds_of_the_model():
+    stages = st.plan(HOSTS, [0.4, 0.2, 0.2, 0.2], 12)  # layers 0-2 on rank 2, 3-4 on 3, 5-11 on 0 and 1
+    got = st.stage_fractions(stages, [0.4, 0.2, 0.2, 0.2], 12)
+    assert got == pytest.approx([7 / 12 * 2 / 3, 7 / 12 / 3, 3 / 12, 2 / 12])
+    assert sum(got) == pytest.approx(1.0)

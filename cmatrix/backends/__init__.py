@@ -96,3 +96,14 @@ def llm_path(device: Any) -> str:
 
 
 __all__ = ["Backend", "ALIASES", "available", "canonical", "create", "llm_path", "probe", "probe_all"]
+
+
+def decode_device(dev: Any) -> tuple[Any, bool]:
+    """Where this rank's LLM decoder multiplies: the ggml graphs of numpy and CPU torch ranks
+    (where ggml is installed) run on a ggml backend over the same cores; (device, whether it
+    was started here and must be closed)."""
+    from .device import Device
+
+    if dev.name == "ggml" or llm_path(dev) != "ggml":
+        return dev, False
+    return Device(create("ggml", threads=getattr(dev.backend, "threads", 1), accel=False)), True

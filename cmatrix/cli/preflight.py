@@ -108,7 +108,11 @@ def probe_command(host: str, driver: str, names: list[str], env: dict, impl: str
     if impl == "openmpi":
         return [launch.mpiexec(), "--bind-to", "none", "-n", "1", "--host", f"{host}:1",
                 *[a for name in forward for a in ("-x", name)], *probe]
-    return [launch.mpiexec(), *(["-genvlist", ",".join(forward)] if forward else ["-genvnone"]),
+    # hydra's proxy connects back to this machine's host name (the job's, to its first local
+    # hostfile name): the probe uses the address that reaches ``host``, so it tests ssh and
+    # the interpreter whatever the names (which it checks on its own)
+    back = ["-localhost", driver] if driver else []
+    return [launch.mpiexec(), *back, *(["-genvlist", ",".join(forward)] if forward else ["-genvnone"]),
             "-hosts", host, "-n", "1", *probe]
 
 

@@ -191,10 +191,6 @@ class Comm(GridTransfers):
         """What rank ``source`` sent with :meth:`send_object` (ranks of this job only)."""
         return self.world.recv(source=source, tag=_TAG_REPORT)
 
-    def barrier(self) -> None:
-        """Collective: wait for every rank."""
-        self.world.Barrier()
-
     def abort(self, code: int = 1) -> None:
         """End the whole job now: used only when ranks can no longer agree."""
         MPI.COMM_WORLD.Abort(code)
@@ -255,8 +251,10 @@ class Comm(GridTransfers):
             spec = None
         self.world.Scatterv(spec, [rows, mpitype], root=0)
 
-    def gather_blocks(self, block: np.ndarray, full: np.ndarray | None, plan: Plan) -> None:
-        """Each rank's ``block`` -> the driver's 2-D ``full``, in plan order."""
+    def gather_blocks(self, block: np.ndarray, full: np.ndarray | None, plan: Plan,
+                      yielding: bool = False) -> None:
+        """Each rank's ``block`` -> the driver's 2-D ``full``, in plan order (``yielding``: a
+        rank waiting for the others gives up its core meanwhile, see :meth:`recv`)."""
         if self.size == 1:
             full[...] = block
             return
@@ -265,7 +263,11 @@ class Comm(GridTransfers):
             self.bytes_sent += block.nbytes
         mpitype = _mpi_type(block.dtype)
         if self._contiguous_blocks(block.shape, plan):
-            self.world.Gatherv([block, mpitype], self._vector_spec(full, plan, mpitype), root=0)
+            spec = self._vector_spec(full, plan, mpitype)
+            if yielding:
+                _yielding_wait(self.world.Igatherv([block, mpitype], spec, root=0))
+            else:
+                self.world.Gatherv([block, mpitype], spec, root=0)
         elif not self.is_driver:
             if block.size:
                 self.world.Send([block, mpitype], dest=0, tag=_TAG_BLOCKS)

@@ -50,8 +50,12 @@ class LlmLoad(Header, op="llm_load"):
 
 
 def members(qkv_counts: Sequence[int], gate_up_counts: Sequence[int],
-            vocab_counts: Sequence[int]) -> list[int]:
-    """The ranks that join a decoder's steps: the driver and every rank holding some of it."""
+            vocab_counts: Sequence[int], stages: Sequence[Any] = ()) -> list[int]:
+    """The ranks that join a decoder's steps: the driver and every rank holding some of it; in
+    pipeline stages, every rank of a stage (its stage's collectives need it, even where the
+    split left it no rows)."""
+    if stages:
+        return sorted({0, *(r for s in stages for r in s[0])})
     held = zip(qkv_counts, gate_up_counts, vocab_counts, strict=True)
     return [r for r, counts in enumerate(held) if r == 0 or any(counts)]
 
@@ -136,7 +140,7 @@ def _llm_load(rt: Runtime, h: LlmLoad, vectors: np.ndarray | None) -> list[str] 
     rt.sync()
     release_free_heap()  # give back the heap the blocks' temporaries took (also the decoder's own)
     # Ranks holding nothing of the decoder stay out of its steps' collectives.
-    decoder.members = members(h.qkv_counts, h.gate_up_counts, h.vocab_counts)
+    decoder.members = members(h.qkv_counts, h.gate_up_counts, h.vocab_counts, h.stages)
     if len(decoder.members) < comm.size:
         decoder.group = comm.group(comm.rank in decoder.members)
     else:

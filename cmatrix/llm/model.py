@@ -46,7 +46,7 @@ from .memory_plan import RankMemory
 from .pipeline import decide
 from .rebalance import Balancer, speed_shares
 from .rebalance import replan as place_again
-from .stages import check_mode, layer_weights
+from .stages import check_mode, layer_weights, stage_fractions
 
 CACHE_MODES = ("save", "load", "auto")
 WEIGHT_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -112,6 +112,9 @@ class DecoderModel:
         self.stages, self.layout_note = decide(self, parallel)
         if self.stages:
             rebalance = False  # re-plans re-split a tensor-parallel model
+            # what each rank holds in stages, as the share of every layer it would match
+            memory_plan.check(self.config, stage_fractions(self.stages, self.weights, cfg.num_layers),
+                              self.quant, self.dtype, self.memory_ranks)
         #: per rank: None if it read its weight blocks from its own copy of the checkpoint, else why not
         self.local_problems: list[str | None] = ["cache= was given"] * cluster.size
         if cache is None:  # with a cache, blocks come from the ranks' cache files or the driver
@@ -278,7 +281,8 @@ class DecoderModel:
             tuple(self._gate_up_counts), chunk, where, buffer.size, self.wire,
             tuple(self._vocab_counts), tuple((s.ranks, s.first, s.end) for s in self.stages or ())), buffer)
         #: the ranks that run its steps: the driver and those holding some of it
-        self.members = members(self._qkv_counts, self._gate_up_counts, self._vocab_counts)
+        self.members = members(self._qkv_counts, self._gate_up_counts, self._vocab_counts,
+                               tuple((s.ranks, s.first, s.end) for s in self.stages or ()))
 
     def _load_layer(self, i: int, chunk: int, vectors: dict[str, np.ndarray]) -> dict[str, int]:
         """Shard layer ``i``'s four matrices; add its norms and biases to ``vectors``."""

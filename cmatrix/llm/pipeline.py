@@ -49,6 +49,7 @@ class PipeRole:
         return self._buffer
 
     def leave(self) -> None:
+        """Collective over the stage: free its communicator."""
         if self.stage is not None:
             self.stage.free()
             self.stage = None
@@ -146,7 +147,7 @@ def _gather_logits(rt: Runtime, model: Any, h: Any, total: np.ndarray | None, fa
                                                         model.held_mark - held, before)
     counts = tuple(h.vocab_counts[r] + 1 for r in model.members)
     full = np.empty((rows, sum(counts)), dtype=np.float32) if comm.is_driver else None
-    comm.gather_blocks(part, full, Plan(1, counts))
+    comm.gather_blocks(part, full, Plan(1, counts), yielding=True)  # the early stages wait here
     failing = []
     if full is not None:
         ends = np.cumsum(counts) - 1
@@ -161,27 +162,72 @@ def _gather_logits(rt: Runtime, model: Any, h: Any, total: np.ndarray | None, fa
 
 @dataclass(frozen=True)
 class LlmLinks(Header, op="llm_links"):
+    """Measure the links and each rank's streaming speed (see :func:`probe`)."""
+
     hidden: int                 # values in one Allreduce (a decode step's hidden state)
     leaders: tuple[int, ...]    # one rank per remote host: the driver pings each
     bulk: int = 1 << 18         # bytes of the bandwidth message
     repeats: int = 5
 
 
-def probe(driver: Any, hosts: list[str], hidden: int) -> Links:
+#: float32 values of the weight :func:`stream_rate` streams: 128 MiB, more than any CPU cache
+STREAM_SHAPE = (16384, 2048)
+
+
+def probe(driver: Any, hosts: list[str], hidden: int) -> tuple[Links, list[float]]:
     """Measure the links (see :class:`~cmatrix.llm.stages.Links`): a few Allreduces over every
-    rank, and a ping and a bulk message to each remote host's first rank."""
+    rank, and a ping and a bulk message to each remote host's first rank; and per rank, the
+    bytes per second a decode-shaped float32 product streams (:func:`stream_rate`)."""
     leaders = {}
     for r, host in enumerate(hosts):
         if host != hosts[0]:
             leaders.setdefault(host, r)
-    allreduce, trips, rates = driver.run(LlmLinks(hidden, tuple(leaders.values())))
+    allreduce, trips, rates, streams = driver.run(LlmLinks(hidden, tuple(leaders.values())))
     names = list(leaders)
-    return Links(allreduce, dict(zip(names, trips, strict=True)), dict(zip(names, rates, strict=True)))
+    links = Links(allreduce, dict(zip(names, trips, strict=True)), dict(zip(names, rates, strict=True)))
+    return links, streams
+
+
+def stream_rate(dev: Any, seconds: float = 0.3) -> float:
+    """Bytes per second this rank's decoder streams in a decode-shaped float32 product over a
+    weight larger than any cache. A speed profile's products fit in a large L3 cache, so they
+    overstate what a whole model's layers run at; the shares between ranks and weight types
+    still come from the profile."""
+    from ..backends import decode_device
+
+    decoder, started = decode_device(dev)
+    rows, cols = STREAM_SHAPE
+    block = np.random.default_rng(0).standard_normal((1024, cols), dtype=np.float32) * 0.05
+    w = x = None
+    try:
+        w = decoder.upload(np.tile(block, (rows // 1024, 1)), "float32")
+        x = decoder.upload(block[:1], "float32")
+
+        def product() -> None:
+            y = decoder.matmul(x, w, transpose_b=True, partial=True)
+            decoder.download(y, "float32")
+            decoder.free(y)
+
+        product()
+        calls, began = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - began < seconds:
+            product()
+            calls += 1
+        return rows * cols * 4 * calls / (time.perf_counter() - began)
+    finally:
+        for h in (w, x):
+            if h is not None:
+                decoder.free(h)
+        if started:
+            decoder.backend.close()
 
 
 @on_ranks(LlmLinks)
 def _llm_links(rt: Runtime, h: LlmLinks, _: Any) -> tuple | None:
     comm = rt.comm
+    streamed = 0.0
+    with rt.step("stream"):  # every rank at once, as they decode
+        streamed = stream_rate(rt.backend)
     rt.sync()
     values = np.zeros(h.hidden + 1, dtype=np.float32)
     times = []
@@ -214,9 +260,10 @@ def _llm_links(rt: Runtime, h: LlmLinks, _: Any) -> tuple | None:
             for _ in range(3):
                 comm.recv(bulk, 0)
                 comm.send(small, 0)
+    streams = comm.gather_objects(streamed)
     if not comm.is_driver:
         return None
-    return statistics.median(times[1:]), trips, rates
+    return statistics.median(times[1:]), trips, rates, streams
 
 
 # ---- the driver's choice of layout -----------------------------------------------------------
@@ -227,7 +274,6 @@ def decide(model: Any, parallel: str) -> tuple[list[Stage] | None, str]:
     from ..core.shares import kind_of
     from . import stages as st
     from .layout import matrix_splits
-    from .rebalance import speed_shares
 
     cl, cfg = model.cluster, model.config
     hosts = [info.host for info in cl.ranks]
@@ -237,11 +283,25 @@ def decide(model: Any, parallel: str) -> tuple[list[Stage] | None, str]:
         return None, "tensor-parallel over every rank (parallel='tp')"
     if parallel == "pp":
         stages = st.plan(hosts, weights, cfg.num_layers)
+        if len(stages) == 1:
+            return None, "tensor-parallel: one rank holds the whole model (stages need two or more)"
+        if not any(weights[r] > 0 for r in stages[-1].ranks):
+            from ..errors import InputError
+
+            raise InputError(f"parallel='pp': the driver's host ({hosts[0]}) runs the last stage and the LM "
+                             "head, but its ranks have no share; give one of them a share, or use 'tp'")
         return stages, f"pipeline stages (parallel='pp'): {st.describe(stages, hosts)}"
     if len(used) == 1:
         return None, f"tensor-parallel: every rank with a share is on {hosts[0]} (parallel='auto')"
-    links = probe(cl.driver, hosts, cfg.hidden_size)
-    _, speeds = speed_shares(cl, kind_of(model.dtype, model.quant))
+    if not any(w > 0 for r, w in enumerate(weights) if hosts[r] == hosts[0]):
+        return None, (f"tensor-parallel (parallel='auto'): the driver's host ({hosts[0]}) holds no work, "
+                      "and in stages it runs the last one")
+    links, streams = probe(cl.driver, hosts, cfg.hidden_size)
+    # each rank's speed for the model's weights: what it streams beyond its caches, scaled by
+    # its profile's rate for this weight type against float32
+    kind, profiles = kind_of(model.dtype, model.quant), cl.speed_profiles()
+    speeds = [s / 1e9 * p["decode_gbps"][kind] / p["decode_gbps"]["float32"]
+              for s, p in zip(streams, profiles, strict=True)]
     sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, model.quant).items()}
     values = cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
     mode, stages, why = st.choose(hosts, weights, [1e9 * s for s in speeds], cfg.num_layers,

@@ -32,6 +32,7 @@ class Stage:
 
 
 def check_mode(parallel: str) -> str:
+    """``parallel`` if it is one of :data:`MODES`, else an :class:`InputError`."""
     if parallel not in MODES:
         raise InputError(f"parallel: one of {', '.join(map(repr, MODES))}, got {parallel!r}")
     return parallel
@@ -83,6 +84,7 @@ def plan(hosts: Sequence[str], weights: Sequence[float], layers: int,
 
 
 def stage_of(stages: Sequence[Stage], layer: int) -> Stage:
+    """The stage holding ``layer``."""
     return next(s for s in stages if s.first <= layer < s.end)
 
 
@@ -94,6 +96,19 @@ def layer_weights(stages: Sequence[Stage], weights: Sequence[float], layer: int 
     if sum(own) <= 0:
         own = [1.0 if r in stage.ranks else 0.0 for r in range(len(weights))]
     return own
+
+
+def stage_fractions(stages: Sequence[Stage], weights: Sequence[float], layers: int) -> list[float]:
+    """Per rank, the fraction of the model's layers it holds in ``stages`` (its share of its
+    stage's layers): what :mod:`cmatrix.llm.memory_plan` checks as a share."""
+    out = [0.0] * len(weights)
+    for s in stages:
+        own = [float(weights[r]) for r in s.ranks]
+        if sum(own) <= 0:  # split evenly, as layer_weights does
+            own = [1.0] * len(own)
+        for r, w in zip(s.ranks, own, strict=True):
+            out[r] = (s.end - s.first) / layers * w / sum(own)
+    return out
 
 
 def describe(stages: Sequence[Stage], hosts: Sequence[str]) -> str:

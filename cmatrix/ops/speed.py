@@ -32,7 +32,6 @@ import numpy as np
 
 from .. import backends
 from .._version import __version__
-from ..backends.device import Device
 from ..core import quant as q
 from ..core import shares as sh
 from ..core.dtypes import from_float32
@@ -122,19 +121,10 @@ def _sixteen(dev: Any) -> str:
     return "bfloat16" if "bfloat16" in dev.dtypes else "float16"
 
 
-def decode_device(dev: Any) -> tuple[Any, bool]:
-    """Where this rank's LLM decoder multiplies: the ggml graphs of numpy and CPU torch ranks
-    (where ggml is installed) run on a ggml backend over the same cores; (device, whether it
-    was started here and must be closed)."""
-    if dev.name == "ggml" or backends.llm_path(dev) != "ggml":
-        return dev, False
-    return Device(backends.create("ggml", threads=getattr(dev.backend, "threads", 1), accel=False)), True
-
-
 def measure(dev: Any, seconds: float) -> dict:
     """This rank's rates on its backend ``dev`` (a :class:`~cmatrix.backends.device.Device`):
     decode-shaped products where its LLM decoder runs them, prefill-shaped ones on ``dev``."""
-    decoder, started = decode_device(dev)
+    decoder, started = backends.decode_device(dev)
     clock = RunDelay()
     began, held = time.perf_counter(), clock()
     try:

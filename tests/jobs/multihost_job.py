@@ -8,7 +8,7 @@ Run: mpiexec -f HOSTFILE -n N python -m cmatrix run tests/jobs/multihost_job.py 
   product checked against numpy; a list naming an address of no rank is refused.
 - ``cache save|load``: a named, cached weight (each rank's shard in its own host's cache
   folder) and a product with it; ``load`` (a new job) sends no weight data.
-- ``llm MODEL PARALLEL``: 24 greedy tokens; prints ``TOKENS`` and the layout as JSON.
+- ``llm MODEL PARALLEL [WEIGHTS_JSON]``: 24 greedy tokens; prints ``TOKENS`` and the layout as JSON.
 """
 
 import json
@@ -66,7 +66,7 @@ elif mode == "cache":
     print(f"CACHE {sys.argv[2]} max error {err:.2e}")
     assert err < 1e-3, err
 elif mode == "llm":
-    cl = cm.init()
+    cl = cm.init(weights=json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
     model = cm.llm.load(cl, sys.argv[2], parallel=sys.argv[3], rebalance=False)
     result = model.generate(token_ids=[5, 17, 42, 7, 99], max_new_tokens=24, stop_token_ids=[])
     print("TOKENS " + json.dumps(result.token_ids))
