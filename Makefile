@@ -12,7 +12,7 @@ OMPI_STAMP := $(OMPI_VENV)/.installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 CMATRIX_THREADS=1
 
-.PHONY: demo demo-llm test test-mpich test-openmpi lint bench bench-gemm bench-backends bench-cache bench-llm bench-balance venv clean
+.PHONY: demo demo-llm test test-mpich test-openmpi lint bench bench-gemm bench-backends bench-cache bench-llm bench-balance bench-links venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-llm: $(STAMP)
 
 bench-balance: $(STAMP)
 	$(PY) jobs/bench_balance.py
+
+# Decode across simulated hosts (network namespaces: needs root) on shaped links.
+bench-links: $(STAMP)
+	$(PY) jobs/bench_links.py
 
 clean:
 	rm -rf $(VENV) $(OMPI_VENV) .venv-bench *.egg-info .pytest_cache

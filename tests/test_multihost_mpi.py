@@ -109,6 +109,22 @@ def test_generation_across_hosts_is_token_identical_to_one_host(net, llm_model):
     assert "parallel='auto'" in tagged(auto.stdout, "LAYOUT")["note"], auto.stdout
 
 
+def test_on_a_wifi_like_link_auto_runs_in_stages(tmp_path, llm_model):
+    """100 Mbit/s with 2 ms each way (a userspace relay: no netem here): auto measures the link,
+    picks pipeline stages for this small model, and says why; the tokens are one host's."""
+    if REASON:
+        pytest.skip(f"no namespace cluster here: {REASON}")
+    job = str(JOBS / "multihost_job.py")
+    with netcluster.NetCluster(hosts=2, link="wifi", folder=tmp_path / "wifi") as wifi:
+        alone = tagged(on_hosts(wifi, {"h1": 1}, job, "llm", str(llm_model), "tp").stdout, "TOKENS")
+        r = on_hosts(wifi, {"h1": 1, "h2": 1}, job, "llm", str(llm_model), "auto")
+    note = tagged(r.stdout, "LAYOUT")["note"]
+    assert note.startswith("pipeline stages (parallel='auto'): stage 1: rank 1 on h2"), note
+    allreduce_ms = float(note.rpartition("an Allreduce takes ")[2].split(" ms")[0])
+    assert allreduce_ms >= 2.0, note  # the link's delay is there to be measured
+    assert tagged(r.stdout, "TOKENS") == alone
+
+
 def test_a_stage_rank_left_no_rows_still_joins_its_stage(net, llm_model):
     """Rank 2's small share rounds to no KV group and no MLP rows of h2's stage: it still takes
     part in the stage's collectives (no hang), and the tokens are one host's."""
