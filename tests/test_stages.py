@@ -63,3 +63,15 @@ def test_stage_fractions_are_what_each_rank_holds_of_the_model():
     got = st.stage_fractions(stages, [0.4, 0.2, 0.2, 0.2], 12)
     assert got == pytest.approx([7 / 12 * 2 / 3, 7 / 12 / 3, 3 / 12, 2 / 12])
     assert sum(got) == pytest.approx(1.0)
+
+
+def test_predictions_follow_the_shares_given():
+    links = st.Links(1e-3, {"b": 2e-3}, {"b": 1e8})
+    hosts, speeds = ["a", "b"], [1e9, 1e9]
+    stages = st.plan(hosts, [0.5, 0.5], 8)
+    even = st.predict("tp", stages, hosts, speeds, 1e8, 8, 8192, 0, links, [0.5, 0.5])
+    lopsided = st.predict("tp", stages, hosts, speeds, 1e8, 8, 8192, 0, links, [0.9, 0.1])
+    assert even == pytest.approx(0.05 + 16e-3 + 1e-3)  # each reads half at 1 GB/s, 16 sums, half a trip
+    assert lopsided == pytest.approx(0.09 + 16e-3 + 1e-3)  # the step waits for the rank with 0.9
+    pp = st.predict("pp", stages, hosts, speeds, 1e8, 8, 8192, 0, links, [0.5, 0.5])
+    assert pp == pytest.approx(0.1 + 1e-3 + 8192 / 1e8 + 1e-3)  # both halves in turn, two hops

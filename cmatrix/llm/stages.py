@@ -133,27 +133,35 @@ class Links:
     bandwidth: dict[str, float]
 
 
+def _slowest(ranks: Sequence[int], weights: Sequence[float], speeds: Sequence[float], work: float) -> float:
+    """Seconds until the last of ``ranks`` has read its part of ``work`` bytes, split among
+    them by ``weights``: they run at once, and a step waits for the slowest."""
+    total = sum(weights[r] for r in ranks) or 1.0
+    return max((weights[r] / total * work / max(speeds[r], 1e-9) for r in ranks), default=0.0)
+
+
 def predict(mode: str, stages: Sequence[Stage], hosts: Sequence[str], speeds: Sequence[float],
-            model_bytes: float, layers: int, hidden_bytes: int, vocab_bytes: int, links: Links) -> float:
+            model_bytes: float, layers: int, hidden_bytes: int, vocab_bytes: int, links: Links,
+            weights: Sequence[float] | None = None) -> float:
     """Predicted seconds per decoded token. ``speeds``: each rank's decode rate (bytes/s of
-    weights); ``model_bytes``: the layers' and head's weights as stored.
+    weights); ``model_bytes``: the layers' and head's weights as stored; ``weights``: the
+    ranks' shares (default: proportional to ``speeds``).
 
     tp: every rank reads its share at once; two Allreduces per layer, and the remote ranks'
-    logits cross the link. pp: the stages run one after another, each reading its layers;
-    the hidden state crosses one link per stage."""
+    logits cross the link. pp: the stages run one after another, each reading its layers
+    (split among its ranks by their shares); the hidden state crosses one link per stage."""
+    weights = list(speeds) if weights is None else list(weights)
     remote = {h for h in hosts if h != hosts[0]}
     slowest_trip = max((links.round_trip[h] for h in remote), default=0.0)
     slowest_rate = min((links.bandwidth[h] for h in remote), default=math.inf)
     if mode == "tp":
-        everyone = max(sum(speeds), 1e-9)
-        compute = model_bytes / everyone
-        remote_share = sum(s for s, host in zip(speeds, hosts, strict=True) if host != hosts[0]) / everyone
+        compute = _slowest(range(len(hosts)), weights, speeds, model_bytes)
+        remote_share = sum(w for w, host in zip(weights, hosts, strict=True) if host != hosts[0]) / \
+            (sum(weights) or 1.0)
         gather = (slowest_trip / 2 + remote_share * vocab_bytes / slowest_rate) if remote else 0.0
         return compute + 2 * layers * links.allreduce + gather
-    compute = 0.0
-    for s in stages:
-        rate = sum(speeds[r] for r in s.ranks)
-        compute += (s.end - s.first) / layers * model_bytes / max(rate, 1e-9)
+    compute = sum(_slowest(s.ranks, weights, speeds, (s.end - s.first) / layers * model_bytes)
+                  for s in stages)
     hops = sum(links.round_trip[hosts[s.ranks[0]]] / 2 + hidden_bytes / links.bandwidth[hosts[s.ranks[0]]]
                for s in stages[:-1]) + (slowest_trip / 2 if remote else 0.0)
     return compute + hops
@@ -164,7 +172,7 @@ def choose(hosts: Sequence[str], weights: Sequence[float], speeds: Sequence[floa
            limits: Sequence[int] | None = None) -> tuple[str, list[Stage], str]:
     """The layout ``parallel="auto"`` runs: ("tp" or "pp", the stages, why)."""
     stages = plan(hosts, weights, layers, limits)
-    args = (hosts, speeds, model_bytes, layers, hidden_bytes, vocab_bytes, links)
+    args = (hosts, speeds, model_bytes, layers, hidden_bytes, vocab_bytes, links, weights)
     tp, pp = predict("tp", stages, *args), predict("pp", stages, *args)
     mode = "pp" if pp < tp else "tp"
     why = (f"predicted {1e3 * pp:.1f} ms/token in pipeline stages against {1e3 * tp:.1f} tensor-parallel "
