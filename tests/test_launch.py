@@ -361,3 +361,13 @@ def test_a_hung_probe_is_killed_at_its_time_limit(tmp_path):
                          {}, timeout=1.0)
     assert time.monotonic() - start < 20
     assert out.returncode is None and out.facts is None and "late" in out.output
+
+
+def test_probes_started_together_get_a_control_port_each():
+    from cmatrix.cli.preflight import _own_port
+
+    env = {"MPIEXEC_PORT_RANGE": "50000:50099", "OTHER": "x"}
+    assert [_own_port(env, k)["MPIEXEC_PORT_RANGE"] for k in range(3)] == ["50000:50000", "50001:50001",
+                                                                          "50002:50002"]
+    assert _own_port(env, 100)["MPIEXEC_PORT_RANGE"] == "50000:50099"  # more probes than ports: shared
+    assert _own_port({"OTHER": "x"}, 1) == {"OTHER": "x"}

@@ -123,16 +123,26 @@ def probe_all(hosts: list[str], routes: dict[str, str | None], names: list[str],
     quiet["SSH_ASKPASS_REQUIRE"] = "never"  # and no terminal: ssh fails instead of asking
     outcomes: dict[str, Outcome] = {}
 
-    def one(host: str) -> None:
+    def one(host: str, k: int) -> None:
         cmd = probe_command(host, routes[host] or "", names, quiet, impl)
-        outcomes[host] = _run(host, cmd, quiet, timeout)
+        outcomes[host] = _run(host, cmd, _own_port(quiet, k), timeout)
 
-    threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in hosts]
+    threads = [threading.Thread(target=one, args=(h, k), daemon=True) for k, h in enumerate(hosts)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout + 10)
     return {h: outcomes.get(h, Outcome(h)) for h in hosts}
+
+
+def _own_port(env: dict, k: int) -> dict:
+    """``env`` for the k-th of the probes running at once: with a range for MPICH's control port
+    (``MPIEXEC_PORT_RANGE``, as ``cmatrix launch --ports`` sets), one port of it of its own:
+    mpiexecs started together in one range can pick the same port, and one then fails."""
+    lo, _, hi = env.get("MPIEXEC_PORT_RANGE", "").partition(":")
+    if not (lo.isdigit() and hi.isdigit()) or int(lo) + k > int(hi):
+        return env
+    return {**env, "MPIEXEC_PORT_RANGE": f"{int(lo) + k}:{int(lo) + k}"}
 
 
 def _run(host: str, cmd: list[str], env: dict, timeout: float) -> Outcome:
