@@ -19,9 +19,10 @@ JOBS = Path(__file__).resolve().parent / "jobs"
 sys.path.insert(0, str(ROOT / "jobs"))
 import netcluster  # noqa: E402
 
-pytestmark = pytest.mark.mpi
 REASON = netcluster.skip_reason() or (None if launch.implementation() == "mpich" else
                                       "the namespace cluster starts ranks through MPICH's hydra")
+pytestmark = [pytest.mark.mpi,
+              pytest.mark.skipif(bool(REASON), reason=f"no namespace cluster here: {REASON}")]
 
 
 @pytest.fixture(scope="module")
