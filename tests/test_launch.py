@@ -371,3 +371,14 @@ def test_probes_started_together_get_a_control_port_each():
                                                                           "50002:50002"]
     assert _own_port(env, 100)["MPIEXEC_PORT_RANGE"] == "50000:50099"  # more probes than ports: shared
     assert _own_port({"OTHER": "x"}, 1) == {"OTHER": "x"}
+
+
+def test_ports_split_into_the_launchers_and_the_ranks_halves():
+    from cmatrix.engine.launch import port_ranges
+
+    got = port_ranges("50000-50199")
+    assert got["MPIEXEC_PORT_RANGE"] == "50000:50099" and got["UCX_TCP_PORT_RANGE"] == "50100-50199"
+    assert port_ranges("any") == {}
+    for bad in ("80-90", "50000", "50010-50000", "a-b"):
+        with pytest.raises(InputError, match="--ports"):
+            port_ranges(bad)

@@ -75,3 +75,20 @@ def test_predictions_follow_the_shares_given():
     assert lopsided == pytest.approx(0.09 + 16e-3 + 1e-3)  # the step waits for the rank with 0.9
     pp = st.predict("pp", stages, hosts, speeds, 1e8, 8, 8192, 0, links, [0.5, 0.5])
     assert pp == pytest.approx(0.1 + 1e-3 + 8192 / 1e8 + 1e-3)  # both halves in turn, two hops
+
+
+def test_pp_needs_the_drivers_host_to_hold_work():
+    from types import SimpleNamespace
+
+    from cmatrix.llm.pipeline import decide
+
+    ranks = [SimpleNamespace(host=h) for h in ("a", "a", "b")]
+    model = SimpleNamespace(cluster=SimpleNamespace(ranks=ranks), config=SimpleNamespace(num_layers=4))
+    model.weights = [0.0, 0.0, 1.0]  # the driver's host, a, holds nothing
+    with pytest.raises(InputError, match="driver's host \\(a\\) runs the last stage"):
+        decide(model, "pp")
+    model.weights = [0.5, 0.0, 0.5]  # rank 1, with no share, is in no stage
+    stages, note = decide(model, "pp")
+    assert [s.ranks for s in stages] == [(2,), (0,)] and note.startswith("pipeline stages (parallel='pp')")
+    model.weights = [1.0, 0.0, 0.0]  # one rank holds everything: tensor-parallel, said so
+    assert decide(model, "pp")[0] is None
