@@ -163,6 +163,8 @@ def _convert(src: str, dst: str, dtype: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..engine.launch import DEFAULT_PORTS
+
     parser = argparse.ArgumentParser(prog="cmatrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     lau.add_argument("--no-check", action="store_true", help="skip the check of the other hosts (ssh, "
                      "same interpreter path, Python, cmatrix and MPI versions, names, interfaces) that "
                      "runs before the job when the hostfile names hosts other than this one")
-    lau.add_argument("--ports", default="50000-50199", metavar="LO-HI",
+    lau.add_argument("--ports", default=DEFAULT_PORTS, metavar="LO-HI",
                      help="with other hosts: the TCP ports MPI listens on, for the firewall (MPICH's "
                           "control port in the lower half, the ranks' sockets in the upper; default "
                           "%(default)s; 'any' leaves them to MPI)")

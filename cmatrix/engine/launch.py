@@ -271,6 +271,10 @@ def environment(base: dict | None = None, threads: int | None = None, single_hos
     return env
 
 
+#: the TCP ports ``cmatrix launch`` keeps MPI's listening sockets in when other hosts take part
+DEFAULT_PORTS = "50000-50199"
+
+
 def port_ranges(ports: str) -> dict[str, str]:
     """``"LO-HI"`` as the MPI settings that keep every listening socket of a job on several
     hosts inside it, for a firewall: MPICH's control port (``MPIEXEC_PORT_RANGE``) in the lower

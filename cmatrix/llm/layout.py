@@ -52,6 +52,12 @@ def matrix_splits(cfg: DecoderConfig, quant: str | None) -> dict[str, tuple[tupl
     }
 
 
+def matrix_values(cfg: DecoderConfig, quant: str | None) -> int:
+    """Weight values in every layer's matrices and the LM head (what the ranks hold in all)."""
+    sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, quant).items()}
+    return cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
+
+
 def check_quant(cfg: DecoderConfig, quant: str | None) -> None:
     if quant is None:
         return

@@ -20,8 +20,12 @@ from typing import Any
 import numpy as np
 
 from ..core.plan import Plan
+from ..core.shares import kind_of
 from ..engine.protocol import Header, on_ranks
 from ..engine.runtime import Runtime
+from ..errors import InputError
+from . import stages as st
+from .layout import matrix_values
 from .rank_part import busy_seconds
 from .stages import Links, Stage
 
@@ -271,10 +275,6 @@ def _llm_links(rt: Runtime, h: LlmLinks, _: Any) -> tuple | None:
 def decide(model: Any, parallel: str) -> tuple[list[Stage] | None, str]:
     """The stages ``model`` runs in (None: tensor-parallel) and a line saying which ranks run
     which layers, and why. ``parallel``: "tp", "pp" or "auto" (see :mod:`cmatrix.llm.stages`)."""
-    from ..core.shares import kind_of
-    from . import stages as st
-    from .layout import matrix_splits
-
     cl, cfg = model.cluster, model.config
     hosts = [info.host for info in cl.ranks]
     weights = [float(w) for w in model.weights]
@@ -286,8 +286,6 @@ def decide(model: Any, parallel: str) -> tuple[list[Stage] | None, str]:
         if len(stages) == 1:
             return None, "tensor-parallel: one rank holds the whole model (stages need two or more)"
         if not any(weights[r] > 0 for r in stages[-1].ranks):
-            from ..errors import InputError
-
             raise InputError(f"parallel='pp': the driver's host ({hosts[0]}) runs the last stage and the LM "
                              "head, but its ranks have no share; give one of them a share, or use 'tp'")
         return stages, f"pipeline stages (parallel='pp'): {st.describe(stages, hosts)}"
@@ -302,8 +300,7 @@ def decide(model: Any, parallel: str) -> tuple[list[Stage] | None, str]:
     kind, profiles = kind_of(model.dtype, model.quant), cl.speed_profiles()
     speeds = [s / 1e9 * p["decode_gbps"][kind] / p["decode_gbps"]["float32"]
               for s, p in zip(streams, profiles, strict=True)]
-    sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, model.quant).items()}
-    values = cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
+    values = matrix_values(cfg, model.quant)
     mode, stages, why = st.choose(hosts, weights, [1e9 * s for s in speeds], cfg.num_layers,
                                   values * model.stored_bytes_per_value(), 4 * cfg.hidden_size,
                                   4 * cfg.vocab_size, links)

@@ -27,7 +27,7 @@ from ..errors import InputError
 from . import local_weights as lw
 from . import memory_plan
 from .commands import LlmLoad, LlmMemory, members
-from .layout import fuse_gate_up, fuse_qkv, matrix_splits, mlp_chunk, pack
+from .layout import fuse_gate_up, fuse_qkv, matrix_splits, matrix_values, mlp_chunk, pack
 from .memory_plan import RankMemory
 from .rebalance import speed_shares
 from .stages import layer_weights
@@ -154,9 +154,8 @@ class Placing:
         self._chunk = chunk = mlp_chunk(cfg, self.quant)
         layers, vectors = [], {}
         self._qkv_counts = self._gate_up_counts = [0] * cl.size
-        sizes = {part: rows * cols for part, ((rows, cols), _, _) in matrix_splits(cfg, self.quant).items()}
-        matrices = cfg.num_layers * (sum(sizes.values()) - sizes["lm_head"]) + sizes["lm_head"]
-        total = int(matrices * self.stored_bytes_per_value())  # one bar: bytes as the ranks store them
+        # one bar: bytes as the ranks store them
+        total = int(matrix_values(cfg, self.quant) * self.stored_bytes_per_value())
         with progress.bar(total, f"loading {self.path.name}") as self._bar:
             for i in range(cfg.num_layers):
                 layers.append(self._load_layer(i, chunk, vectors))
