@@ -77,8 +77,14 @@ for label, settings in variants.items():
                     p.copy_(torch.from_numpy(qz.roundtrip(p.numpy(), quant, 1)))
     model = cm.llm.load(cl, path, quant=quant, parallel=parallel)
     if parallel == "pp":
+        try:  # re-planning re-splits a tensor-parallel model: refused before anything moves
+            model.replan(cl.weights)
+            refused = ""
+        except cm.InputError as exc:
+            refused = str(exc)
         check(f"{label} in stages", model.stages is not None and len(model.stages) == len(
-            [w for w in cl.weights[1:] if w > 0]) + 1, model.layout_note)
+            [w for w in cl.weights[1:] if w > 0]) + 1 and "pipeline stages" in refused,
+            f"{model.layout_note}; replan: {refused or 'not refused'}")
     ggml_holds = quant is not None and any(
         "ggml" in kind and w > 0 for kind, w in zip(model.decoders, cl.weights, strict=True))
     groups = [r["kv_groups"] for r in model.layout()]
