@@ -100,3 +100,18 @@ def test_page_cache_in_a_cgroup_is_not_counted_as_used(tmp_path, monkeypatch):
                                                        group / "memory.usage_in_bytes", "/job")])
     free, pool = hostmem.available()
     assert pool == "cgroup /job" and free == 700 * MiB
+
+
+def test_a_stage_layout_is_checked_for_what_each_rank_holds_in_stages():
+    from cmatrix.llm import stages as st
+
+    weights = [0.9, 0.1]
+    values = mp.per_rank_values(CFG, weights, None)[1]
+    fixed = mp.fixed_bytes(CFG, weights, None, mp.CONTEXT)[1]
+    ranks = [rank(0, 20 << 30), rank(1, int(1.1 * mp.MARGIN * (4 * values + fixed)), host="b")]
+    mp.check(CFG, weights, None, "float32", ranks)  # tensor-parallel: rank 1 holds 0.1 of every layer
+    stages = st.plan(["a", "b"], weights, CFG.num_layers)  # but a stage holds at least one whole layer
+    held = st.stage_fractions(stages, weights, CFG.num_layers)
+    assert held[1] == pytest.approx(0.25)
+    with pytest.raises(InputError, match="rank 1"):
+        mp.check(CFG, held, None, "float32", ranks)
